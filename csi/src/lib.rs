@@ -1,0 +1,1 @@
+//! CSI services for Archipelago (filled in by the CSI issue).

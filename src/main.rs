@@ -1,0 +1,5 @@
+//! `archip`: command-line parsing and dispatch only; the work lives in the crates.
+
+fn main() {
+    println!("archip {}", env!("CARGO_PKG_VERSION"));
+}

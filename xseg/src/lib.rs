@@ -1,0 +1,1 @@
+//! Shared-memory transport between Archipelago peers.
