@@ -12,6 +12,7 @@
 //! that every RPC enforces them the same way.
 
 pub mod redact;
+pub mod status;
 
 /// Generated CSI v1.12 messages, clients and servers (package `csi.v1`).
 #[allow(
