@@ -1,0 +1,113 @@
+//! An asynchronous client: many requests in flight from async code over one dynamic port.
+//!
+//! A receiver thread owns the port's consumer side and completes a oneshot channel per request,
+//! so callers `await` replies without polling. Used by peers (vlmc to mapper and blockers) and
+//! by the CLI and CSI layers.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering::*};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+use crate::error::{Error, Result};
+use crate::port::{Port, Sender};
+use crate::protocol::Op;
+use crate::request::Request;
+use crate::segment::Segment;
+
+type Pending = Arc<Mutex<HashMap<u32, oneshot::Sender<Request>>>>;
+
+pub struct AsyncClient {
+    tx: Sender,
+    pending: Pending,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl AsyncClient {
+    /// Binds a dynamic port and starts its receiver thread.
+    pub fn new(seg: &Arc<Segment>, name: &str) -> Result<AsyncClient> {
+        let port = seg.bind_dynamic(name)?;
+        Ok(Self::with_port(port))
+    }
+
+    pub fn with_port(mut port: Port) -> AsyncClient {
+        let tx = port.sender().clone();
+        let pending: Pending = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let pending = pending.clone();
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name(format!("xseg-rx-{}", tx.number()))
+                .spawn(move || {
+                    while !stop.load(Relaxed) {
+                        let mut got = false;
+                        while let Some(rep) = port.receive() {
+                            got = true;
+                            let waiter = pending.lock().unwrap().remove(&rep.index());
+                            match waiter {
+                                Some(w) => {
+                                    // A caller that gave up drops its receiver: the reply is
+                                    // dropped with the error and so freed.
+                                    let _ = w.send(rep);
+                                }
+                                None => port.free(rep),
+                            }
+                        }
+                        if !got {
+                            port.wait(Duration::from_millis(200));
+                        }
+                    }
+                })
+                .expect("spawn receiver thread")
+        };
+        AsyncClient {
+            tx,
+            pending,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn sender(&self) -> &Sender {
+        &self.tx
+    }
+
+    pub fn alloc(&self, op: Op, target: &[u8], data_len: u64) -> Result<Request> {
+        self.tx.alloc(op, target, data_len)
+    }
+
+    /// Sends `req` to `dst` and waits for the reply, at most `timeout`.
+    pub async fn call(&self, req: Request, dst: u32, timeout: Duration) -> Result<Request> {
+        let (w, r) = oneshot::channel();
+        let index = req.index();
+        self.pending.lock().unwrap().insert(index, w);
+        if let Err((e, req)) = self.tx.submit(req, dst) {
+            self.pending.lock().unwrap().remove(&index);
+            self.tx.free(req);
+            return Err(e);
+        }
+        match tokio::time::timeout(timeout, r).await {
+            Ok(Ok(rep)) => Ok(rep),
+            Ok(Err(_)) => Err(Error::Invalid("receiver thread stopped")),
+            Err(_) => {
+                self.pending.lock().unwrap().remove(&index);
+                self.tx.segment().reap();
+                Err(Error::Timeout(timeout))
+            }
+        }
+    }
+}
+
+impl Drop for AsyncClient {
+    fn drop(&mut self) {
+        self.stop.store(true, SeqCst);
+        self.tx.wake();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -1,0 +1,81 @@
+//! Process identity that survives pid reuse: a pid plus the kernel's start time of that process.
+//!
+//! A port records its owner this way so that a recycled pid never looks like the old owner.
+
+/// Identity of a live process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcessId {
+    pub pid: u32,
+    /// Start time in clock ticks since boot (field 22 of /proc/PID/stat).
+    pub start: u64,
+}
+
+impl ProcessId {
+    /// The calling process.
+    pub fn current() -> ProcessId {
+        let pid = std::process::id();
+        let start = start_time(pid).unwrap_or(0);
+        ProcessId { pid, start }
+    }
+
+    /// True while the process exists, has the same start time and is not a zombie.
+    pub fn is_alive(&self) -> bool {
+        if self.pid == 0 {
+            return false;
+        }
+        match stat(self.pid) {
+            Some((state, start)) => state != 'Z' && state != 'X' && start == self.start,
+            None => false,
+        }
+    }
+}
+
+/// True when a process with this pid exists and is not a zombie (used before the start time is known).
+pub fn pid_alive(pid: u32) -> bool {
+    pid != 0 && matches!(stat(pid), Some((s, _)) if s != 'Z' && s != 'X')
+}
+
+fn start_time(pid: u32) -> Option<u64> {
+    stat(pid).map(|(_, s)| s)
+}
+
+/// Parses state and start time from /proc/PID/stat; the comm field may hold spaces and parens,
+/// so fields are counted from the last ')'.
+fn stat(pid: u32) -> Option<(char, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &text[text.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    // After the state (field 3) the start time is field 22: 18 more fields on.
+    let start = fields.nth(18)?.parse().ok()?;
+    Some((state, start))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn current_process_is_alive_and_recycled_identity_is_not() {
+        let me = ProcessId::current();
+        assert!(me.start > 0);
+        assert!(me.is_alive());
+        let older = ProcessId {
+            start: me.start.wrapping_sub(1),
+            ..me
+        };
+        assert!(!older.is_alive());
+        assert!(!ProcessId { pid: 0, start: 0 }.is_alive());
+    }
+
+    #[test]
+    fn exited_child_is_dead() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let id = ProcessId {
+            pid: child.id(),
+            start: start_time(child.id()).unwrap_or(0),
+        };
+        child.wait().unwrap();
+        assert!(!id.is_alive());
+    }
+}
