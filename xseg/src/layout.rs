@@ -288,11 +288,13 @@ mod tests {
 
     #[test]
     fn bad_configs_are_refused() {
-        let mut c = Config::default();
-        c.buffer_classes = vec![(4096, 1), (4096, 1)];
-        assert!(c.validate().is_err());
-        c.buffer_classes = vec![(1000, 1)];
-        assert!(c.validate().is_err());
+        for classes in [vec![(4096, 1), (4096, 1)], vec![(1000, 1)], vec![]] {
+            let c = Config {
+                buffer_classes: classes,
+                ..Config::default()
+            };
+            assert!(c.validate().is_err());
+        }
         let c = Config {
             dynamic_start: 100,
             ..Config::default()

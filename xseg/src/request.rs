@@ -157,7 +157,7 @@ impl Request {
     /// Validated location of this request's buffer: the buffer must be owned by this request.
     fn buffer(&self) -> Option<(*mut u8, u64)> {
         let b = self.shm().buffer.load(Relaxed);
-        if b == 0 || b - 1 >= self.seg.layout().total_buffers {
+        if b == 0 || b > self.seg.layout().total_buffers {
             return None;
         }
         if self.seg.buffer_owner(b - 1).load(Acquire) != self.index + 1 {

@@ -196,7 +196,7 @@ impl Ring {
     }
 
     /// Entries between head and tail (approximate under concurrency).
-    pub fn len(&self) -> u64 {
+    pub fn queued(&self) -> u64 {
         self.tail()
             .load(Acquire)
             .wrapping_sub(self.head().load(Acquire))
