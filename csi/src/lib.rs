@@ -11,7 +11,9 @@
 //! checks) and the mapping of our errors to gRPC codes live in [`status`] so
 //! that every RPC enforces them the same way.
 
+pub mod identity;
 pub mod redact;
+pub mod server;
 pub mod status;
 
 /// Generated CSI v1.12 messages, clients and servers (package `csi.v1`).
