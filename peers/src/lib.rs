@@ -1,1 +1,7 @@
-//! The Archipelago peers.
+//! The Archipelago peers' storage core: blockers (storage drivers), the map format, and the
+//! mapper (volumes, copy-on-write, snapshots, clones, locks, dedup, GC).
+//!
+//! This layer is plain async Rust over [`blocker::Blocker`]; the xseg peers wrap it and drive
+//! it from their request loops.
+
+pub mod blocker;

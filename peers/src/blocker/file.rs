@@ -1,0 +1,769 @@
+//! The file blocker: one file per object in one flat directory.
+//!
+//! - Data objects are plain sparse files, written in place with pwrite; `flush` fsyncs the
+//!   files written since the last flush and then the directory (or `syncfs` when too many are
+//!   dirty to track).
+//! - Map objects are replaced whole: write a temporary file, fsync it, rename it over the old
+//!   one, fsync the directory. A reader therefore sees one complete version or the other. The
+//!   version lives in a small prefix of the file. The compare-and-swap runs under an `flock`,
+//!   which the kernel drops if the process dies, so a crash never leaves a stuck lock.
+//! - Lock objects are small files (owner + generation) replaced the same way, under their own
+//!   `flock`. A fenced map write holds the lock object's `flock` shared while it checks the
+//!   generation and renames, so a lock break cannot slip in between the check and the write.
+//! - `copy` clones the file (FICLONE: btrfs, XFS with reflink) and otherwise falls back to
+//!   `std::io::copy`, which uses copy_file_range on Linux: data stays in the kernel.
+//!
+//! Blocking syscalls run on the calling thread; inside a multi-threaded tokio runtime they are
+//! wrapped in `block_in_place` so that other tasks move to another worker meanwhile.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use super::{
+    Blocker, BlockerError, BlockerFuture, Expect, Fence, LockInfo, LockOwner, ObjectInfo,
+    ObjectName, Versioned, check_fence, check_range, name_problem,
+};
+
+/// Open descriptors kept for data objects; opening a file per I/O would triple the syscalls.
+const FD_CACHE_LIMIT: usize = 1024;
+/// Written objects remembered for the next flush; past this, flush syncs the whole filesystem.
+const DIRTY_LIMIT: usize = 4096;
+/// Number of `flock` files per kind; unrelated objects may share one, which only serialises
+/// their (short) atomic replacements.
+const FLOCK_SHARDS: u64 = 64;
+
+const MAP_MAGIC: &[u8; 8] = b"ARCHMV01";
+const MAP_PREFIX: usize = 16;
+const LOCK_MAGIC: &[u8; 8] = b"ARCHLK01";
+
+#[derive(Default)]
+struct Dirty {
+    names: HashSet<ObjectName>,
+    overflow: bool,
+}
+
+/// A directory of objects.
+pub struct FileBlocker {
+    root: PathBuf,
+    dir: File,
+    fds: Mutex<HashMap<ObjectName, Arc<File>>>,
+    dirty: Mutex<Dirty>,
+    tmp_counter: AtomicU64,
+}
+
+impl std::fmt::Debug for FileBlocker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileBlocker")
+            .field("root", &self.root)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The guarded maps stay consistent across a panic (single insert/remove operations).
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Run blocking syscalls without starving the other tasks of a multi-threaded runtime.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
+fn is_not_found(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::NotFound
+}
+
+fn shard(name: &ObjectName) -> u64 {
+    crc32c::crc32c(name.as_str().as_bytes()) as u64 % FLOCK_SHARDS
+}
+
+/// Held for as long as the descriptor is open; closing it (or dying) releases the flock.
+struct Flock(#[allow(dead_code)] File);
+
+impl FileBlocker {
+    /// Use (creating if needed) `root` as the object directory.
+    pub fn open(root: impl AsRef<Path>) -> Result<Self, BlockerError> {
+        let root = root.as_ref().to_path_buf();
+        let shown = root.display().to_string();
+        fs::create_dir_all(&root).map_err(|e| BlockerError::io(&shown, e))?;
+        let dir = File::open(&root).map_err(|e| BlockerError::io(&shown, e))?;
+        Ok(FileBlocker {
+            root,
+            dir,
+            fds: Mutex::new(HashMap::new()),
+            dirty: Mutex::new(Dirty::default()),
+            tmp_counter: AtomicU64::new(0),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn path(&self, name: &ObjectName) -> PathBuf {
+        self.root.join(name.as_str())
+    }
+
+    fn sync_dir(&self) -> Result<(), BlockerError> {
+        self.dir
+            .sync_all()
+            .map_err(|e| BlockerError::io(self.root.display(), e))
+    }
+
+    /// The cached descriptor of a data object, opening (and with `create`, creating) it.
+    /// Opening happens under the cache mutex so that a concurrent delete cannot leave a
+    /// descriptor of an unlinked file in the cache.
+    fn file(&self, name: &ObjectName, create: bool) -> Result<Option<Arc<File>>, BlockerError> {
+        let mut fds = lock(&self.fds);
+        if let Some(f) = fds.get(name) {
+            return Ok(Some(f.clone()));
+        }
+        let opened = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(create)
+            .open(self.path(name));
+        let file = match opened {
+            Ok(f) => Arc::new(f),
+            Err(e) if !create && is_not_found(&e) => return Ok(None),
+            Err(e) => return Err(BlockerError::io(name, e)),
+        };
+        if fds.len() >= FD_CACHE_LIMIT
+            && let Some(victim) = fds.keys().next().cloned()
+        {
+            fds.remove(&victim);
+        }
+        fds.insert(name.clone(), file.clone());
+        Ok(Some(file))
+    }
+
+    fn mark_dirty(&self, name: &ObjectName) {
+        let mut dirty = lock(&self.dirty);
+        if dirty.names.len() >= DIRTY_LIMIT {
+            dirty.overflow = true;
+        } else {
+            dirty.names.insert(name.clone());
+        }
+    }
+
+    fn read_sync(
+        &self,
+        name: &ObjectName,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), BlockerError> {
+        check_range(name, offset, buf.len())?;
+        let Some(file) = self.file(name, false)? else {
+            buf.fill(0);
+            return Ok(());
+        };
+        let mut done = 0;
+        while done < buf.len() {
+            match file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(BlockerError::io(name, e)),
+            }
+        }
+        buf[done..].fill(0);
+        Ok(())
+    }
+
+    fn write_sync(&self, name: &ObjectName, offset: u64, data: &[u8]) -> Result<(), BlockerError> {
+        check_range(name, offset, data.len())?;
+        let file = self.file(name, true)?.expect("create=true always opens");
+        file.write_all_at(data, offset)
+            .map_err(|e| BlockerError::io(name, e))?;
+        self.mark_dirty(name);
+        Ok(())
+    }
+
+    fn flush_sync(&self) -> Result<(), BlockerError> {
+        let dirty = std::mem::take(&mut *lock(&self.dirty));
+        if dirty.overflow {
+            // SAFETY: `self.dir` is an open descriptor for the whole call; syncfs reads no
+            // memory of ours.
+            let rc = unsafe { libc::syncfs(self.dir.as_raw_fd()) };
+            if rc != 0 {
+                return Err(BlockerError::io(
+                    self.root.display(),
+                    io::Error::last_os_error(),
+                ));
+            }
+            return Ok(());
+        }
+        for name in &dirty.names {
+            if let Some(file) = self.file(name, false)? {
+                file.sync_data().map_err(|e| BlockerError::io(name, e))?;
+            }
+        }
+        if !dirty.names.is_empty() {
+            // New files are only durable once their directory entry is.
+            self.sync_dir()?;
+        }
+        Ok(())
+    }
+
+    fn delete_sync(&self, name: &ObjectName) -> Result<bool, BlockerError> {
+        let removed = {
+            let mut fds = lock(&self.fds);
+            fds.remove(name);
+            match fs::remove_file(self.path(name)) {
+                Ok(()) => true,
+                Err(e) if is_not_found(&e) => false,
+                Err(e) => return Err(BlockerError::io(name, e)),
+            }
+        };
+        lock(&self.dirty).names.remove(name);
+        if removed {
+            self.sync_dir()?;
+        }
+        Ok(removed)
+    }
+
+    fn copy_sync(&self, src: &ObjectName, dst: &ObjectName) -> Result<(), BlockerError> {
+        // Under the descriptor-cache mutex, like open and delete, so that the destination's
+        // identity cannot change under a cached descriptor.
+        let fds = lock(&self.fds);
+        let mut from = match File::open(self.path(src)) {
+            Ok(f) => f,
+            Err(e) if is_not_found(&e) => {
+                drop(fds);
+                self.delete_sync(dst)?;
+                return Ok(());
+            }
+            Err(e) => return Err(BlockerError::io(src, e)),
+        };
+        // Truncating in place keeps the inode, so cached descriptors of `dst` stay valid.
+        let mut to = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(self.path(dst))
+            .map_err(|e| BlockerError::io(dst, e))?;
+        drop(fds);
+        // SAFETY: both descriptors are open for the duration of the call and FICLONE takes the
+        // source descriptor by value; no memory of ours is read or written.
+        let rc = unsafe { libc::ioctl(to.as_raw_fd(), libc::FICLONE, from.as_raw_fd()) };
+        if rc != 0 {
+            let err = io::Error::last_os_error();
+            match err.raw_os_error() {
+                Some(
+                    libc::EOPNOTSUPP | libc::ENOTTY | libc::EXDEV | libc::EINVAL | libc::ENOSYS,
+                ) => {
+                    // No reflink here: std::io::copy between files uses copy_file_range.
+                    io::copy(&mut from, &mut to).map_err(|e| BlockerError::io(dst, e))?;
+                }
+                _ => return Err(BlockerError::io(dst, err)),
+            }
+        }
+        to.sync_all().map_err(|e| BlockerError::io(dst, e))?;
+        self.sync_dir()
+    }
+
+    fn info_sync(&self, name: &ObjectName) -> Result<Option<ObjectInfo>, BlockerError> {
+        match fs::metadata(self.path(name)) {
+            Ok(m) => Ok(Some(ObjectInfo {
+                name: name.clone(),
+                size: m.len(),
+                modified: m.modified().unwrap_or(UNIX_EPOCH),
+            })),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(BlockerError::io(name, e)),
+        }
+    }
+
+    fn list_sync(&self, prefix: &str) -> Result<Vec<ObjectInfo>, BlockerError> {
+        let shown = self.root.display().to_string();
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&self.root).map_err(|e| BlockerError::io(&shown, e))? {
+            let entry = entry.map_err(|e| BlockerError::io(&shown, e))?;
+            let Some(file_name) = entry.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            // Temporaries, flock files and anything else that is not a valid object name are
+            // the blocker's own business.
+            if !file_name.starts_with(prefix) || name_problem(&file_name).is_some() {
+                continue;
+            }
+            let name = ObjectName::new(file_name).expect("checked above");
+            let meta = match entry.metadata() {
+                Ok(m) => m,
+                Err(e) if is_not_found(&e) => continue,
+                Err(e) => return Err(BlockerError::io(&name, e)),
+            };
+            out.push(ObjectInfo {
+                name,
+                size: meta.len(),
+                modified: meta.modified().unwrap_or(UNIX_EPOCH),
+            });
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    fn flock(&self, kind: &str, name: &ObjectName, exclusive: bool) -> Result<Flock, BlockerError> {
+        let path = self.root.join(format!("{kind}-{:02}.lock", shard(name)));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| BlockerError::io(name, e))?;
+        let op = if exclusive {
+            libc::LOCK_EX
+        } else {
+            libc::LOCK_SH
+        };
+        loop {
+            // SAFETY: `file` is an open descriptor for the duration of the call.
+            if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
+                return Ok(Flock(file));
+            }
+            let err = io::Error::last_os_error();
+            if err.kind() != io::ErrorKind::Interrupted {
+                return Err(BlockerError::io(name, err));
+            }
+        }
+    }
+
+    /// Write `bytes` to `name` atomically: temporary file, fsync, rename, directory fsync.
+    fn replace(&self, name: &ObjectName, bytes: &[u8]) -> Result<(), BlockerError> {
+        let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
+        let tmp = self
+            .root
+            .join(format!("{name}.{}.{n}.tmp", std::process::id()));
+        let result = (|| {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o644)
+                .open(&tmp)?;
+            f.write_all(bytes)?;
+            f.sync_all()?;
+            fs::rename(&tmp, self.path(name))
+        })();
+        if let Err(e) = result {
+            let _ = fs::remove_file(&tmp);
+            return Err(BlockerError::io(name, e));
+        }
+        self.sync_dir()
+    }
+
+    fn map_version(&self, name: &ObjectName) -> Result<Option<u64>, BlockerError> {
+        let mut f = match File::open(self.path(name)) {
+            Ok(f) => f,
+            Err(e) if is_not_found(&e) => return Ok(None),
+            Err(e) => return Err(BlockerError::io(name, e)),
+        };
+        let mut prefix = [0u8; MAP_PREFIX];
+        f.read_exact(&mut prefix)
+            .map_err(|e| corrupt_or_io(name, e, "shorter than the map prefix"))?;
+        parse_map_prefix(name, &prefix).map(Some)
+    }
+
+    fn read_map_sync(&self, name: &ObjectName) -> Result<Option<Versioned>, BlockerError> {
+        let bytes = match fs::read(self.path(name)) {
+            Ok(b) => b,
+            Err(e) if is_not_found(&e) => return Ok(None),
+            Err(e) => return Err(BlockerError::io(name, e)),
+        };
+        if bytes.len() < MAP_PREFIX {
+            return Err(corrupt(name, "shorter than the map prefix"));
+        }
+        let version = parse_map_prefix(name, &bytes[..MAP_PREFIX])?;
+        Ok(Some(Versioned {
+            data: bytes[MAP_PREFIX..].to_vec(),
+            version,
+        }))
+    }
+
+    /// Check the preconditions of a map write or delete; the returned guards must be held
+    /// until the change is in place.
+    fn map_precondition(
+        &self,
+        name: &ObjectName,
+        expect: Expect,
+        fence: Option<&Fence>,
+    ) -> Result<(Vec<Flock>, Option<u64>), BlockerError> {
+        let mut guards = vec![self.flock("map", name, true)?];
+        if let Some(fence) = fence {
+            guards.push(self.flock("lck", &fence.lock, false)?);
+            check_fence(fence, &self.read_lock(&fence.lock)?)?;
+        }
+        let found = self.map_version(name)?;
+        if !expect.admits(found) {
+            return Err(BlockerError::VersionMismatch {
+                object: name.to_string(),
+                expected: expect,
+                found,
+            });
+        }
+        Ok((guards, found))
+    }
+
+    fn write_map_sync(
+        &self,
+        name: &ObjectName,
+        data: &[u8],
+        expect: Expect,
+        fence: Option<&Fence>,
+    ) -> Result<u64, BlockerError> {
+        let (_guards, found) = self.map_precondition(name, expect, fence)?;
+        // Versions come from the clock (never below the old version plus one), so a map that
+        // is deleted and created again does not repeat the versions of its predecessor.
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        let version = now.max(found.unwrap_or(0) + 1);
+        let mut bytes = Vec::with_capacity(MAP_PREFIX + data.len());
+        bytes.extend_from_slice(MAP_MAGIC);
+        bytes.extend_from_slice(&version.to_le_bytes());
+        bytes.extend_from_slice(data);
+        self.replace(name, &bytes)?;
+        Ok(version)
+    }
+
+    fn delete_map_sync(
+        &self,
+        name: &ObjectName,
+        expect: Expect,
+        fence: Option<&Fence>,
+    ) -> Result<(), BlockerError> {
+        let (_guards, found) = self.map_precondition(name, expect, fence)?;
+        if found.is_some() {
+            fs::remove_file(self.path(name)).map_err(|e| BlockerError::io(name, e))?;
+            self.sync_dir()?;
+        }
+        Ok(())
+    }
+
+    fn read_lock(&self, name: &ObjectName) -> Result<LockInfo, BlockerError> {
+        let bytes = match fs::read(self.path(name)) {
+            Ok(b) => b,
+            Err(e) if is_not_found(&e) => {
+                return Ok(LockInfo {
+                    holder: None,
+                    generation: 0,
+                });
+            }
+            Err(e) => return Err(BlockerError::io(name, e)),
+        };
+        decode_lock(name, &bytes)
+    }
+
+    fn write_lock(&self, name: &ObjectName, info: &LockInfo) -> Result<(), BlockerError> {
+        self.replace(name, &encode_lock(info))
+    }
+
+    fn lock_acquire_sync(
+        &self,
+        name: &ObjectName,
+        owner: &LockOwner,
+    ) -> Result<Fence, BlockerError> {
+        let _g = self.flock("lck", name, true)?;
+        let mut info = self.read_lock(name)?;
+        match &info.holder {
+            Some(h) if h == owner => {}
+            Some(h) => {
+                return Err(BlockerError::Locked {
+                    lock: name.to_string(),
+                    holder: h.to_string(),
+                });
+            }
+            None => {
+                info.generation += 1;
+                info.holder = Some(owner.clone());
+                self.write_lock(name, &info)?;
+            }
+        }
+        Ok(Fence {
+            lock: name.clone(),
+            owner: owner.clone(),
+            generation: info.generation,
+        })
+    }
+
+    fn lock_release_sync(&self, fence: &Fence) -> Result<(), BlockerError> {
+        let _g = self.flock("lck", &fence.lock, true)?;
+        let mut info = self.read_lock(&fence.lock)?;
+        if info.holder.is_none() {
+            return Ok(());
+        }
+        check_fence(fence, &info)?;
+        info.holder = None;
+        self.write_lock(&fence.lock, &info)
+    }
+
+    fn lock_break_sync(&self, name: &ObjectName) -> Result<LockInfo, BlockerError> {
+        let _g = self.flock("lck", name, true)?;
+        let before = self.read_lock(name)?;
+        if before.holder.is_some() {
+            self.write_lock(
+                name,
+                &LockInfo {
+                    holder: None,
+                    generation: before.generation,
+                },
+            )?;
+        }
+        Ok(before)
+    }
+}
+
+fn corrupt(name: &ObjectName, reason: &str) -> BlockerError {
+    BlockerError::Corrupt {
+        object: name.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+fn corrupt_or_io(name: &ObjectName, e: io::Error, reason: &str) -> BlockerError {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        corrupt(name, reason)
+    } else {
+        BlockerError::io(name, e)
+    }
+}
+
+fn parse_map_prefix(name: &ObjectName, prefix: &[u8]) -> Result<u64, BlockerError> {
+    if &prefix[..8] != MAP_MAGIC {
+        return Err(corrupt(name, "not a map object (bad magic)"));
+    }
+    Ok(u64::from_le_bytes(
+        prefix[8..16].try_into().expect("8 bytes"),
+    ))
+}
+
+fn encode_lock(info: &LockInfo) -> Vec<u8> {
+    let holder = info.holder.as_ref().map(|h| h.as_str()).unwrap_or("");
+    let mut out = Vec::with_capacity(22 + holder.len());
+    out.extend_from_slice(LOCK_MAGIC);
+    out.extend_from_slice(&info.generation.to_le_bytes());
+    out.extend_from_slice(&(holder.len() as u16).to_le_bytes());
+    out.extend_from_slice(holder.as_bytes());
+    let crc = crc32c::crc32c(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out
+}
+
+fn decode_lock(name: &ObjectName, bytes: &[u8]) -> Result<LockInfo, BlockerError> {
+    if bytes.len() < 22 || &bytes[..8] != LOCK_MAGIC {
+        return Err(corrupt(name, "not a lock object"));
+    }
+    let body = &bytes[..bytes.len() - 4];
+    let crc = u32::from_le_bytes(bytes[bytes.len() - 4..].try_into().expect("4 bytes"));
+    if crc32c::crc32c(body) != crc {
+        return Err(corrupt(name, "lock object checksum mismatch"));
+    }
+    let generation = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes"));
+    let len = u16::from_le_bytes(bytes[16..18].try_into().expect("2 bytes")) as usize;
+    if 18 + len != body.len() {
+        return Err(corrupt(name, "lock object length mismatch"));
+    }
+    let holder = if len == 0 {
+        None
+    } else {
+        let s = std::str::from_utf8(&bytes[18..18 + len])
+            .map_err(|_| corrupt(name, "lock holder is not UTF-8"))?;
+        Some(LockOwner::new(s).map_err(|_| corrupt(name, "lock holder is invalid"))?)
+    };
+    Ok(LockInfo { holder, generation })
+}
+
+fn run<'a, T: Send + 'a>(
+    f: impl FnOnce() -> Result<T, BlockerError> + Send + 'a,
+) -> BlockerFuture<'a, T> {
+    Box::pin(async move { blocking(f) })
+}
+
+impl Blocker for FileBlocker {
+    fn read<'a>(
+        &'a self,
+        object: &'a ObjectName,
+        offset: u64,
+        buf: &'a mut [u8],
+    ) -> BlockerFuture<'a, ()> {
+        run(move || self.read_sync(object, offset, buf))
+    }
+
+    fn write<'a>(
+        &'a self,
+        object: &'a ObjectName,
+        offset: u64,
+        data: &'a [u8],
+    ) -> BlockerFuture<'a, ()> {
+        run(move || self.write_sync(object, offset, data))
+    }
+
+    fn flush(&self) -> BlockerFuture<'_, ()> {
+        run(move || self.flush_sync())
+    }
+
+    fn delete<'a>(&'a self, object: &'a ObjectName) -> BlockerFuture<'a, bool> {
+        run(move || self.delete_sync(object))
+    }
+
+    fn copy<'a>(&'a self, src: &'a ObjectName, dst: &'a ObjectName) -> BlockerFuture<'a, ()> {
+        run(move || self.copy_sync(src, dst))
+    }
+
+    fn info<'a>(&'a self, object: &'a ObjectName) -> BlockerFuture<'a, Option<ObjectInfo>> {
+        run(move || self.info_sync(object))
+    }
+
+    fn list<'a>(&'a self, prefix: &'a str) -> BlockerFuture<'a, Vec<ObjectInfo>> {
+        run(move || self.list_sync(prefix))
+    }
+
+    fn read_map<'a>(&'a self, object: &'a ObjectName) -> BlockerFuture<'a, Option<Versioned>> {
+        run(move || self.read_map_sync(object))
+    }
+
+    fn write_map<'a>(
+        &'a self,
+        object: &'a ObjectName,
+        data: &'a [u8],
+        expect: Expect,
+        fence: Option<&'a Fence>,
+    ) -> BlockerFuture<'a, u64> {
+        run(move || self.write_map_sync(object, data, expect, fence))
+    }
+
+    fn delete_map<'a>(
+        &'a self,
+        object: &'a ObjectName,
+        expect: Expect,
+        fence: Option<&'a Fence>,
+    ) -> BlockerFuture<'a, ()> {
+        run(move || self.delete_map_sync(object, expect, fence))
+    }
+
+    fn lock_acquire<'a>(
+        &'a self,
+        lock: &'a ObjectName,
+        owner: &'a LockOwner,
+    ) -> BlockerFuture<'a, Fence> {
+        run(move || self.lock_acquire_sync(lock, owner))
+    }
+
+    fn lock_release<'a>(&'a self, fence: &'a Fence) -> BlockerFuture<'a, ()> {
+        run(move || self.lock_release_sync(fence))
+    }
+
+    fn lock_info<'a>(&'a self, lock: &'a ObjectName) -> BlockerFuture<'a, LockInfo> {
+        run(move || {
+            let _g = self.flock("lck", lock, false)?;
+            self.read_lock(lock)
+        })
+    }
+
+    fn lock_break<'a>(&'a self, lock: &'a ObjectName) -> BlockerFuture<'a, LockInfo> {
+        run(move || self.lock_break_sync(lock))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn conformance() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = FileBlocker::open(dir.path()).unwrap();
+        super::super::conformance::run(&b).await;
+    }
+
+    #[tokio::test]
+    async fn conformance_on_current_thread_runtime() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = FileBlocker::open(dir.path()).unwrap();
+        super::super::conformance::run(&b).await;
+    }
+
+    #[tokio::test]
+    async fn internal_files_are_invisible_and_objects_persist() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = ObjectName::new("vol.x").unwrap();
+        {
+            let b = FileBlocker::open(dir.path()).unwrap();
+            b.write_map(&m, b"map", Expect::Absent, None).await.unwrap();
+            b.write(&ObjectName::new("ob.1").unwrap(), 0, b"data")
+                .await
+                .unwrap();
+            b.flush().await.unwrap();
+            let names: Vec<String> = b
+                .list("")
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|i| i.name.to_string())
+                .collect();
+            assert_eq!(
+                names,
+                ["ob.1", "vol.x"],
+                "flock and temporary files stay hidden"
+            );
+        }
+        let b = FileBlocker::open(dir.path()).unwrap();
+        assert_eq!(b.read_map(&m).await.unwrap().unwrap().data, b"map");
+        // A data object is not a map object: the magic check refuses it.
+        let err = b
+            .read_map(&ObjectName::new("ob.1").unwrap())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, BlockerError::Corrupt { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn corrupt_lock_object_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = FileBlocker::open(dir.path()).unwrap();
+        let l = ObjectName::new("lk.v").unwrap();
+        let owner = LockOwner::new("n1").unwrap();
+        b.lock_acquire(&l, &owner).await.unwrap();
+        let path = dir.path().join("lk.v");
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[9] ^= 1;
+        fs::write(&path, bytes).unwrap();
+        let err = b.lock_info(&l).await.unwrap_err();
+        assert!(matches!(err, BlockerError::Corrupt { .. }), "{err}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_compare_and_swap_has_one_winner_per_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = Arc::new(FileBlocker::open(dir.path()).unwrap());
+        let m = ObjectName::new("vol.race").unwrap();
+        let v0 = b.write_map(&m, b"0", Expect::Absent, None).await.unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..8u8 {
+            let b = b.clone();
+            let m = m.clone();
+            tasks.push(tokio::spawn(async move {
+                b.write_map(&m, &[i], Expect::Version(v0), None)
+                    .await
+                    .is_ok()
+            }));
+        }
+        let mut winners = 0;
+        for t in tasks {
+            winners += t.await.unwrap() as usize;
+        }
+        assert_eq!(winners, 1);
+    }
+}
