@@ -52,8 +52,9 @@
 # configuration untouched), never installed.
 #
 # Environment:
-#   ARCHIP_VM_CACHE       cache dir (default $HOME/.cache/archip-vm; ~50 MB per
-#                         suite + tool images)
+#   ARCHIP_VM_CACHE       cache dir (default $HOME/.cache/archip-vm; per suite
+#                         ~35 MB unpacked + 106-121 MB kernel .debs, plus the
+#                         tool image, ~90 MB with fio's libraries)
 #   ARCHIP_VM_SUITE       default for --suite
 #   ARCHIP_VM_MIRROR      Debian archive URL (default: the host's apt sources,
 #                         else http://deb.debian.org/debian)
@@ -197,14 +198,26 @@ fetch_kernel() {
             sed -n 's/^ *\(linux-image-[^ ]*\).*/\1/p' | head -n 1)
       [ -n "$pkg" ] || { echo "cannot resolve linux-image-amd64 in $SUITE" >&2; exit 1; }
     fi
-    apt-get "${APT_OPTS[@]}" download -qq "$pkg" >&2
-    mkdir x; dpkg-deb -x "$pkg"_*.deb x
+    # the kernel .debs are kept in $CACHE/debs, so a changed module list
+    # (ARCHIP_VM_MODS) does not download them again
+    debs=$CACHE/debs-$SUITE; mkdir -p "$debs"; : >used
+    get() {  # package -> path of its .deb
+      local f
+      f=$(find "$debs" -maxdepth 1 -name "$1_*.deb" | head -n 1)
+      if [ -z "$f" ]; then
+        (cd "$debs" && apt-get "${APT_OPTS[@]}" download -qq "$1" >&2)
+        f=$(find "$debs" -maxdepth 1 -name "$1_*.deb" | head -n 1)
+      fi
+      echo "$f" >>"$tmp/used"; echo "$f"
+    }
+    deb=$(get "$pkg"); [ -n "$deb" ] || exit 1
+    mkdir x; dpkg-deb -x "$deb" x
     # Debian >= 6.17 splits the kernel: linux-image-V (stub) -> linux-binary-V
     # (vmlinuz), linux-modules-V, linux-base-V (config)
-    for dep in $(dpkg-deb -f "$pkg"_*.deb Depends | tr ',|' '\n' |
+    for dep in $(dpkg-deb -f "$deb" Depends | tr ',|' '\n' |
                  sed -n 's/^ *\(linux-\(binary\|modules\|base\)-[^ ]*\).*/\1/p'); do
-      apt-get "${APT_OPTS[@]}" download -qq "$dep" >&2
-      dpkg-deb -x "$dep"_*.deb x
+      f=$(get "$dep"); [ -n "$f" ] || exit 1
+      dpkg-deb -x "$f" x
     done
     cfg=$(find x/boot x/lib/modules x/usr/lib/modules -maxdepth 2 \( -name 'config-*' -o -name config \) 2>/dev/null | head -n 1)
     vmlinuz=$(find x/boot x/lib/modules x/usr/lib/modules -maxdepth 2 \( -name 'vmlinuz-*' -o -name vmlinuz \) 2>/dev/null | head -n 1)
@@ -244,6 +257,7 @@ fetch_kernel() {
         esac   # others: built in (=y) or not in this kernel; the guest reports what is missing
       fi
     done
+    for f in "$debs"/*.deb; do grep -qxF "$f" used || rm -f "$f"; done   # older kernels
     echo "${order[*]}" >"$out/modules/order"
     echo "$pkg $kver" >"$out/version"
     echo "$stamp" >"$out/stamp"
@@ -285,7 +299,6 @@ for m in $(cat /lib/modules/order); do
 done
 i=0; while [ ! -e /dev/ublk-control ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
 [ -e /dev/ublk-control ] || echo "archipvm: WARNING: /dev/ublk-control missing" >&2
-for fs in ext4 xfs; do grep -qw $fs /proc/filesystems || echo "archipvm: WARNING: no $fs support" >&2; done
 if [ -n "$ARCHIPVM_SHARE" ]; then
   mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=none hostshare /mnt/host \
     || echo "archipvm: mounting the 9p share failed" >&2
@@ -343,6 +356,10 @@ shq() { printf "'%s'" "$(printf '%s' "$1" | sed "s/'/'\\\\''/g")"; }
 
 # ------------------------------------------------------------------- main
 mkdir -p "$CACHE"
+# One run at a time fills the cache (apt lists, kernel dir, cpio images);
+# held until this run's initrd has been assembled. Concurrent runs are fine.
+exec 9>"$CACHE/.lock"
+flock 9
 ensure_host_packages
 fetch_kernel
 build_base
@@ -379,6 +396,7 @@ MARKER="ARCHIPVM-EXIT-$$-$RANDOM$RANDOM:"
 mkcpio "$O" >"$WORK/overlay.cpio"
 # the kernel unpacks concatenated newc archives in order
 cat "$BASE" ${TOOLS_CPIO:+"$TOOLS_CPIO"} "$WORK/overlay.cpio" >"$WORK/initrd.cpio"
+exec 9>&-   # release the cache lock
 
 APPEND="console=ttyS0 panic=-1 rdinit=/init mitigations=off"
 [ "$VERBOSE" = 1 ] || APPEND="$APPEND quiet loglevel=4"
