@@ -5,3 +5,4 @@
 //! it from their request loops.
 
 pub mod blocker;
+pub mod map;

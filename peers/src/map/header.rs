@@ -1,0 +1,281 @@
+//! The map header object (`vol.<name>`).
+//!
+//! Layout (little-endian):
+//! ```text
+//!   0  magic "ARCHMAP1"        8
+//!   8  format version u16      | flags u16 | reserved u32 (0)
+//!  16  uuid                    16
+//!  32  size u64                | block_size u32 | page_entries u32
+//!  48  epoch u64               | created (unix seconds) u64 | fence_generation u64
+//!  72  self_origin u16 (0xffff = none) | origin count u16 | name len u16 | source len u16
+//!  80  name bytes, source bytes, origin uuids (16 bytes each)
+//!      crc32c u32 of everything before it
+//! ```
+
+use uuid::Uuid;
+
+use super::{
+    FORMAT_VERSION, MAX_BLOCK_SIZE, MAX_BLOCKS, MAX_PAGE_ENTRIES, MIN_BLOCK_SIZE, MIN_PAGE_ENTRIES,
+    MapEntry, MapFormatError, Reader, VolumeName, append_checksum, verify_checksum,
+    volume_name_problem,
+};
+
+const MAGIC: &[u8; 8] = b"ARCHMAP1";
+const NO_ORIGIN: u16 = u16::MAX;
+
+/// Persisted map flags.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MapFlags(u16);
+
+impl MapFlags {
+    /// A snapshot: never written, never locked.
+    pub const READ_ONLY: MapFlags = MapFlags(1);
+    const KNOWN: u16 = 1;
+
+    pub fn contains(self, other: MapFlags) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    pub fn bits(self) -> u16 {
+        self.0
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapHeader {
+    pub name: VolumeName,
+    pub uuid: Uuid,
+    pub size: u64,
+    pub block_size: u32,
+    pub page_entries: u32,
+    /// Owned objects are written at this epoch; it only grows.
+    pub epoch: u64,
+    pub flags: MapFlags,
+    pub created: u64,
+    /// Lock generation under which the header was last written: a later opener must hold a
+    /// generation at least this high, which catches a lock object that went backwards.
+    pub fence_generation: u64,
+    /// Index of this map's own uuid in `origins`; `None` for snapshots, which own nothing.
+    pub self_origin: Option<u16>,
+    /// The uuids OBJECT entries name their objects by.
+    pub origins: Vec<Uuid>,
+    /// The volume or snapshot this map was snapshotted or cloned from, for humans.
+    pub source: Option<String>,
+}
+
+impl MapHeader {
+    pub fn read_only(&self) -> bool {
+        self.flags.contains(MapFlags::READ_ONLY)
+    }
+
+    pub fn block_count(&self) -> u64 {
+        self.size.div_ceil(self.block_size as u64)
+    }
+
+    pub fn page_count(&self) -> u32 {
+        self.block_count().div_ceil(self.page_entries as u64) as u32
+    }
+
+    /// Bytes of volume covered by `block` (the last block may be short).
+    pub fn block_len(&self, block: u64) -> u64 {
+        let start = block * self.block_size as u64;
+        (self.size - start).min(self.block_size as u64)
+    }
+
+    /// Check every rule a header must satisfy; used before writing and after reading.
+    pub fn validate(&self) -> Result<(), MapFormatError> {
+        let bad = |s: String| Err(MapFormatError::Invalid(s));
+        if let Some(reason) = volume_name_problem(self.name.as_str()) {
+            return bad(format!("name: {reason}"));
+        }
+        if !self.block_size.is_power_of_two()
+            || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&self.block_size)
+        {
+            return bad(format!("block size {} out of range", self.block_size));
+        }
+        if !self.page_entries.is_power_of_two()
+            || !(MIN_PAGE_ENTRIES..=MAX_PAGE_ENTRIES).contains(&self.page_entries)
+        {
+            return bad(format!("page entries {} out of range", self.page_entries));
+        }
+        if self.size == 0 || self.size % 512 != 0 {
+            return bad(format!(
+                "size {} is not a positive multiple of 512",
+                self.size
+            ));
+        }
+        if self.block_count() > MAX_BLOCKS {
+            return bad(format!("{} blocks exceed the limit", self.block_count()));
+        }
+        if self.epoch > MapEntry::MAX_EPOCH {
+            return bad(format!("epoch {} out of range", self.epoch));
+        }
+        if self.origins.len() >= NO_ORIGIN as usize {
+            return bad("origin table too large".into());
+        }
+        match (self.read_only(), self.self_origin) {
+            (true, None) => {}
+            (false, Some(o)) if (o as usize) < self.origins.len() => {
+                if self.origins[o as usize] != self.uuid {
+                    return bad("self origin does not name the map's own uuid".into());
+                }
+                if self.epoch == 0 {
+                    return bad("a writable map has epoch 0".into());
+                }
+            }
+            _ => return bad("self origin inconsistent with the read-only flag".into()),
+        }
+        if self
+            .source
+            .as_ref()
+            .is_some_and(|s| s.len() > u16::MAX as usize)
+        {
+            return bad("source too long".into());
+        }
+        Ok(())
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        debug_assert!(self.validate().is_ok(), "{:?}", self.validate());
+        let source = self.source.as_deref().unwrap_or("");
+        let mut out = Vec::with_capacity(84 + self.name.as_str().len() + 16 * self.origins.len());
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&self.flags.0.to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(self.uuid.as_bytes());
+        out.extend_from_slice(&self.size.to_le_bytes());
+        out.extend_from_slice(&self.block_size.to_le_bytes());
+        out.extend_from_slice(&self.page_entries.to_le_bytes());
+        out.extend_from_slice(&self.epoch.to_le_bytes());
+        out.extend_from_slice(&self.created.to_le_bytes());
+        out.extend_from_slice(&self.fence_generation.to_le_bytes());
+        out.extend_from_slice(&self.self_origin.unwrap_or(NO_ORIGIN).to_le_bytes());
+        out.extend_from_slice(&(self.origins.len() as u16).to_le_bytes());
+        out.extend_from_slice(&(self.name.as_str().len() as u16).to_le_bytes());
+        out.extend_from_slice(&(source.len() as u16).to_le_bytes());
+        out.extend_from_slice(self.name.as_str().as_bytes());
+        out.extend_from_slice(source.as_bytes());
+        for o in &self.origins {
+            out.extend_from_slice(o.as_bytes());
+        }
+        append_checksum(&mut out);
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, MapFormatError> {
+        if bytes.len() < 8 || &bytes[..8] != MAGIC {
+            return Err(MapFormatError::BadMagic);
+        }
+        let body = verify_checksum(bytes)?;
+        let mut r = Reader::new(&body[8..]);
+        let version = r.u16("version")?;
+        if version != FORMAT_VERSION {
+            return Err(MapFormatError::UnsupportedVersion(version));
+        }
+        let flags = r.u16("flags")?;
+        if flags & !MapFlags::KNOWN != 0 {
+            return Err(MapFormatError::Invalid(format!("unknown flags {flags:#x}")));
+        }
+        r.u32("reserved")?;
+        let uuid = Uuid::from_slice(r.take(16, "uuid")?).expect("16 bytes");
+        let size = r.u64("size")?;
+        let block_size = r.u32("block size")?;
+        let page_entries = r.u32("page entries")?;
+        let epoch = r.u64("epoch")?;
+        let created = r.u64("created")?;
+        let fence_generation = r.u64("fence generation")?;
+        let self_origin = r.u16("self origin")?;
+        let origin_count = r.u16("origin count")? as usize;
+        let name_len = r.u16("name length")? as usize;
+        let source_len = r.u16("source length")? as usize;
+        let name = std::str::from_utf8(r.take(name_len, "name")?)
+            .ok()
+            .and_then(|s| VolumeName::new(s).ok())
+            .ok_or_else(|| MapFormatError::Invalid("invalid name".into()))?;
+        let source = std::str::from_utf8(r.take(source_len, "source")?)
+            .map_err(|_| MapFormatError::Invalid("source is not UTF-8".into()))?;
+        let mut origins = Vec::with_capacity(origin_count);
+        for _ in 0..origin_count {
+            origins.push(Uuid::from_slice(r.take(16, "origins")?).expect("16 bytes"));
+        }
+        if r.remaining() != 0 {
+            return Err(MapFormatError::Invalid("trailing bytes".into()));
+        }
+        let header = MapHeader {
+            name,
+            uuid,
+            size,
+            block_size,
+            page_entries,
+            epoch,
+            flags: MapFlags(flags),
+            created,
+            fence_generation,
+            self_origin: (self_origin != NO_ORIGIN).then_some(self_origin),
+            origins,
+            source: (!source.is_empty()).then(|| source.to_string()),
+        };
+        header.validate()?;
+        Ok(header)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> MapHeader {
+        let uuid = Uuid::new_v4();
+        MapHeader {
+            name: VolumeName::new("vol-1").unwrap(),
+            uuid,
+            size: 1 << 40,
+            block_size: 4 << 20,
+            page_entries: 4096,
+            epoch: 7,
+            flags: MapFlags::default(),
+            created: 1_700_000_000,
+            fence_generation: 3,
+            self_origin: Some(1),
+            origins: vec![Uuid::new_v4(), uuid],
+            source: Some("snap-a".into()),
+        }
+    }
+
+    #[test]
+    fn round_trip_and_counts() {
+        let h = sample();
+        assert_eq!(MapHeader::decode(&h.encode()).unwrap(), h);
+        assert_eq!(h.block_count(), 262_144);
+        assert_eq!(h.page_count(), 64);
+    }
+
+    #[test]
+    fn every_flipped_byte_is_detected() {
+        let bytes = sample().encode();
+        for i in 0..bytes.len() {
+            let mut b = bytes.clone();
+            b[i] ^= 0x10;
+            assert!(MapHeader::decode(&b).is_err(), "flip at {i} went unnoticed");
+        }
+        for cut in 0..bytes.len() {
+            assert!(MapHeader::decode(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn invalid_headers_are_refused() {
+        let mut h = sample();
+        h.block_size = 3000;
+        assert!(h.validate().is_err());
+        let mut h = sample();
+        h.size = 1000;
+        assert!(h.validate().is_err());
+        let mut h = sample();
+        h.flags = MapFlags::READ_ONLY;
+        assert!(h.validate().is_err(), "a snapshot cannot own objects");
+        h.self_origin = None;
+        assert!(h.validate().is_ok());
+    }
+}
