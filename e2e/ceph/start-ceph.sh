@@ -172,6 +172,7 @@ EOF
 
 # ---- idempotency: reuse a running cluster, else clean up leftovers ---------
 if [ "${CEPH_FORCE_NEW:-0}" != 1 ] && [ -f "$DIR/.started-by-start-ceph" ] && alive && usable; then
+    timeout 10 rados -c "$CONF" -p "$POOL" rm __probe || true
     log "cluster in $DIR already running and usable; reusing"
     write_env
     exit 0
