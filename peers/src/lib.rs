@@ -6,3 +6,4 @@
 
 pub mod blocker;
 pub mod map;
+pub mod mapper;

@@ -1,0 +1,556 @@
+//! The mapper: the volume catalogue and the translation of volume byte ranges into object
+//! extents, with copy-on-write, snapshots, clones, locks, dedup and GC.
+//!
+//! One [`Mapper`] serves many volumes and many concurrent callers. A volume opened for writing
+//! is locked in the backend under this mapper's node identity (with a fencing generation) and
+//! its map is cached, so a MAPW of an OWNED block is answered from memory. Everything that
+//! changes a map is persisted (page or header compare-and-swap, fenced) before the call returns.
+//!
+//! Concurrency, from outermost to innermost lock:
+//! - `namespace` serialises catalogue changes (open, close, create, snapshot, clone, delete,
+//!   resize) within this mapper; they are control-plane operations and rare.
+//! - `gate` is shared by operations that create references to objects (create, snapshot, clone,
+//!   delete, import, dedup) and held exclusively by GC for its whole mark and sweep, so no
+//!   reference can appear behind GC's back in this process. MAPW needs no gate: the objects it
+//!   creates are named by the volume's current epoch, which GC always spares.
+//! - per volume, `mutate` serialises map changes (copy-on-write, discard, import, resize,
+//!   snapshot), and a short synchronous `RwLock` guards the cached map itself.
+//!
+//! Files: `volume.rs` (the cached map), `io.rs` (MAPR, MAPW, discard), `lifecycle.rs` (create,
+//! resize, delete, snapshot, clone), `dedup.rs` (dedup and import), `gc.rs`.
+
+mod dedup;
+mod gc;
+mod io;
+mod lifecycle;
+mod volume;
+
+pub use dedup::{DedupReport, ImportReport};
+pub use gc::{GcOptions, GcReport};
+pub use io::{DiscardOutcome, Extent, Target};
+pub use lifecycle::CreateOptions;
+pub use volume::BlockState;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, RwLock};
+
+use uuid::Uuid;
+
+use crate::blocker::{Blocker, BlockerError, Fence, LockInfo, LockOwner};
+use crate::map::{
+    CorruptMap, InvalidVolumeName, MapHeader, VolumeName, header_object, lock_object,
+};
+use volume::VolumeMap;
+
+/// Everything the mapper can refuse or fail with. Each variant names the volume.
+#[derive(Debug, thiserror::Error)]
+pub enum MapperError {
+    #[error(transparent)]
+    InvalidName(#[from] InvalidVolumeName),
+    #[error("volume {volume} not found")]
+    NotFound { volume: String },
+    #[error("volume {volume} already exists")]
+    AlreadyExists { volume: String },
+    #[error("{volume} is a read-only snapshot")]
+    ReadOnly { volume: String },
+    #[error("{volume} is not a snapshot")]
+    NotASnapshot { volume: String },
+    #[error("invalid size {size} for {volume}: {reason}")]
+    InvalidSize {
+        volume: String,
+        size: u64,
+        reason: String,
+    },
+    #[error("invalid block size {block_size}: a power of two from 4 KiB to 64 MiB")]
+    InvalidBlockSize { block_size: u32 },
+    #[error("invalid page size {page_entries}: a power of two from 16 to 65536 entries")]
+    InvalidPageEntries { page_entries: u32 },
+    #[error("range {offset}+{length} is outside {volume} ({size} bytes)")]
+    OutOfRange {
+        volume: String,
+        offset: u64,
+        length: u64,
+        size: u64,
+    },
+    #[error("{volume}: import range {offset}+{length} is not block-aligned")]
+    Unaligned {
+        volume: String,
+        offset: u64,
+        length: u64,
+    },
+    #[error("shrinking {volume} from {current} to {requested} bytes is not supported")]
+    ShrinkRefused {
+        volume: String,
+        current: u64,
+        requested: u64,
+    },
+    #[error("volume {volume} is locked by {holder}")]
+    Locked { volume: String, holder: String },
+    #[error("volume {volume}: this mapper's lock was broken or taken over; it must be reopened")]
+    Fenced { volume: String },
+    #[error("volume {volume} was closed")]
+    Closed { volume: String },
+    #[error("volume {volume} was changed concurrently by another mapper")]
+    Conflict { volume: String },
+    #[error("{volume}: too many origins (clone chain too deep)")]
+    TooManyOrigins { volume: String },
+    #[error("{volume}: epoch exhausted")]
+    EpochExhausted { volume: String },
+    #[error(transparent)]
+    Corrupt(#[from] CorruptMap),
+    #[error(
+        "{volume}: lock generation {lock} is older than the map's {map}: the lock object went backwards"
+    )]
+    LockRegressed { volume: String, lock: u64, map: u64 },
+    #[error("volume {volume}: {source}")]
+    Blocker {
+        volume: String,
+        #[source]
+        source: BlockerError,
+    },
+}
+
+impl MapperError {
+    pub(crate) fn from_blocker(volume: &VolumeName, e: BlockerError) -> Self {
+        let volume = volume.to_string();
+        match e {
+            BlockerError::Fenced { .. } => MapperError::Fenced { volume },
+            BlockerError::Locked { holder, .. } => MapperError::Locked { volume, holder },
+            BlockerError::VersionMismatch { .. } => MapperError::Conflict { volume },
+            source => MapperError::Blocker { volume, source },
+        }
+    }
+}
+
+/// Attach the volume to a blocker error.
+pub(crate) trait ResultExt<T> {
+    fn ctx(self, volume: &VolumeName) -> Result<T, MapperError>;
+}
+
+impl<T> ResultExt<T> for Result<T, BlockerError> {
+    fn ctx(self, volume: &VolumeName) -> Result<T, MapperError> {
+        self.map_err(|e| MapperError::from_blocker(volume, e))
+    }
+}
+
+/// A volume or snapshot as the catalogue shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeInfo {
+    pub name: String,
+    pub uuid: Uuid,
+    pub size: u64,
+    pub block_size: u32,
+    pub epoch: u64,
+    pub snapshot: bool,
+    /// What it was snapshotted or cloned from.
+    pub source: Option<String>,
+    /// Creation time, seconds since the Unix epoch.
+    pub created: u64,
+}
+
+impl From<&MapHeader> for VolumeInfo {
+    fn from(h: &MapHeader) -> Self {
+        VolumeInfo {
+            name: h.name.to_string(),
+            uuid: h.uuid,
+            size: h.size,
+            block_size: h.block_size,
+            epoch: h.epoch,
+            snapshot: h.read_only(),
+            source: h.source.clone(),
+            created: h.created,
+        }
+    }
+}
+
+/// Block counts of a verified map.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VerifyReport {
+    pub blocks: u64,
+    pub zero: u64,
+    pub owned: u64,
+    pub shared: u64,
+    pub content: u64,
+}
+
+const OPEN: u8 = 0;
+const CLOSED: u8 = 1;
+const FENCED: u8 = 2;
+
+/// A volume this mapper has open: its cached map, and for a writable volume the lock fence.
+#[derive(Debug)]
+pub(crate) struct OpenVolume {
+    name: VolumeName,
+    fence: Option<Fence>,
+    map: RwLock<VolumeMap>,
+    mutate: tokio::sync::Mutex<()>,
+    state: AtomicU8,
+}
+
+impl OpenVolume {
+    fn map(&self) -> std::sync::RwLockReadGuard<'_, VolumeMap> {
+        // The map is only replaced whole, after persisting; a panic cannot leave it half-done.
+        self.map.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn snapshot_map(&self) -> VolumeMap {
+        self.map().clone()
+    }
+
+    fn install(&self, map: VolumeMap) {
+        map.check_invariants();
+        let mut guard = self.map.write().unwrap_or_else(|e| e.into_inner());
+        assert!(
+            map.header.epoch >= guard.header.epoch,
+            "{}: epoch went backwards",
+            self.name
+        );
+        *guard = map;
+    }
+
+    /// Fail if the volume was closed or fenced while the caller waited.
+    fn check_usable(&self) -> Result<(), MapperError> {
+        match self.state.load(Ordering::Acquire) {
+            OPEN => Ok(()),
+            CLOSED => Err(MapperError::Closed {
+                volume: self.name.to_string(),
+            }),
+            _ => Err(MapperError::Fenced {
+                volume: self.name.to_string(),
+            }),
+        }
+    }
+
+    /// Note a fencing failure so that later calls fail fast.
+    fn observe<T>(&self, r: Result<T, MapperError>) -> Result<T, MapperError> {
+        if let Err(MapperError::Fenced { .. }) = &r {
+            tracing::error!(volume = %self.name, "map write fenced: lock lost, volume unusable here");
+            self.state.store(FENCED, Ordering::Release);
+        }
+        r
+    }
+
+    fn writable(&self) -> Result<&Fence, MapperError> {
+        self.fence.as_ref().ok_or_else(|| MapperError::ReadOnly {
+            volume: self.name.to_string(),
+        })
+    }
+}
+
+/// The mapper over one blocker (maps and data together) or two (maps apart from data).
+#[derive(Debug)]
+pub struct Mapper {
+    maps: Arc<dyn Blocker>,
+    data: Arc<dyn Blocker>,
+    owner: LockOwner,
+    open: RwLock<HashMap<VolumeName, Arc<OpenVolume>>>,
+    namespace: tokio::sync::Mutex<()>,
+    gate: tokio::sync::RwLock<()>,
+    content: tokio::sync::Mutex<()>,
+}
+
+impl Mapper {
+    /// A mapper storing maps and data in the same backend, locking volumes as `owner`.
+    pub fn new(blocker: Arc<dyn Blocker>, owner: LockOwner) -> Self {
+        Self::with_blockers(blocker.clone(), blocker, owner)
+    }
+
+    pub fn with_blockers(maps: Arc<dyn Blocker>, data: Arc<dyn Blocker>, owner: LockOwner) -> Self {
+        Mapper {
+            maps,
+            data,
+            owner,
+            open: RwLock::new(HashMap::new()),
+            namespace: tokio::sync::Mutex::new(()),
+            gate: tokio::sync::RwLock::new(()),
+            content: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub fn owner(&self) -> &LockOwner {
+        &self.owner
+    }
+
+    /// The blocker data objects live in (what the extents name).
+    pub fn data_blocker(&self) -> &Arc<dyn Blocker> {
+        &self.data
+    }
+
+    pub fn map_blocker(&self) -> &Arc<dyn Blocker> {
+        &self.maps
+    }
+
+    fn lookup(&self, name: &VolumeName) -> Option<Arc<OpenVolume>> {
+        self.open
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    /// Open a volume for writing (taking its lock) or a snapshot for reading, and cache its
+    /// map. Opening what is already open here is a no-op.
+    pub async fn open(&self, name: &str) -> Result<VolumeInfo, MapperError> {
+        let name = VolumeName::new(name)?;
+        let _ns = self.namespace.lock().await;
+        let vol = self.open_locked(&name).await?;
+        Ok(VolumeInfo::from(&vol.map().header))
+    }
+
+    async fn open_locked(&self, name: &VolumeName) -> Result<Arc<OpenVolume>, MapperError> {
+        if let Some(v) = self.lookup(name) {
+            return Ok(v);
+        }
+        let raw = self
+            .maps
+            .read_map(&header_object(name))
+            .await
+            .ctx(name)?
+            .ok_or_else(|| MapperError::NotFound {
+                volume: name.to_string(),
+            })?;
+        let read_only = MapHeader::decode(&raw.data)
+            .map(|h| h.read_only())
+            .unwrap_or(false);
+        let fence = if read_only {
+            None
+        } else {
+            Some(self.acquire(name).await?)
+        };
+        let loaded = VolumeMap::load(self.maps.as_ref(), name).await;
+        let checked = loaded.and_then(|map| match &fence {
+            Some(_) if map.header.read_only() => Err(MapperError::Conflict {
+                volume: name.to_string(),
+            }),
+            Some(f) if map.header.fence_generation > f.generation => {
+                Err(MapperError::LockRegressed {
+                    volume: name.to_string(),
+                    lock: f.generation,
+                    map: map.header.fence_generation,
+                })
+            }
+            None if !map.header.read_only() => Err(MapperError::Conflict {
+                volume: name.to_string(),
+            }),
+            _ => Ok(map),
+        });
+        let map = match checked {
+            Ok(map) => map,
+            Err(e) => {
+                if let Some(f) = &fence {
+                    let _ = self.maps.lock_release(f).await;
+                }
+                return Err(e);
+            }
+        };
+        tracing::debug!(volume = %name, generation = fence.as_ref().map(|f| f.generation), "opened");
+        let vol = Arc::new(OpenVolume {
+            name: name.clone(),
+            fence,
+            map: RwLock::new(map),
+            mutate: tokio::sync::Mutex::new(()),
+            state: AtomicU8::new(OPEN),
+        });
+        self.open
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.clone(), vol.clone());
+        Ok(vol)
+    }
+
+    async fn acquire(&self, name: &VolumeName) -> Result<Fence, MapperError> {
+        self.maps
+            .lock_acquire(&lock_object(name), &self.owner)
+            .await
+            .ctx(name)
+    }
+
+    /// Drop the cached map and release the lock. Closing what is not open is a no-op.
+    pub async fn close(&self, name: &str) -> Result<(), MapperError> {
+        let name = VolumeName::new(name)?;
+        let _ns = self.namespace.lock().await;
+        self.close_locked(&name).await
+    }
+
+    async fn close_locked(&self, name: &VolumeName) -> Result<(), MapperError> {
+        let removed = self
+            .open
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+        let Some(vol) = removed else {
+            return Ok(());
+        };
+        // Wait for an in-flight map change, then refuse any that was queued behind it.
+        let _m = vol.mutate.lock().await;
+        let was = vol.state.swap(CLOSED, Ordering::AcqRel);
+        if let Some(f) = &vol.fence {
+            match self.maps.lock_release(f).await {
+                Ok(()) => {}
+                Err(BlockerError::Fenced { .. }) => {
+                    tracing::warn!(volume = %name, was_fenced = was == FENCED, "closed a volume whose lock had been taken away");
+                }
+                Err(e) => return Err(MapperError::from_blocker(name, e)),
+            }
+        }
+        tracing::debug!(volume = %name, "closed");
+        Ok(())
+    }
+
+    /// Close every volume (shutdown).
+    pub async fn close_all(&self) -> Result<(), MapperError> {
+        let _ns = self.namespace.lock().await;
+        let names: Vec<VolumeName> = self
+            .open
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        for name in names {
+            self.close_locked(&name).await?;
+        }
+        Ok(())
+    }
+
+    /// Names of the volumes open here.
+    pub fn open_volumes(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .open
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .map(|n| n.to_string())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// A volume's or snapshot's metadata (from the cache if open here).
+    pub async fn info(&self, name: &str) -> Result<VolumeInfo, MapperError> {
+        let name = VolumeName::new(name)?;
+        if let Some(v) = self.lookup(&name) {
+            return Ok(VolumeInfo::from(&v.map().header));
+        }
+        Ok(VolumeInfo::from(&self.read_header(&name).await?))
+    }
+
+    async fn read_header(&self, name: &VolumeName) -> Result<MapHeader, MapperError> {
+        let object = header_object(name);
+        let raw = self
+            .maps
+            .read_map(&object)
+            .await
+            .ctx(name)?
+            .ok_or_else(|| MapperError::NotFound {
+                volume: name.to_string(),
+            })?;
+        MapHeader::decode(&raw.data).map_err(|problem| {
+            MapperError::Corrupt(CorruptMap {
+                object: object.to_string(),
+                problem,
+            })
+        })
+    }
+
+    /// Every volume and snapshot in the backend, sorted by name. A corrupt header fails the
+    /// listing, naming the object, rather than being skipped.
+    pub async fn list(&self) -> Result<Vec<VolumeInfo>, MapperError> {
+        let mut out = Vec::new();
+        let everything = VolumeName::new("list").expect("valid");
+        for obj in self
+            .maps
+            .list(crate::map::HEADER_PREFIX)
+            .await
+            .ctx(&everything)?
+        {
+            let crate::map::ObjectKind::Header(name) = crate::map::parse_object(&obj.name) else {
+                continue;
+            };
+            match self.read_header(&name).await {
+                Ok(h) => out.push(VolumeInfo::from(&h)),
+                // Deleted between the listing and the read.
+                Err(MapperError::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Who holds a volume's lock.
+    pub async fn lock_info(&self, name: &str) -> Result<LockInfo, MapperError> {
+        let name = VolumeName::new(name)?;
+        self.maps.lock_info(&lock_object(&name)).await.ctx(&name)
+    }
+
+    /// Break a volume's lock, whoever holds it: for a dead node. The former holder's map writes
+    /// are refused from now on. Returns the lock as it was.
+    pub async fn break_lock(&self, name: &str) -> Result<LockInfo, MapperError> {
+        let name = VolumeName::new(name)?;
+        let before = self.maps.lock_break(&lock_object(&name)).await.ctx(&name)?;
+        tracing::warn!(
+            volume = %name,
+            holder = before.holder.as_ref().map(|h| h.as_str()).unwrap_or("<none>"),
+            generation = before.generation,
+            by = %self.owner,
+            "volume lock broken"
+        );
+        Ok(before)
+    }
+
+    /// Read a map back from storage, verify it completely, and (if it is open here) check that
+    /// the cache matches storage exactly.
+    pub async fn verify(&self, name: &str) -> Result<VerifyReport, MapperError> {
+        let name = VolumeName::new(name)?;
+        let stored = VolumeMap::load(self.maps.as_ref(), &name).await?;
+        if let Some(v) = self.lookup(&name) {
+            let cached = v.map();
+            assert_eq!(
+                cached.header, stored.header,
+                "{name}: cached header differs from storage"
+            );
+            for (p, (c, s)) in cached.pages.iter().zip(&stored.pages).enumerate() {
+                assert_eq!(c.page, s.page, "{name}: page {p} differs from storage");
+                assert_eq!(c.version, s.version, "{name}: page {p} version differs");
+            }
+        }
+        let mut report = VerifyReport {
+            blocks: stored.block_count(),
+            ..Default::default()
+        };
+        for b in 0..stored.block_count() {
+            match stored.state(b) {
+                BlockState::Zero => report.zero += 1,
+                BlockState::Owned => report.owned += 1,
+                BlockState::Shared => report.shared += 1,
+                BlockState::Content => report.content += 1,
+            }
+            if let Some(obj) = stored.object(b) {
+                debug_assert!(crate::blocker::name_problem(obj.as_str()).is_none());
+            }
+        }
+        Ok(report)
+    }
+
+    /// The state of one block (for tests and diagnostics).
+    pub async fn block_state(&self, name: &str, block: u64) -> Result<BlockState, MapperError> {
+        let name = VolumeName::new(name)?;
+        let map = match self.lookup(&name) {
+            Some(v) => v.snapshot_map(),
+            None => VolumeMap::load(self.maps.as_ref(), &name).await?,
+        };
+        if block >= map.block_count() {
+            return Err(MapperError::OutOfRange {
+                volume: name.to_string(),
+                offset: block * map.header.block_size as u64,
+                length: map.header.block_size as u64,
+                size: map.header.size,
+            });
+        }
+        Ok(map.state(block))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,661 @@
+//! Unit tests of the mapper over the memory blocker, with a counting wrapper to check which
+//! backend operations each mapper call costs.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::*;
+use crate::blocker::{
+    Blocker, BlockerFuture, Expect, Fence, LockOwner, MemoryBlocker, ObjectInfo, ObjectName,
+    Versioned,
+};
+
+const BS: u32 = 64 << 10;
+const BSU: u64 = BS as u64;
+
+fn opts() -> CreateOptions {
+    CreateOptions {
+        block_size: BS,
+        page_entries: 16,
+    }
+}
+
+/// Counts the operations passed through to a memory blocker.
+#[derive(Debug, Default)]
+struct Counting {
+    inner: MemoryBlocker,
+    reads: AtomicU64,
+    writes: AtomicU64,
+    copies: AtomicU64,
+    deletes: AtomicU64,
+    map_reads: AtomicU64,
+    map_writes: AtomicU64,
+}
+
+impl Counting {
+    fn total(&self) -> u64 {
+        [
+            &self.reads,
+            &self.writes,
+            &self.copies,
+            &self.deletes,
+            &self.map_reads,
+            &self.map_writes,
+        ]
+        .iter()
+        .map(|c| c.load(Ordering::SeqCst))
+        .sum()
+    }
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::SeqCst);
+}
+
+impl Blocker for Counting {
+    fn read<'a>(&'a self, o: &'a ObjectName, off: u64, buf: &'a mut [u8]) -> BlockerFuture<'a, ()> {
+        bump(&self.reads);
+        self.inner.read(o, off, buf)
+    }
+    fn write<'a>(&'a self, o: &'a ObjectName, off: u64, d: &'a [u8]) -> BlockerFuture<'a, ()> {
+        bump(&self.writes);
+        self.inner.write(o, off, d)
+    }
+    fn flush(&self) -> BlockerFuture<'_, ()> {
+        self.inner.flush()
+    }
+    fn delete<'a>(&'a self, o: &'a ObjectName) -> BlockerFuture<'a, bool> {
+        bump(&self.deletes);
+        self.inner.delete(o)
+    }
+    fn copy<'a>(&'a self, s: &'a ObjectName, d: &'a ObjectName) -> BlockerFuture<'a, ()> {
+        bump(&self.copies);
+        self.inner.copy(s, d)
+    }
+    fn info<'a>(&'a self, o: &'a ObjectName) -> BlockerFuture<'a, Option<ObjectInfo>> {
+        self.inner.info(o)
+    }
+    fn list<'a>(&'a self, p: &'a str) -> BlockerFuture<'a, Vec<ObjectInfo>> {
+        self.inner.list(p)
+    }
+    fn read_map<'a>(&'a self, o: &'a ObjectName) -> BlockerFuture<'a, Option<Versioned>> {
+        bump(&self.map_reads);
+        self.inner.read_map(o)
+    }
+    fn write_map<'a>(
+        &'a self,
+        o: &'a ObjectName,
+        d: &'a [u8],
+        e: Expect,
+        f: Option<&'a Fence>,
+    ) -> BlockerFuture<'a, u64> {
+        bump(&self.map_writes);
+        self.inner.write_map(o, d, e, f)
+    }
+    fn delete_map<'a>(
+        &'a self,
+        o: &'a ObjectName,
+        e: Expect,
+        f: Option<&'a Fence>,
+    ) -> BlockerFuture<'a, ()> {
+        self.inner.delete_map(o, e, f)
+    }
+    fn lock_acquire<'a>(&'a self, l: &'a ObjectName, o: &'a LockOwner) -> BlockerFuture<'a, Fence> {
+        self.inner.lock_acquire(l, o)
+    }
+    fn lock_release<'a>(&'a self, f: &'a Fence) -> BlockerFuture<'a, ()> {
+        self.inner.lock_release(f)
+    }
+    fn lock_info<'a>(&'a self, l: &'a ObjectName) -> BlockerFuture<'a, LockInfo> {
+        self.inner.lock_info(l)
+    }
+    fn lock_break<'a>(&'a self, l: &'a ObjectName) -> BlockerFuture<'a, LockInfo> {
+        self.inner.lock_break(l)
+    }
+}
+
+fn setup() -> (Arc<Counting>, Mapper) {
+    let b = Arc::new(Counting::default());
+    let m = Mapper::new(b.clone(), LockOwner::new("node-a").unwrap());
+    (b, m)
+}
+
+/// What vlmc does for a write: MAPW, then write each extent.
+async fn write(m: &Mapper, vol: &str, offset: u64, data: &[u8]) {
+    let extents = m.map_write(vol, offset, data.len() as u64).await.unwrap();
+    for e in extents {
+        let at = (e.volume_offset - offset) as usize;
+        let obj = e.object().expect("MAPW never returns ZERO");
+        m.data_blocker()
+            .write(obj, e.object_offset, &data[at..at + e.length as usize])
+            .await
+            .unwrap();
+    }
+}
+
+async fn read(m: &Mapper, vol: &str, offset: u64, len: usize) -> Vec<u8> {
+    let mut out = vec![0xeeu8; len];
+    for e in m.map_read(vol, offset, len as u64).await.unwrap() {
+        let at = (e.volume_offset - offset) as usize;
+        let buf = &mut out[at..at + e.length as usize];
+        match e.object() {
+            None => buf.fill(0),
+            Some(o) => m
+                .data_blocker()
+                .read(o, e.object_offset, buf)
+                .await
+                .unwrap(),
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn create_validates_and_refuses_duplicates() {
+    let (_, m) = setup();
+    let info = m.create("v1", 10 * BSU, opts()).await.unwrap();
+    assert_eq!(
+        (info.size, info.block_size, info.snapshot),
+        (10 * BSU, BS, false)
+    );
+    assert!(matches!(
+        m.create("v1", BSU, opts()).await,
+        Err(MapperError::AlreadyExists { .. })
+    ));
+    for bad in ["", "../x", "a/b", "x.lock", "a\0b"] {
+        assert!(
+            matches!(
+                m.create(bad, BSU, opts()).await,
+                Err(MapperError::InvalidName(_))
+            ),
+            "{bad:?}"
+        );
+    }
+    assert!(matches!(
+        m.create("v2", 1000, opts()).await,
+        Err(MapperError::InvalidSize { .. })
+    ));
+    assert!(matches!(
+        m.create("v2", 0, opts()).await,
+        Err(MapperError::InvalidSize { .. })
+    ));
+    let odd = CreateOptions {
+        block_size: 3 << 12,
+        ..opts()
+    };
+    assert!(matches!(
+        m.create("v2", BSU, odd).await,
+        Err(MapperError::InvalidBlockSize { .. })
+    ));
+    let names: Vec<String> = m
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|v| v.name)
+        .collect();
+    assert_eq!(names, ["v1"], "failed creates left nothing behind");
+    assert!(matches!(
+        m.info("nope").await,
+        Err(MapperError::NotFound { .. })
+    ));
+}
+
+#[tokio::test]
+async fn owned_blocks_map_without_backend_io() {
+    let (b, m) = setup();
+    m.create("v", 4 * BSU, opts()).await.unwrap();
+    write(&m, "v", 100, b"hello").await;
+    let before = b.total();
+    let e = m.map_write("v", 0, BSU).await.unwrap();
+    assert_eq!(e.len(), 1);
+    let e = m.map_read("v", 50, 100).await.unwrap();
+    assert!(!e[0].is_zero());
+    assert_eq!(
+        b.total(),
+        before,
+        "steady-state MAPW/MAPR of an owned block did I/O"
+    );
+    assert_eq!(&read(&m, "v", 100, 5).await, b"hello");
+    assert_eq!(read(&m, "v", BSU, 10).await, vec![0; 10], "zero block");
+    let e = m.map_read("v", BSU, 10).await.unwrap();
+    assert!(e[0].is_zero());
+}
+
+#[tokio::test]
+async fn extents_split_at_block_boundaries_and_ranges_are_checked() {
+    let (_, m) = setup();
+    m.create("v", 3 * BSU, opts()).await.unwrap();
+    let e = m.map_write("v", BSU - 10, BSU + 20).await.unwrap();
+    let shape: Vec<(u64, u64, u64)> = e
+        .iter()
+        .map(|e| (e.block, e.object_offset, e.length))
+        .collect();
+    assert_eq!(shape, [(0, BSU - 10, 10), (1, 0, BSU), (2, 0, 10)]);
+    for (off, len) in [(3 * BSU, 1), (0, 3 * BSU + 1), (u64::MAX, 2)] {
+        assert!(matches!(
+            m.map_write("v", off, len).await,
+            Err(MapperError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            m.map_read("v", off, len).await,
+            Err(MapperError::OutOfRange { .. })
+        ));
+    }
+}
+
+#[tokio::test]
+async fn snapshot_shares_then_copy_on_write_copies_only_partial_writes() {
+    let (b, m) = setup();
+    m.create("v", 4 * BSU, opts()).await.unwrap();
+    write(&m, "v", 0, &vec![1u8; 2 * BSU as usize]).await;
+    let epoch = m.info("v").await.unwrap().epoch;
+    let snap = m.snapshot("v", "s").await.unwrap();
+    assert!(snap.snapshot);
+    assert_eq!(
+        m.info("v").await.unwrap().epoch,
+        epoch + 1,
+        "epoch moves on"
+    );
+    assert_eq!(m.block_state("v", 0).await.unwrap(), BlockState::Shared);
+
+    let copies = b.copies.load(Ordering::SeqCst);
+    write(&m, "v", 10, b"partial").await;
+    assert_eq!(
+        b.copies.load(Ordering::SeqCst),
+        copies + 1,
+        "partial write copies"
+    );
+    write(&m, "v", BSU, &vec![2u8; BSU as usize]).await;
+    assert_eq!(
+        b.copies.load(Ordering::SeqCst),
+        copies + 1,
+        "whole write does not"
+    );
+    write(&m, "v", 2 * BSU + 5, b"fresh").await;
+    assert_eq!(
+        b.copies.load(Ordering::SeqCst),
+        copies + 1,
+        "zero block does not"
+    );
+
+    let mut expect = vec![1u8; BSU as usize];
+    expect[10..17].copy_from_slice(b"partial");
+    assert_eq!(read(&m, "v", 0, BSU as usize).await, expect);
+    assert_eq!(read(&m, "v", BSU, 4).await, [2; 4]);
+    assert_eq!(
+        read(&m, "s", 0, 2 * BSU as usize).await,
+        vec![1u8; 2 * BSU as usize]
+    );
+    assert!(matches!(
+        m.map_write("s", 0, 1).await,
+        Err(MapperError::ReadOnly { .. })
+    ));
+    assert!(matches!(
+        m.snapshot("v", "s").await,
+        Err(MapperError::AlreadyExists { .. })
+    ));
+    m.verify("v").await.unwrap();
+    m.verify("s").await.unwrap();
+}
+
+#[tokio::test]
+async fn clones_from_snapshots_and_volumes_are_independent() {
+    let (_, m) = setup();
+    m.create("base", 2 * BSU, opts()).await.unwrap();
+    write(&m, "base", 0, b"base data").await;
+    m.snapshot("base", "gold").await.unwrap();
+    let c = m.clone_volume("gold", "c1", Some(5 * BSU)).await.unwrap();
+    assert_eq!(c.size, 5 * BSU);
+    assert_eq!(c.source.as_deref(), Some("gold"));
+    m.clone_volume("base", "c2", None).await.unwrap();
+    m.clone_volume("c1", "c3", None).await.unwrap();
+
+    write(&m, "c1", 0, b"c1").await;
+    write(&m, "c2", 0, b"c2").await;
+    write(&m, "base", 0, b"bb").await;
+    assert_eq!(&read(&m, "c1", 0, 9).await, b"c1se data");
+    assert_eq!(&read(&m, "c2", 0, 9).await, b"c2se data");
+    assert_eq!(&read(&m, "c3", 0, 9).await, b"base data");
+    assert_eq!(&read(&m, "base", 0, 9).await, b"bbse data");
+    assert_eq!(&read(&m, "gold", 0, 9).await, b"base data");
+    assert_eq!(read(&m, "c1", 4 * BSU, 8).await, vec![0; 8]);
+
+    assert!(matches!(
+        m.clone_volume("gold", "c4", Some(BSU)).await,
+        Err(MapperError::ShrinkRefused { .. })
+    ));
+    assert!(matches!(
+        m.clone_volume("gold", "c1", None).await,
+        Err(MapperError::AlreadyExists { .. })
+    ));
+    assert!(matches!(
+        m.clone_volume("nothing", "c5", None).await,
+        Err(MapperError::NotFound { .. })
+    ));
+    assert!(m.info("c4").await.is_err() && m.info("c5").await.is_err());
+}
+
+#[tokio::test]
+async fn resize_grows_and_refuses_to_shrink() {
+    let (_, m) = setup();
+    m.create("v", 3 * BSU / 2, opts()).await.unwrap();
+    write(&m, "v", BSU, &vec![7u8; (BSU / 2) as usize]).await;
+    let grown = m.resize("v", 40 * BSU).await.unwrap();
+    assert_eq!(grown.size, 40 * BSU);
+    assert_eq!(
+        read(&m, "v", BSU, BSU as usize).await[..(BSU / 2) as usize],
+        vec![7u8; (BSU / 2) as usize]
+    );
+    assert_eq!(read(&m, "v", 3 * BSU / 2, 16).await, vec![0; 16]);
+    write(&m, "v", 39 * BSU, b"end").await;
+    assert_eq!(
+        m.resize("v", 40 * BSU).await.unwrap().size,
+        40 * BSU,
+        "idempotent"
+    );
+    assert!(matches!(
+        m.resize("v", BSU).await,
+        Err(MapperError::ShrinkRefused { current, .. }) if current == 40 * BSU
+    ));
+    m.snapshot("v", "s").await.unwrap();
+    assert!(matches!(
+        m.resize("s", 80 * BSU).await,
+        Err(MapperError::ReadOnly { .. })
+    ));
+    m.close("v").await.unwrap();
+    assert_eq!(m.info("v").await.unwrap().size, 40 * BSU, "persisted");
+    assert_eq!(&read(&m, "v", 39 * BSU, 3).await, b"end");
+}
+
+#[tokio::test]
+async fn discard_zeroes_whole_blocks_and_reports_partial_ones() {
+    let (b, m) = setup();
+    m.create("v", 4 * BSU, opts()).await.unwrap();
+    write(&m, "v", 0, &vec![3u8; 4 * BSU as usize]).await;
+    let out = m.discard("v", BSU / 2, 2 * BSU).await.unwrap();
+    assert_eq!(out.zeroed_blocks, 1);
+    let parts: Vec<(u64, u64)> = out
+        .zero_write
+        .iter()
+        .map(|e| (e.volume_offset, e.length))
+        .collect();
+    assert_eq!(parts, [(BSU / 2, BSU / 2), (2 * BSU, BSU / 2)]);
+    assert_eq!(m.block_state("v", 1).await.unwrap(), BlockState::Zero);
+    assert_eq!(
+        b.inner.bytes_stored("ob."),
+        3 * BSU,
+        "the owned object went"
+    );
+    // Discarding a ZERO block is a no-op; a snapshot keeps shared objects alive.
+    let out = m.discard("v", BSU, BSU).await.unwrap();
+    assert_eq!(out, DiscardOutcome::default());
+    m.snapshot("v", "s").await.unwrap();
+    m.discard("v", 0, 4 * BSU).await.unwrap();
+    assert_eq!(b.inner.bytes_stored("ob."), 3 * BSU);
+    assert_eq!(read(&m, "s", 0, 4).await, [3; 4]);
+    assert_eq!(read(&m, "v", 0, 4).await, [0; 4]);
+}
+
+#[tokio::test]
+async fn a_second_writer_is_refused_naming_the_holder_and_fencing_works() {
+    let b: Arc<dyn Blocker> = Arc::new(MemoryBlocker::new());
+    let a = Mapper::new(b.clone(), LockOwner::new("node-a").unwrap());
+    let c = Mapper::new(b.clone(), LockOwner::new("node-c").unwrap());
+    a.create("v", 4 * BSU, opts()).await.unwrap();
+    a.open("v").await.unwrap();
+    write(&a, "v", 0, b"from a").await;
+    match c.open("v").await {
+        Err(MapperError::Locked { holder, volume }) => {
+            assert_eq!((holder.as_str(), volume.as_str()), ("node-a", "v"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        c.map_write("v", 0, 1).await,
+        Err(MapperError::Locked { .. })
+    ));
+    assert!(matches!(
+        c.delete("v").await,
+        Err(MapperError::Locked { .. })
+    ));
+    assert!(matches!(
+        c.resize("v", 8 * BSU).await,
+        Err(MapperError::Locked { .. })
+    ));
+    // Reads from another node go to storage, not to a cache.
+    assert_eq!(&read(&c, "v", 0, 6).await, b"from a");
+    assert_eq!(
+        c.lock_info("v").await.unwrap().holder.unwrap().as_str(),
+        "node-a"
+    );
+
+    let before = c.break_lock("v").await.unwrap();
+    assert_eq!(before.holder.unwrap().as_str(), "node-a");
+    c.open("v").await.unwrap();
+    write(&c, "v", BSU, b"from c").await;
+    // The deposed writer's next map change is refused by the backend.
+    assert!(matches!(
+        a.map_write("v", 2 * BSU, 1).await,
+        Err(MapperError::Fenced { .. })
+    ));
+    assert!(matches!(
+        a.map_write("v", 0, 1).await,
+        Err(MapperError::Fenced { .. })
+    ));
+    a.close("v").await.unwrap();
+    assert_eq!(&read(&c, "v", BSU, 6).await, b"from c");
+    c.verify("v").await.unwrap();
+}
+
+#[tokio::test]
+async fn delete_removes_the_map_and_names_can_be_reused() {
+    let (_, m) = setup();
+    m.create("v", 2 * BSU, opts()).await.unwrap();
+    write(&m, "v", 0, b"old").await;
+    m.snapshot("v", "s").await.unwrap();
+    m.delete("v").await.unwrap();
+    assert!(matches!(
+        m.info("v").await,
+        Err(MapperError::NotFound { .. })
+    ));
+    assert!(matches!(
+        m.delete("v").await,
+        Err(MapperError::NotFound { .. })
+    ));
+    assert_eq!(&read(&m, "s", 0, 3).await, b"old", "the snapshot survives");
+    let again = m.create("v", 2 * BSU, opts()).await.unwrap();
+    assert_eq!(
+        read(&m, "v", 0, 3).await,
+        [0; 3],
+        "a new volume under an old name is empty"
+    );
+    assert_eq!(again.epoch, 1);
+    m.delete("s").await.unwrap();
+    let names: Vec<String> = m
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|v| v.name)
+        .collect();
+    assert_eq!(names, ["v"]);
+}
+
+#[tokio::test]
+async fn corruption_is_detected_not_used() {
+    let mem = Arc::new(MemoryBlocker::new());
+    let m = Mapper::new(mem.clone(), LockOwner::new("n").unwrap());
+    let info = m.create("v", 2 * BSU, opts()).await.unwrap();
+    write(&m, "v", 0, b"x").await;
+    m.close("v").await.unwrap();
+    let page = crate::map::page_object(info.uuid, 0);
+    assert!(mem.corrupt(&page, 60));
+    for r in [
+        m.open("v").await.map(|_| ()),
+        m.verify("v").await.map(|_| ()),
+    ] {
+        match r {
+            Err(MapperError::Corrupt(c)) => assert_eq!(c.object, page.to_string()),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(m.map_read("v", 0, 1).await.is_err());
+    let header = crate::map::header_object(&crate::map::VolumeName::new("v").unwrap());
+    assert!(mem.corrupt(&header, 20));
+    assert!(matches!(m.info("v").await, Err(MapperError::Corrupt(_))));
+    assert!(matches!(m.list().await, Err(MapperError::Corrupt(_))));
+    // GC refuses to run on partial knowledge.
+    assert!(matches!(
+        m.gc(GcOptions::default()).await,
+        Err(MapperError::Corrupt(_))
+    ));
+    // A corrupt map can still be deleted.
+    m.delete("v").await.unwrap();
+}
+
+#[tokio::test]
+async fn a_terabyte_map_stays_small() {
+    let mem = Arc::new(MemoryBlocker::new());
+    let m = Mapper::new(mem.clone(), LockOwner::new("n").unwrap());
+    let tib = 1u64 << 40;
+    m.create("big", tib, CreateOptions::default())
+        .await
+        .unwrap();
+    // One block written in every page: every page object exists.
+    let per_page = 4096 * (4u64 << 20);
+    for p in 0..64 {
+        m.map_write("big", p * per_page, 4096).await.unwrap();
+    }
+    let map_bytes = mem.bytes_stored("pg.") + mem.bytes_stored("vol.");
+    assert!(map_bytes <= 2 * 1024 * 1024 + 64 * 1024, "{map_bytes}");
+    let snap = std::time::Instant::now();
+    m.snapshot("big", "big-snap").await.unwrap();
+    m.clone_volume("big-snap", "big-clone", None).await.unwrap();
+    assert!(snap.elapsed() < std::time::Duration::from_secs(5));
+    let r = m.verify("big-clone").await.unwrap();
+    assert_eq!((r.blocks, r.shared, r.zero), (262_144, 64, 262_144 - 64));
+}
+
+#[tokio::test]
+async fn import_and_dedup_store_identical_blocks_once() {
+    let mem = Arc::new(MemoryBlocker::new());
+    let m = Mapper::new(mem.clone(), LockOwner::new("n").unwrap());
+    let mut image = vec![0u8; 8 * BSU as usize];
+    for (i, chunk) in image.chunks_mut(BSU as usize).enumerate() {
+        if i % 3 != 2 {
+            chunk[..100].fill(i as u8 % 2 + 1);
+        }
+    }
+    m.create("a", 8 * BSU, opts()).await.unwrap();
+    let r = m.import("a", 0, &image).await.unwrap();
+    assert_eq!((r.blocks, r.zero, r.written), (8, 2, 2), "{r:?}");
+    let stored = mem.bytes_stored("ct.");
+    m.create("b", 8 * BSU, opts()).await.unwrap();
+    let r = m.import("b", 0, &image).await.unwrap();
+    assert_eq!((r.written, r.reused), (0, 6));
+    assert_eq!(
+        mem.bytes_stored("ct."),
+        stored,
+        "a second import stores nothing new"
+    );
+    assert_eq!(read(&m, "b", 0, image.len()).await, image);
+    assert!(matches!(
+        m.import("b", 1, &image[..BSU as usize]).await,
+        Err(MapperError::Unaligned { .. })
+    ));
+    // Writing a content block copies it to an owned object, leaving the content intact.
+    write(&m, "b", 5, b"own").await;
+    assert_eq!(m.block_state("b", 0).await.unwrap(), BlockState::Owned);
+    assert_eq!(read(&m, "a", 0, 10).await, image[..10]);
+
+    // Dedup of a snapshot of plain writes.
+    m.create("w", 8 * BSU, opts()).await.unwrap();
+    write(&m, "w", 0, &image).await;
+    m.snapshot("w", "ws").await.unwrap();
+    assert!(matches!(
+        m.dedup("w").await,
+        Err(MapperError::NotASnapshot { .. })
+    ));
+    let d = m.dedup("ws").await.unwrap();
+    assert_eq!((d.converted, d.zero, d.written), (8, 2, 0), "{d:?}");
+    assert_eq!(read(&m, "ws", 0, image.len()).await, image);
+    let v = m.verify("ws").await.unwrap();
+    assert_eq!((v.content, v.zero), (6, 2));
+    assert_eq!(m.dedup("ws").await.unwrap().converted, 0, "idempotent");
+}
+
+#[tokio::test]
+async fn gc_reclaims_only_what_no_map_refers_to() {
+    let mem = Arc::new(MemoryBlocker::new());
+    let m = Mapper::new(mem.clone(), LockOwner::new("n").unwrap());
+    let now = GcOptions {
+        grace: std::time::Duration::ZERO,
+        dry_run: false,
+    };
+    m.create("v", 4 * BSU, opts()).await.unwrap();
+    write(&m, "v", 0, &vec![5u8; 4 * BSU as usize]).await;
+    m.snapshot("v", "s").await.unwrap();
+    write(&m, "v", 0, &vec![6u8; 2 * BSU as usize]).await;
+    let r = m.gc(now).await.unwrap();
+    assert_eq!(r.deleted_objects, 0, "{r:?}");
+    m.delete("s").await.unwrap();
+    let dry = m
+        .gc(GcOptions {
+            dry_run: true,
+            ..now
+        })
+        .await
+        .unwrap();
+    assert_eq!(dry.deleted_objects, 2, "{dry:?}");
+    let r = m.gc(now).await.unwrap();
+    assert_eq!(
+        r.deleted_objects, 2,
+        "the two blocks only the snapshot held"
+    );
+    assert_eq!(r.deleted_pages, 1, "the snapshot's page");
+    assert_eq!(r.deleted_bytes, dry.deleted_bytes);
+    assert!(r.deleted_bytes > 2 * BSU && r.deleted_bytes < 2 * BSU + 4096);
+    assert_eq!(
+        read(&m, "v", 0, 4 * BSU as usize).await[..],
+        {
+            let mut v = vec![6u8; 2 * BSU as usize];
+            v.extend(vec![5u8; 2 * BSU as usize]);
+            v
+        }[..]
+    );
+    m.delete("v").await.unwrap();
+    let r = m.gc(now).await.unwrap();
+    assert_eq!(r.deleted_objects, 4);
+    assert!(r.deleted_pages >= 1);
+    assert_eq!(mem.bytes_stored("ob."), 0);
+    assert_eq!(mem.bytes_stored("pg."), 0);
+    // A grace period spares young garbage.
+    m.create("y", BSU, opts()).await.unwrap();
+    write(&m, "y", 0, b"y").await;
+    m.delete("y").await.unwrap();
+    let r = m.gc(GcOptions::default()).await.unwrap();
+    assert_eq!((r.deleted_objects, r.kept_recent), (0, 2));
+}
+
+#[tokio::test]
+async fn reopen_reads_back_everything() {
+    let mem: Arc<dyn Blocker> = Arc::new(MemoryBlocker::new());
+    {
+        let m = Mapper::new(mem.clone(), LockOwner::new("n").unwrap());
+        m.create("v", 4 * BSU, opts()).await.unwrap();
+        write(&m, "v", 7, b"persist").await;
+        m.snapshot("v", "s").await.unwrap();
+        write(&m, "v", 7, b"PERSIST").await;
+        // Dropped without close: the lock stays, and the same node gets it back.
+    }
+    let m = Mapper::new(mem.clone(), LockOwner::new("n").unwrap());
+    assert_eq!(&read(&m, "v", 7, 7).await, b"PERSIST");
+    assert_eq!(&read(&m, "s", 7, 7).await, b"persist");
+    m.open("v").await.unwrap();
+    write(&m, "v", 0, b"!").await;
+    m.verify("v").await.unwrap();
+    m.close_all().await.unwrap();
+    assert!(m.open_volumes().is_empty());
+    assert!(m.lock_info("v").await.unwrap().holder.is_none());
+}

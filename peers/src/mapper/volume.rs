@@ -1,0 +1,425 @@
+//! A map held in memory: the decoded header and every page, with the blocker versions they were
+//! read or written at, so that each update is a compare-and-swap against exactly what we hold.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use uuid::Uuid;
+
+use super::{MapperError, ResultExt};
+use crate::blocker::{Blocker, Expect, Fence, ObjectName};
+use crate::map::{
+    CorruptMap, MapEntry, MapFlags, MapFormatError, MapHeader, MapPage, VolumeName, content_object,
+    header_object, owned_object, page_object,
+};
+
+/// What a block is, from the point of view of the map holding it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockState {
+    /// No object; reads return zeros.
+    Zero,
+    /// Named by this map's uuid at its current epoch: only this map writes it.
+    Owned,
+    /// Named by another uuid or an older epoch: read-only here.
+    Shared,
+    /// Content-addressed: read-only everywhere.
+    Content,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct PageSlot {
+    pub page: MapPage,
+    /// Blocker version of the page object; `None` while it does not exist (all ZERO).
+    pub version: Option<u64>,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct VolumeMap {
+    pub header: MapHeader,
+    pub header_version: u64,
+    pub pages: Vec<PageSlot>,
+}
+
+pub(crate) fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn corrupt(object: &ObjectName, problem: MapFormatError) -> MapperError {
+    MapperError::Corrupt(CorruptMap {
+        object: object.to_string(),
+        problem,
+    })
+}
+
+impl VolumeMap {
+    /// A fresh writable map of ZERO entries.
+    pub fn new_volume(name: VolumeName, size: u64, block_size: u32, page_entries: u32) -> Self {
+        let uuid = Uuid::new_v4();
+        let header = MapHeader {
+            name,
+            uuid,
+            size,
+            block_size,
+            page_entries,
+            epoch: 1,
+            flags: MapFlags::default(),
+            created: now_secs(),
+            fence_generation: 0,
+            self_origin: Some(0),
+            origins: vec![uuid],
+            source: None,
+        };
+        Self::with_zero_pages(header)
+    }
+
+    fn with_zero_pages(header: MapHeader) -> Self {
+        let pages = (0..header.page_count())
+            .map(|_| PageSlot {
+                page: MapPage::zero(header.page_entries),
+                version: None,
+            })
+            .collect();
+        VolumeMap {
+            header,
+            header_version: 0,
+            pages,
+        }
+    }
+
+    /// A new map with this map's entries: a read-only snapshot, or a writable clone of `size`
+    /// bytes (at least the source's). Entries are copied verbatim; the origin table comes along,
+    /// so every OBJECT entry keeps naming the same object and, not being this map's own, is
+    /// SHARED.
+    pub fn derive(&self, name: VolumeName, writable: Option<u64>) -> Result<Self, MapperError> {
+        let uuid = Uuid::new_v4();
+        let mut origins = self.header.origins.clone();
+        let (flags, self_origin, epoch, size) = match writable {
+            None => (
+                MapFlags::READ_ONLY,
+                None,
+                self.header.epoch.max(1),
+                self.header.size,
+            ),
+            Some(size) => {
+                let index = u16::try_from(origins.len())
+                    .ok()
+                    .filter(|&i| i < u16::MAX - 1)
+                    .ok_or_else(|| MapperError::TooManyOrigins {
+                        volume: name.to_string(),
+                    })?;
+                origins.push(uuid);
+                (MapFlags::default(), Some(index), 1, size)
+            }
+        };
+        let mut map = Self::with_zero_pages(MapHeader {
+            name,
+            uuid,
+            size,
+            block_size: self.header.block_size,
+            page_entries: self.header.page_entries,
+            epoch,
+            flags,
+            created: now_secs(),
+            fence_generation: 0,
+            self_origin,
+            origins,
+            source: Some(self.header.name.to_string()),
+        });
+        for (slot, src) in map.pages.iter_mut().zip(&self.pages) {
+            slot.page = src.page.clone();
+        }
+        map.check_invariants();
+        Ok(map)
+    }
+
+    /// Read and verify a whole map from storage.
+    pub async fn load(maps: &dyn Blocker, name: &VolumeName) -> Result<Self, MapperError> {
+        let object = header_object(name);
+        let raw = maps
+            .read_map(&object)
+            .await
+            .ctx(name)?
+            .ok_or_else(|| MapperError::NotFound {
+                volume: name.to_string(),
+            })?;
+        let header = MapHeader::decode(&raw.data).map_err(|e| corrupt(&object, e))?;
+        if &header.name != name {
+            return Err(corrupt(
+                &object,
+                MapFormatError::Invalid(format!("header names volume {}", header.name)),
+            ));
+        }
+        let mut pages = Vec::with_capacity(header.page_count() as usize);
+        for p in 0..header.page_count() {
+            let object = page_object(header.uuid, p);
+            let slot = match maps.read_map(&object).await.ctx(name)? {
+                None => PageSlot {
+                    page: MapPage::zero(header.page_entries),
+                    version: None,
+                },
+                Some(v) => {
+                    let page = MapPage::decode(&v.data, header.uuid, p, header.page_entries)
+                        .map_err(|e| corrupt(&object, e))?;
+                    check_page(&header, p, &page).map_err(|e| corrupt(&object, e))?;
+                    PageSlot {
+                        page,
+                        version: Some(v.version),
+                    }
+                }
+            };
+            pages.push(slot);
+        }
+        let map = VolumeMap {
+            header,
+            header_version: raw.version,
+            pages,
+        };
+        map.check_invariants();
+        Ok(map)
+    }
+
+    /// Internal consistency that no input can break: a failure here is a bug in the mapper.
+    pub fn check_invariants(&self) {
+        let h = &self.header;
+        assert_eq!(
+            self.pages.len(),
+            h.page_count() as usize,
+            "{}: page count does not match the size",
+            h.name
+        );
+        assert!(
+            self.pages
+                .iter()
+                .all(|s| s.page.len() == h.page_entries as usize),
+            "{}: a page has the wrong number of entries",
+            h.name
+        );
+        assert!(
+            (self.pages.len() as u64) * (h.page_entries as u64) >= h.block_count(),
+            "{}: entries do not cover the volume",
+            h.name
+        );
+    }
+
+    pub fn block_count(&self) -> u64 {
+        self.header.block_count()
+    }
+
+    fn locate(&self, block: u64) -> (usize, usize) {
+        let pe = self.header.page_entries as u64;
+        ((block / pe) as usize, (block % pe) as usize)
+    }
+
+    pub fn entry(&self, block: u64) -> MapEntry {
+        assert!(block < self.block_count(), "block {block} out of range");
+        let (p, i) = self.locate(block);
+        self.pages[p].page.get(i)
+    }
+
+    pub fn state(&self, block: u64) -> BlockState {
+        match self.entry(block) {
+            MapEntry::Zero => BlockState::Zero,
+            MapEntry::Content { .. } => BlockState::Content,
+            MapEntry::Object { origin, epoch } => {
+                if !self.header.read_only()
+                    && Some(origin) == self.header.self_origin
+                    && epoch == self.header.epoch
+                {
+                    BlockState::Owned
+                } else {
+                    BlockState::Shared
+                }
+            }
+        }
+    }
+
+    /// The object holding `block`, or `None` for a ZERO block.
+    pub fn object(&self, block: u64) -> Option<ObjectName> {
+        let (p, i) = self.locate(block);
+        let page = &self.pages[p].page;
+        match page.get(i) {
+            MapEntry::Zero => None,
+            MapEntry::Object { origin, epoch } => Some(owned_object(
+                self.header.origins[origin as usize],
+                epoch,
+                block,
+            )),
+            MapEntry::Content { slot } => Some(content_object(page.content(slot))),
+        }
+    }
+
+    /// The object this map writes `block` into at its current epoch.
+    pub fn owned_object(&self, block: u64) -> ObjectName {
+        owned_object(self.header.uuid, self.header.epoch, block)
+    }
+
+    pub fn owned_entry(&self) -> MapEntry {
+        MapEntry::Object {
+            origin: self
+                .header
+                .self_origin
+                .expect("only writable maps own blocks"),
+            epoch: self.header.epoch,
+        }
+    }
+
+    /// Which page holds `block`, and where in it.
+    pub fn page_of(&self, block: u64) -> (u32, usize) {
+        let (p, i) = self.locate(block);
+        (p as u32, i)
+    }
+
+    /// Write a new version of page `p` (compare-and-swap on the version we hold) and install it.
+    pub async fn persist_page(
+        &mut self,
+        maps: &dyn Blocker,
+        p: u32,
+        mut page: MapPage,
+        fence: Option<&Fence>,
+    ) -> Result<(), MapperError> {
+        let version = write_page(
+            maps,
+            &self.header.name,
+            self.header.uuid,
+            p,
+            &mut page,
+            self.pages[p as usize].version,
+            fence,
+        )
+        .await?;
+        self.pages[p as usize] = PageSlot {
+            page,
+            version: Some(version),
+        };
+        Ok(())
+    }
+
+    /// Write every non-empty page of a map that does not exist yet, then its header (atomic
+    /// create: until the header lands, nothing refers to the pages and GC may reclaim them).
+    pub async fn persist_new(&mut self, maps: &dyn Blocker) -> Result<(), MapperError> {
+        for p in 0..self.pages.len() {
+            if self.pages[p].page.is_zero() {
+                continue;
+            }
+            let page = self.pages[p].page.clone();
+            self.persist_page(maps, p as u32, page, None).await?;
+        }
+        let name = self.header.name.clone();
+        let object = header_object(&name);
+        let bytes = self.header.encode();
+        self.header_version = maps
+            .write_map(&object, &bytes, Expect::Absent, None)
+            .await
+            .map_err(|e| match e {
+                crate::blocker::BlockerError::VersionMismatch { .. } => {
+                    MapperError::AlreadyExists {
+                        volume: name.to_string(),
+                    }
+                }
+                e => MapperError::from_blocker(&name, e),
+            })?;
+        Ok(())
+    }
+
+    /// Replace the header (compare-and-swap, fenced) and install it.
+    pub async fn persist_header(
+        &mut self,
+        maps: &dyn Blocker,
+        mut header: MapHeader,
+        fence: Option<&Fence>,
+    ) -> Result<(), MapperError> {
+        assert!(
+            header.epoch >= self.header.epoch,
+            "{}: epoch went backwards",
+            header.name
+        );
+        assert!(
+            header.size >= self.header.size,
+            "{}: size went backwards",
+            header.name
+        );
+        assert_eq!(header.uuid, self.header.uuid);
+        if let Some(f) = fence {
+            header.fence_generation = f.generation;
+        }
+        header
+            .validate()
+            .map_err(|e| corrupt(&header_object(&header.name), e))?;
+        let bytes = header.encode();
+        let version = maps
+            .write_map(
+                &header_object(&header.name),
+                &bytes,
+                Expect::Version(self.header_version),
+                fence,
+            )
+            .await
+            .ctx(&header.name)?;
+        let pages = header.page_count() as usize;
+        while self.pages.len() < pages {
+            self.pages.push(PageSlot {
+                page: MapPage::zero(header.page_entries),
+                version: None,
+            });
+        }
+        self.header = header;
+        self.header_version = version;
+        self.check_invariants();
+        Ok(())
+    }
+}
+
+/// Compact and write page `p` of map `uuid`, expecting it at `version` (None: absent).
+/// Returns the new version.
+pub(crate) async fn write_page(
+    maps: &dyn Blocker,
+    name: &VolumeName,
+    uuid: Uuid,
+    p: u32,
+    page: &mut MapPage,
+    version: Option<u64>,
+    fence: Option<&Fence>,
+) -> Result<u64, MapperError> {
+    page.compact();
+    let expect = match version {
+        Some(v) => Expect::Version(v),
+        None => Expect::Absent,
+    };
+    let bytes = page.encode(uuid, p);
+    maps.write_map(&page_object(uuid, p), &bytes, expect, fence)
+        .await
+        .ctx(name)
+}
+
+/// Checks of a page that need its header.
+fn check_page(header: &MapHeader, p: u32, page: &MapPage) -> Result<(), MapFormatError> {
+    let first = p as u64 * header.page_entries as u64;
+    for i in 0..page.len() {
+        let block = first + i as u64;
+        match page.get(i) {
+            MapEntry::Zero => {}
+            _ if block >= header.block_count() => {
+                return Err(MapFormatError::Invalid(format!(
+                    "entry for block {block} past the end of the volume"
+                )));
+            }
+            MapEntry::Object { origin, epoch } => {
+                if origin as usize >= header.origins.len() {
+                    return Err(MapFormatError::Invalid(format!(
+                        "block {block} names origin {origin} past the table"
+                    )));
+                }
+                if Some(origin) == header.self_origin && epoch > header.epoch {
+                    return Err(MapFormatError::Invalid(format!(
+                        "block {block} owned at epoch {epoch}, after the map's {}",
+                        header.epoch
+                    )));
+                }
+            }
+            MapEntry::Content { .. } => {}
+        }
+    }
+    Ok(())
+}
