@@ -1,0 +1,603 @@
+//! Model-based randomized test of the mapper: thousands of random operations on several volumes,
+//! snapshots and clones, each checked against a plain in-memory model (a byte vector per volume).
+//!
+//! Runs against the memory blocker and the file blocker (in a temporary directory). Every read
+//! is compared with the model, every map is verified (storage decodes, cache equals storage),
+//! and GC runs in the middle of it all, so a GC that deleted a referenced object shows up as a
+//! wrong read. Reproduce a failure with `ARCHIP_SEED=<seed printed> cargo test -p peers --test
+//! model`; `ARCHIP_MODEL_OPS` changes the number of operations (default 10000 per backend).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use peers::blocker::{Blocker, FileBlocker, LockOwner, MemoryBlocker};
+use peers::mapper::{BlockState, CreateOptions, GcOptions, GcReport, Mapper, MapperError};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const MAX_NAMES: usize = 10;
+const OWNER: &str = "model-node";
+
+#[derive(Clone, Debug)]
+struct ModelVolume {
+    data: Vec<u8>,
+    snapshot: bool,
+    block_size: u64,
+}
+
+enum Backend {
+    Memory(Arc<MemoryBlocker>),
+    File(tempfile::TempDir),
+}
+
+impl Backend {
+    fn blocker(&self) -> Arc<dyn Blocker> {
+        match self {
+            Backend::Memory(m) => m.clone(),
+            Backend::File(dir) => Arc::new(FileBlocker::open(dir.path()).unwrap()),
+        }
+    }
+}
+
+struct World {
+    backend: Backend,
+    mapper: Mapper,
+    model: BTreeMap<String, ModelVolume>,
+    rng: StdRng,
+    next_name: u32,
+    step: String,
+    prefix: String,
+    gc_total: GcReport,
+    counts: BTreeMap<&'static str, u64>,
+}
+
+fn mapper_over(b: Arc<dyn Blocker>) -> Mapper {
+    Mapper::new(b, LockOwner::new(OWNER).unwrap())
+}
+
+impl World {
+    fn new(backend: Backend, seed: u64) -> Self {
+        let mapper = mapper_over(backend.blocker());
+        World {
+            backend,
+            mapper,
+            model: BTreeMap::new(),
+            rng: StdRng::seed_from_u64(seed),
+            next_name: 0,
+            step: String::new(),
+            prefix: String::new(),
+            gc_total: GcReport::default(),
+            counts: BTreeMap::new(),
+        }
+    }
+
+    fn fresh_name(&mut self) -> String {
+        self.next_name += 1;
+        format!("v{}", self.next_name)
+    }
+
+    fn pick(&mut self, filter: impl Fn(&ModelVolume) -> bool) -> Option<String> {
+        let names: Vec<&String> = self
+            .model
+            .iter()
+            .filter(|(_, v)| filter(v))
+            .map(|(n, _)| n)
+            .collect();
+        if names.is_empty() {
+            return None;
+        }
+        Some(names[self.rng.random_range(0..names.len())].clone())
+    }
+
+    fn pattern(&mut self, len: usize) -> Vec<u8> {
+        if self.rng.random_ratio(1, 10) {
+            return vec![0; len];
+        }
+        let base: u8 = self.rng.random::<u8>() | 1;
+        let step: u8 = self.rng.random_range(1..8);
+        (0..len)
+            .map(|i| base.wrapping_add(step.wrapping_mul((i / 61) as u8)) | 1)
+            .collect()
+    }
+
+    /// A range inside `size`: sometimes block-aligned whole blocks, sometimes arbitrary.
+    fn range(&mut self, size: u64, bs: u64) -> (u64, u64) {
+        if self.rng.random_ratio(1, 3) {
+            let blocks = size.div_ceil(bs);
+            let first = self.rng.random_range(0..blocks);
+            let n = self.rng.random_range(1..=(blocks - first).min(3));
+            let start = first * bs;
+            return (start, (n * bs).min(size - start));
+        }
+        let offset = self.rng.random_range(0..size);
+        let max = (size - offset).min(bs * 5 / 2);
+        (offset, self.rng.random_range(1..=max))
+    }
+
+    fn ctx(&self) -> String {
+        format!("{}: {}", self.prefix, self.step)
+    }
+
+    async fn op(&mut self) {
+        let roll = self.rng.random_range(0..100);
+        let kind = match roll {
+            0..=29 => "write",
+            30..=51 => "read",
+            52..=58 => "discard",
+            59..=63 => "snapshot",
+            64..=68 => "clone",
+            69..=72 => "create",
+            73..=76 => "delete",
+            77..=80 => "resize",
+            81..=82 => "gc",
+            83..=85 => "reopen",
+            86..=88 => "verify",
+            89..=91 => "import",
+            92..=93 => "dedup",
+            _ => "invalid",
+        };
+        *self.counts.entry(kind).or_default() += 1;
+        match kind {
+            "write" => self.write().await,
+            "read" => self.read().await,
+            "discard" => self.discard().await,
+            "snapshot" => self.snapshot().await,
+            "clone" => self.clone_op().await,
+            "create" => self.create().await,
+            "delete" => self.delete().await,
+            "resize" => self.resize().await,
+            "gc" => self.gc().await,
+            "reopen" => self.reopen().await,
+            "verify" => self.verify_one().await,
+            "import" => self.import().await,
+            "dedup" => self.dedup().await,
+            _ => self.invalid().await,
+        }
+    }
+
+    async fn create(&mut self) {
+        if self.model.len() >= MAX_NAMES {
+            return;
+        }
+        let name = self.fresh_name();
+        let bs: u64 = [4096, 16384, 65536][self.rng.random_range(0..3)];
+        let blocks = self.rng.random_range(1..=40u64);
+        let trim = self.rng.random_range(0..bs / 512) * 512;
+        let size = (blocks * bs - trim).max(512);
+        self.step = format!("create {name} size {size} bs {bs}");
+        let opts = CreateOptions {
+            block_size: bs as u32,
+            page_entries: 16,
+        };
+        self.mapper.create(&name, size, opts).await.unwrap();
+        self.model.insert(
+            name,
+            ModelVolume {
+                data: vec![0; size as usize],
+                snapshot: false,
+                block_size: bs,
+            },
+        );
+    }
+
+    async fn write(&mut self) {
+        let Some(name) = self.pick(|v| !v.snapshot) else {
+            return self.create().await;
+        };
+        let (size, bs) = {
+            let v = &self.model[&name];
+            (v.data.len() as u64, v.block_size)
+        };
+        let (offset, len) = self.range(size, bs);
+        let data = self.pattern(len as usize);
+        self.step = format!("write {name} {offset}+{len}");
+        common::write(&self.mapper, &name, offset, &data)
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", self.ctx()));
+        let v = self.model.get_mut(&name).unwrap();
+        v.data[offset as usize..(offset + len) as usize].copy_from_slice(&data);
+    }
+
+    async fn read(&mut self) {
+        let Some(name) = self.pick(|_| true) else {
+            return;
+        };
+        let (size, bs) = {
+            let v = &self.model[&name];
+            (v.data.len() as u64, v.block_size)
+        };
+        let (offset, len) = self.range(size, bs);
+        self.check_range(&name, offset, len).await;
+    }
+
+    async fn check_range(&mut self, name: &str, offset: u64, len: u64) {
+        self.step = format!("read {name} {offset}+{len}");
+        let got = common::read(&self.mapper, name, offset, len as usize)
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", self.ctx()));
+        let want = &self.model[name].data[offset as usize..(offset + len) as usize];
+        if got != want {
+            let first = got.iter().zip(want).position(|(a, b)| a != b).unwrap();
+            panic!(
+                "{}: data differs at volume byte {} (got {}, model {})",
+                self.ctx(),
+                offset + first as u64,
+                got[first],
+                want[first]
+            );
+        }
+    }
+
+    async fn discard(&mut self) {
+        let Some(name) = self.pick(|v| !v.snapshot) else {
+            return;
+        };
+        let (size, bs) = {
+            let v = &self.model[&name];
+            (v.data.len() as u64, v.block_size)
+        };
+        let (offset, len) = self.range(size, bs);
+        self.step = format!("discard {name} {offset}+{len}");
+        common::discard(&self.mapper, &name, offset, len)
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", self.ctx()));
+        let v = self.model.get_mut(&name).unwrap();
+        v.data[offset as usize..(offset + len) as usize].fill(0);
+        // Whole discarded blocks must be ZERO entries, not zero-filled objects.
+        let first_whole = offset.div_ceil(bs);
+        let end = offset + len;
+        let end_whole = if end == size {
+            size.div_ceil(bs)
+        } else {
+            end / bs
+        };
+        for b in first_whole..end_whole {
+            let state = self.mapper.block_state(&name, b).await.unwrap();
+            assert_eq!(state, BlockState::Zero, "{}: block {b}", self.ctx());
+        }
+    }
+
+    async fn snapshot(&mut self) {
+        if self.model.len() >= MAX_NAMES {
+            return;
+        }
+        let Some(src) = self.pick(|_| true) else {
+            return;
+        };
+        let name = self.fresh_name();
+        self.step = format!("snapshot {src} -> {name}");
+        let info = self
+            .mapper
+            .snapshot(&src, &name)
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", self.ctx()));
+        assert!(info.snapshot);
+        let mut v = self.model[&src].clone();
+        v.snapshot = true;
+        self.model.insert(name, v);
+    }
+
+    async fn clone_op(&mut self) {
+        if self.model.len() >= MAX_NAMES {
+            return;
+        }
+        let Some(src) = self.pick(|_| true) else {
+            return;
+        };
+        let name = self.fresh_name();
+        let (size, bs) = {
+            let v = &self.model[&src];
+            (v.data.len() as u64, v.block_size)
+        };
+        let grow = if self.rng.random_ratio(1, 3) {
+            self.rng.random_range(1..=bs * 3 / 512) * 512
+        } else {
+            0
+        };
+        self.step = format!("clone {src} -> {name} +{grow}");
+        let info = self
+            .mapper
+            .clone_volume(&src, &name, Some(size + grow))
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", self.ctx()));
+        assert_eq!(info.size, size + grow);
+        let mut v = self.model[&src].clone();
+        v.snapshot = false;
+        v.data.resize((size + grow) as usize, 0);
+        self.model.insert(name, v);
+    }
+
+    async fn delete(&mut self) {
+        if self.model.len() <= 2 {
+            return;
+        }
+        let Some(name) = self.pick(|_| true) else {
+            return;
+        };
+        self.step = format!("delete {name}");
+        self.mapper
+            .delete(&name)
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", self.ctx()));
+        self.model.remove(&name);
+        assert!(matches!(
+            self.mapper.info(&name).await,
+            Err(MapperError::NotFound { .. })
+        ));
+    }
+
+    async fn resize(&mut self) {
+        let Some(name) = self.pick(|v| !v.snapshot) else {
+            return;
+        };
+        let size = self.model[&name].data.len() as u64;
+        if self.rng.random_ratio(1, 4) && size > 512 {
+            self.step = format!("shrink {name}");
+            let r = self.mapper.resize(&name, size - 512).await;
+            assert!(
+                matches!(r, Err(MapperError::ShrinkRefused { .. })),
+                "{}: {r:?}",
+                self.ctx()
+            );
+            return;
+        }
+        let grow = self.rng.random_range(0..=256u64) * 512;
+        self.step = format!("resize {name} {size} -> {}", size + grow);
+        let info = self
+            .mapper
+            .resize(&name, size + grow)
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", self.ctx()));
+        assert_eq!(info.size, size + grow);
+        self.model
+            .get_mut(&name)
+            .unwrap()
+            .data
+            .resize((size + grow) as usize, 0);
+    }
+
+    async fn gc(&mut self) {
+        self.step = "gc".into();
+        let r = self
+            .mapper
+            .gc(GcOptions {
+                grace: Duration::ZERO,
+                dry_run: false,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", self.ctx()));
+        assert_eq!(r.maps, self.model.len() as u64, "gc saw every map");
+        self.gc_total.deleted_objects += r.deleted_objects;
+        self.gc_total.deleted_pages += r.deleted_pages;
+        self.gc_total.deleted_bytes += r.deleted_bytes;
+    }
+
+    async fn reopen(&mut self) {
+        self.step = "reopen".into();
+        // Half the time a clean shutdown, half the time the mapper just goes away (its locks
+        // stay, and the same node identity takes them back).
+        if self.rng.random_bool(0.5) {
+            self.mapper.close_all().await.unwrap();
+        }
+        self.mapper = mapper_over(self.backend.blocker());
+        let listed: Vec<String> = self
+            .mapper
+            .list()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|v| v.name)
+            .collect();
+        let modelled: Vec<String> = self.model.keys().cloned().collect();
+        assert_eq!(listed, modelled, "the catalogue survives a restart");
+    }
+
+    async fn verify_one(&mut self) {
+        let Some(name) = self.pick(|_| true) else {
+            return;
+        };
+        self.verify(&name).await;
+    }
+
+    async fn verify(&mut self, name: &str) {
+        self.step = format!("verify {name}");
+        let r = self
+            .mapper
+            .verify(name)
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", self.ctx()));
+        let v = &self.model[name];
+        assert_eq!(r.blocks, (v.data.len() as u64).div_ceil(v.block_size));
+        assert_eq!(r.blocks, r.zero + r.owned + r.shared + r.content);
+        if v.snapshot {
+            assert_eq!(r.owned, 0, "{}: a snapshot owns nothing", self.ctx());
+        }
+        // A ZERO entry must mean zeros in the model.
+        for b in 0..r.blocks {
+            if self.mapper.block_state(name, b).await.unwrap() == BlockState::Zero {
+                let start = (b * v.block_size) as usize;
+                let end = (start + v.block_size as usize).min(v.data.len());
+                assert!(
+                    v.data[start..end].iter().all(|&x| x == 0),
+                    "{}: block {b} is ZERO but the model has data",
+                    self.ctx()
+                );
+            }
+        }
+    }
+
+    async fn import(&mut self) {
+        let Some(name) = self.pick(|v| !v.snapshot) else {
+            return;
+        };
+        let (size, bs) = {
+            let v = &self.model[&name];
+            (v.data.len() as u64, v.block_size)
+        };
+        let blocks = size.div_ceil(bs);
+        let first = self.rng.random_range(0..blocks);
+        let n = self.rng.random_range(1..=(blocks - first).min(4));
+        let start = first * bs;
+        let len = (n * bs).min(size - start);
+        // Few distinct patterns, so that blocks repeat and dedup has something to do.
+        let mut data = vec![0u8; len as usize];
+        for chunk in data.chunks_mut(bs as usize) {
+            let kind = self.rng.random_range(0..4u8);
+            if kind != 0 {
+                chunk.iter_mut().enumerate().for_each(|(i, b)| {
+                    *b = kind.wrapping_mul(37).wrapping_add((i % 251) as u8) | 1
+                });
+            }
+        }
+        self.step = format!("import {name} {start}+{len}");
+        self.mapper
+            .import(&name, start, &data)
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", self.ctx()));
+        self.model.get_mut(&name).unwrap().data[start as usize..(start + len) as usize]
+            .copy_from_slice(&data);
+    }
+
+    async fn dedup(&mut self) {
+        let Some(name) = self.pick(|v| v.snapshot) else {
+            return;
+        };
+        self.step = format!("dedup {name}");
+        self.mapper
+            .dedup(&name)
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", self.ctx()));
+        let len = self.model[&name].data.len() as u64;
+        self.check_range(&name, 0, len).await;
+    }
+
+    /// Bad requests fail with the right error and change nothing.
+    async fn invalid(&mut self) {
+        let Some(name) = self.pick(|_| true) else {
+            return;
+        };
+        let (size, snapshot) = {
+            let v = &self.model[&name];
+            (v.data.len() as u64, v.snapshot)
+        };
+        self.step = format!("invalid ops on {name}");
+        let m = &self.mapper;
+        assert!(matches!(
+            m.map_read(&name, size, 1).await,
+            Err(MapperError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            m.create(&name, 4096, CreateOptions::default()).await,
+            Err(MapperError::AlreadyExists { .. })
+        ));
+        assert!(matches!(
+            m.snapshot(&name, &name).await,
+            Err(MapperError::AlreadyExists { .. })
+        ));
+        assert!(matches!(
+            m.clone_volume("no-such-volume", "x-new", None).await,
+            Err(MapperError::NotFound { .. })
+        ));
+        assert!(matches!(
+            m.map_write("../etc/passwd", 0, 1).await,
+            Err(MapperError::InvalidName(_))
+        ));
+        if snapshot {
+            assert!(matches!(
+                m.map_write(&name, 0, 1).await,
+                Err(MapperError::ReadOnly { .. })
+            ));
+            assert!(matches!(
+                m.discard(&name, 0, 1).await,
+                Err(MapperError::ReadOnly { .. })
+            ));
+        } else {
+            assert!(matches!(
+                m.map_write(&name, size - 1, 2).await,
+                Err(MapperError::OutOfRange { .. })
+            ));
+            // Another node cannot take a volume this mapper holds.
+            m.open(&name).await.unwrap();
+            let other = Mapper::new(m.map_blocker().clone(), LockOwner::new("intruder").unwrap());
+            match other.map_write(&name, 0, 1).await {
+                Err(MapperError::Locked { holder, .. }) => assert_eq!(holder, OWNER),
+                r => panic!("{}: {r:?}", self.ctx()),
+            }
+        }
+        assert!(self.mapper.info("x-new").await.is_err());
+        self.check_range(&name, 0, size).await;
+    }
+
+    async fn final_check(&mut self) {
+        let names: Vec<String> = self.model.keys().cloned().collect();
+        for name in &names {
+            self.verify(name).await;
+            let len = self.model[name].data.len() as u64;
+            self.check_range(name, 0, len).await;
+        }
+        self.gc().await;
+        self.reopen().await;
+        for name in &names {
+            let len = self.model[name].data.len() as u64;
+            self.check_range(name, 0, len).await;
+        }
+        // Everything left is referenced: a second collection finds nothing.
+        let r = self
+            .mapper
+            .gc(GcOptions {
+                grace: Duration::ZERO,
+                dry_run: true,
+            })
+            .await
+            .unwrap();
+        assert_eq!(r.deleted_objects + r.deleted_pages, 0, "{r:?}");
+    }
+}
+
+fn ops() -> usize {
+    std::env::var("ARCHIP_MODEL_OPS")
+        .ok()
+        .map(|s| s.parse().expect("ARCHIP_MODEL_OPS must be a number"))
+        .unwrap_or(10_000)
+}
+
+async fn run(backend: Backend, label: &str) {
+    let seed = common::seed(label);
+    let mut w = World::new(backend, seed);
+    for _ in 0..3 {
+        w.create().await;
+    }
+    let n = ops();
+    for i in 0..n {
+        w.prefix = format!("seed {seed} op {i}");
+        w.op().await;
+    }
+    w.prefix = format!("seed {seed} final check");
+    w.final_check().await;
+    eprintln!(
+        "{label}: {n} ops {:?}; gc reclaimed {} objects, {} pages, {} bytes",
+        w.counts, w.gc_total.deleted_objects, w.gc_total.deleted_pages, w.gc_total.deleted_bytes
+    );
+    assert!(
+        w.gc_total.deleted_objects > 0,
+        "a run this long should have produced garbage"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_memory_blocker() {
+    run(
+        Backend::Memory(Arc::new(MemoryBlocker::new())),
+        "model/memory",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_file_blocker() {
+    let dir = tempfile::tempdir().unwrap();
+    run(Backend::File(dir), "model/file").await;
+}
