@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::Yielding;
-use peers::blocker::{Blocker, FileBlocker, LockOwner, MemoryBlocker};
+use peers::blocker::{Blocker, FileBlocker, LockOwner};
 use peers::mapper::{CreateOptions, GcOptions, Mapper};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
