@@ -39,6 +39,10 @@ const DIRTY_LIMIT: usize = 4096;
 /// their (short) atomic replacements.
 const FLOCK_SHARDS: u64 = 64;
 
+/// Temporaries older than this are leftovers of a crash between write and rename; no atomic
+/// replacement takes anywhere near this long.
+const STALE_TMP_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
+
 const MAP_MAGIC: &[u8; 8] = b"ARCHMV01";
 const MAP_PREFIX: usize = 16;
 const LOCK_MAGIC: &[u8; 8] = b"ARCHLK01";
@@ -98,13 +102,41 @@ impl FileBlocker {
         let shown = root.display().to_string();
         fs::create_dir_all(&root).map_err(|e| BlockerError::io(&shown, e))?;
         let dir = File::open(&root).map_err(|e| BlockerError::io(&shown, e))?;
-        Ok(FileBlocker {
+        let blocker = FileBlocker {
             root,
             dir,
             fds: Mutex::new(HashMap::new()),
             dirty: Mutex::new(Dirty::default()),
             tmp_counter: AtomicU64::new(0),
-        })
+        };
+        blocker.remove_stale_temporaries(STALE_TMP_AGE)?;
+        Ok(blocker)
+    }
+
+    /// Remove temporaries that a crashed process left between writing and renaming. Young
+    /// ones are left alone: another process may be about to rename them.
+    fn remove_stale_temporaries(&self, age: std::time::Duration) -> Result<usize, BlockerError> {
+        let shown = self.root.display().to_string();
+        let now = SystemTime::now();
+        let mut removed = 0;
+        for entry in fs::read_dir(&self.root).map_err(|e| BlockerError::io(&shown, e))? {
+            let entry = entry.map_err(|e| BlockerError::io(&shown, e))?;
+            if !entry.file_name().to_string_lossy().ends_with(".tmp") {
+                continue;
+            }
+            let old = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .map(|t| now.duration_since(t).unwrap_or_default() >= age)
+                .unwrap_or(false);
+            if old && fs::remove_file(entry.path()).is_ok() {
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            tracing::info!(dir = %shown, removed, "removed stale temporaries");
+        }
+        Ok(removed)
     }
 
     pub fn root(&self) -> &Path {
@@ -727,6 +759,22 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, BlockerError::Corrupt { .. }), "{err}");
+    }
+
+    #[test]
+    fn stale_temporaries_are_removed_and_young_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("vol.a.1.1.tmp"), b"x").unwrap();
+        fs::write(dir.path().join("ob.keep"), b"x").unwrap();
+        let b = FileBlocker::open(dir.path()).unwrap();
+        assert!(dir.path().join("vol.a.1.1.tmp").exists(), "young: kept");
+        assert_eq!(
+            b.remove_stale_temporaries(std::time::Duration::ZERO)
+                .unwrap(),
+            1
+        );
+        assert!(!dir.path().join("vol.a.1.1.tmp").exists());
+        assert!(dir.path().join("ob.keep").exists());
     }
 
     #[tokio::test]

@@ -659,3 +659,31 @@ async fn reopen_reads_back_everything() {
     assert!(m.open_volumes().is_empty());
     assert!(m.lock_info("v").await.unwrap().holder.is_none());
 }
+
+/// The xseg peer drives the mapper from a multi-threaded runtime: every future must be Send.
+#[allow(dead_code, clippy::let_underscore_future)]
+fn mapper_futures_are_send(m: &Mapper) {
+    fn send<T: Send>(_: T) {}
+    send(m.create("v", 1, CreateOptions::default()));
+    send(m.open("v"));
+    send(m.close("v"));
+    send(m.close_all());
+    send(m.info("v"));
+    send(m.list());
+    send(m.resize("v", 1));
+    send(m.delete("v"));
+    send(m.snapshot("v", "s"));
+    send(m.clone_volume("s", "c", None));
+    send(m.map_read("v", 0, 1));
+    send(m.map_write("v", 0, 1));
+    send(m.discard("v", 0, 1));
+    send(m.lock_info("v"));
+    send(m.break_lock("v"));
+    send(m.verify("v"));
+    send(m.block_state("v", 0));
+    send(m.dedup("s"));
+    send(m.import("v", 0, &[]));
+    send(m.gc(GcOptions::default()));
+    fn shared<T: Send + Sync>() {}
+    shared::<Mapper>();
+}
