@@ -128,10 +128,7 @@ impl Layout {
             PAGE,
         );
         let ring_size = align(RING_HEADER + ring_capacity * 8, 128);
-        let requests_off = align(
-            rings_off + 2 * u64::from(config.nr_ports) * ring_size,
-            PAGE,
-        );
+        let requests_off = align(rings_off + 2 * u64::from(config.nr_ports) * ring_size, PAGE);
         let owners_off = align(
             requests_off + u64::from(config.nr_requests) * size_of::<RequestShm>() as u64,
             PAGE,

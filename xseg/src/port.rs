@@ -183,8 +183,7 @@ impl Sender {
             let r = (start + i) % n;
             let q = self.seg.req(r);
             if q.state.load(Relaxed) == REQ_FREE
-                && q
-                    .state
+                && q.state
                     .compare_exchange(REQ_FREE, REQ_ALLOCATED, AcqRel, Relaxed)
                     .is_ok()
             {
@@ -472,9 +471,7 @@ impl Port {
             port.sleeping.store(0, Relaxed);
             return true;
         }
-        let left = timeout
-            .saturating_sub(start.elapsed())
-            .min(REAP_INTERVAL);
+        let left = timeout.saturating_sub(start.elapsed()).min(REAP_INTERVAL);
         if !left.is_zero() {
             crate::futex::wait(&port.sleeping, 1, left);
             port.stats.wakeups.fetch_add(1, Relaxed);

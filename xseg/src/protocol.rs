@@ -405,7 +405,10 @@ mod tests {
         let mut buf = vec![0; m.encoded_len()];
         assert_eq!(m.encode(&mut buf).unwrap(), buf.len());
         assert_eq!(MapReply::decode(&buf).unwrap(), m);
-        assert_eq!(MapReply::decode(&buf[..buf.len() - 1]), Err(Status::Invalid));
+        assert_eq!(
+            MapReply::decode(&buf[..buf.len() - 1]),
+            Err(Status::Invalid)
+        );
         assert_eq!(
             MapReply::decode(&[0xff, 0xff, 0xff, 0xff]),
             Err(Status::Invalid)

@@ -221,9 +221,7 @@ impl Request {
 
     /// Copies `data` in and sets `data_len`.
     pub fn write_data(&mut self, data: &[u8]) -> Result<()> {
-        let buf = self
-            .buffer_mut()
-            .map_err(|_| Error::Invalid("no buffer"))?;
+        let buf = self.buffer_mut().map_err(|_| Error::Invalid("no buffer"))?;
         if data.len() > buf.len() {
             return Err(Error::Invalid("data exceeds buffer"));
         }

@@ -120,7 +120,12 @@ impl Ring {
             }
             if self
                 .slot(tail)
-                .compare_exchange(slot_value(tail, EMPTY), slot_value(tail, tag), AcqRel, Relaxed)
+                .compare_exchange(
+                    slot_value(tail, EMPTY),
+                    slot_value(tail, tag),
+                    AcqRel,
+                    Relaxed,
+                )
                 .is_ok()
             {
                 return Ok(());

@@ -266,7 +266,10 @@ impl Segment {
     }
 
     pub(crate) fn req(&self, r: u32) -> &RequestShm {
-        assert!(r < self.layout.config.nr_requests, "request index unchecked");
+        assert!(
+            r < self.layout.config.nr_requests,
+            "request index unchecked"
+        );
         let off = self.layout.requests_off + u64::from(r) * size_of::<RequestShm>() as u64;
         // SAFETY: r is in range, so the slot lies inside the mapping.
         unsafe { &*(self.map.as_ptr().add(off as usize) as *const RequestShm) }
@@ -310,7 +313,9 @@ impl Segment {
         let q = self.req(r);
         let b = q.buffer.swap(0, AcqRel);
         if b != 0 && b - 1 < self.layout.total_buffers {
-            let _ = self.buffer_owner(b - 1).compare_exchange(r + 1, 0, AcqRel, Relaxed);
+            let _ = self
+                .buffer_owner(b - 1)
+                .compare_exchange(r + 1, 0, AcqRel, Relaxed);
         }
         q.path_len.store(0, Relaxed);
         q.data_len.store(0, Relaxed);
@@ -495,12 +500,8 @@ impl Segment {
                 continue;
             }
             let r = o - 1;
-            if r >= self.layout.config.nr_requests
-                || self.req(r).state.load(Acquire) == REQ_FREE
-            {
-                let _ = self
-                    .buffer_owner(b)
-                    .compare_exchange(o, 0, AcqRel, Relaxed);
+            if r >= self.layout.config.nr_requests || self.req(r).state.load(Acquire) == REQ_FREE {
+                let _ = self.buffer_owner(b).compare_exchange(o, 0, AcqRel, Relaxed);
             }
         }
     }

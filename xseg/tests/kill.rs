@@ -111,7 +111,12 @@ fn killed_sender_leaves_nothing_behind() {
     }
     let s = Scratch::new("killc", &small_config());
     let mut server = s.seg.bind(PORT, "server").unwrap();
-    let mut child = spawn_child("killed_sender_leaves_nothing_behind", "client", &s.path, &[]);
+    let mut child = spawn_child(
+        "killed_sender_leaves_nothing_behind",
+        "client",
+        &s.path,
+        &[],
+    );
     let mut out = BufReader::new(child.stdout.take().unwrap());
     expect_line(&mut out, "sent");
     let mut held = Vec::new();

@@ -38,7 +38,8 @@ fn attach_checks_magic_version_and_sizes() {
 
 #[test]
 fn destroy_is_refused_while_a_peer_holds_a_port() {
-    let path = std::path::PathBuf::from(format!("/dev/shm/xseg-test-destroy-{}", std::process::id()));
+    let path =
+        std::path::PathBuf::from(format!("/dev/shm/xseg-test-destroy-{}", std::process::id()));
     let seg = Segment::create(&path, &small_config()).unwrap();
     let port = seg.bind(1, "holder").unwrap();
     assert!(matches!(
@@ -96,7 +97,10 @@ fn round_trip_through_a_peer_loop_carries_data_and_counts() {
 
     // Unknown ops and pings are answered by the loop itself.
     let req = client.alloc(Op::Unknown(777), b"", 0).unwrap();
-    assert_eq!(client.call(req, 1, T).unwrap().status(), Status::Unsupported);
+    assert_eq!(
+        client.call(req, 1, T).unwrap().status(),
+        Status::Unsupported
+    );
     let req = client.alloc(Op::Ping, b"", 0).unwrap();
     assert_eq!(client.call(req, 1, T).unwrap().status(), Status::Ok);
 
@@ -160,8 +164,13 @@ fn request_pool_exhaustion_is_an_error_not_a_hang() {
     };
     let s = Scratch::new("pool", &config);
     let port = s.seg.bind_dynamic("alloc").unwrap();
-    let held: Vec<_> = (0..8).map(|_| port.alloc(Op::Read, b"", 0).unwrap()).collect();
-    assert!(matches!(port.alloc(Op::Read, b"", 0), Err(Error::NoRequest)));
+    let held: Vec<_> = (0..8)
+        .map(|_| port.alloc(Op::Read, b"", 0).unwrap())
+        .collect();
+    assert!(matches!(
+        port.alloc(Op::Read, b"", 0),
+        Err(Error::NoRequest)
+    ));
     drop(held);
     port.alloc(Op::Read, b"", 0).unwrap();
 }
@@ -187,7 +196,10 @@ fn an_idle_peer_sleeps_without_burning_cpu() {
     stop.stop();
     let cpu = server.join().unwrap();
     // A spinning peer would have used ~600 ms; a sleeping one a tiny fraction.
-    assert!(cpu < Duration::from_millis(150), "idle peer used {cpu:?} of CPU");
+    assert!(
+        cpu < Duration::from_millis(150),
+        "idle peer used {cpu:?} of CPU"
+    );
 }
 
 fn thread_cpu() -> Duration {

@@ -67,7 +67,8 @@ impl Peer for Echo {
 
 /// Deterministic payload for (client, sequence).
 pub fn pattern(client: u64, seq: u64, buf: &mut [u8]) {
-    let mut x = client.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ seq.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    let mut x =
+        client.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ seq.wrapping_mul(0xbf58_476d_1ce4_e5b9);
     for b in buf.iter_mut() {
         x ^= x << 13;
         x ^= x >> 7;
