@@ -5,5 +5,8 @@
 //! it from their request loops.
 
 pub mod blocker;
+pub mod client;
 pub mod map;
 pub mod mapper;
+pub mod peerset;
+pub mod wire;

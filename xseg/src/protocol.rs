@@ -39,6 +39,16 @@ pub enum Op {
     Acquire,
     Release,
     List,
+    /// Write whole blocks as content-addressed (deduplicated) objects.
+    Import,
+    /// Convert a snapshot's objects into content-addressed ones.
+    Dedup,
+    /// Mark-and-sweep garbage collection of unreferenced objects.
+    Gc,
+    /// Who holds a volume's lock.
+    LockInfo,
+    /// Read a map back from storage and check it completely.
+    Verify,
     Unknown(u32),
 }
 
@@ -66,6 +76,11 @@ impl Op {
             Op::Acquire => 18,
             Op::Release => 19,
             Op::List => 20,
+            Op::Import => 21,
+            Op::Dedup => 22,
+            Op::Gc => 23,
+            Op::LockInfo => 24,
+            Op::Verify => 25,
             Op::Unknown(c) => c,
         }
     }
@@ -93,6 +108,11 @@ impl Op {
             18 => Op::Acquire,
             19 => Op::Release,
             20 => Op::List,
+            21 => Op::Import,
+            22 => Op::Dedup,
+            23 => Op::Gc,
+            24 => Op::LockInfo,
+            25 => Op::Verify,
             c => Op::Unknown(c),
         }
     }

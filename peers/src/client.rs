@@ -1,0 +1,564 @@
+//! `VolumeClient`: the one API through which the CLI, the CSI controller and the block frontends
+//! (ublk, NBD) talk to a running peer set.
+//!
+//! Every call becomes one or more xseg requests to the vlmc peer, which serves volume I/O itself
+//! and forwards catalogue operations to the mapper. Going through vlmc for *everything* (not
+//! only I/O) is deliberate: vlmc caches mappings, and an operation that changes them (snapshot,
+//! clone of a volume, delete, close, resize, import, dedup) must pass its drain barrier, or vlmc
+//! would keep writing objects a snapshot now shares.
+//!
+//! Errors are typed ([`ClientError`]) and carry the peer's own message, so a CLI can print
+//! "volume db is locked by node-2" rather than "EBUSY".
+//!
+//! ```no_run
+//! # async fn demo(seg: std::sync::Arc<xseg::Segment>) -> Result<(), peers::client::ClientError> {
+//! use peers::client::VolumeClient;
+//! let c = VolumeClient::connect(&seg)?;
+//! c.create("db", 1 << 30, None).await?;
+//! c.write("db", 4096, b"hello").await?;
+//! c.flush("db").await?;
+//! let mut buf = [0u8; 5];
+//! c.read("db", 4096, &mut buf).await?;
+//! c.snapshot("db", "db-snap1").await?;
+//! c.clone("db-snap1", "db-copy", None).await?;
+//! # Ok(()) }
+//! ```
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use xseg::protocol::{NamePayload, flags};
+use xseg::{AsyncClient, Op, Request, Segment, Status};
+
+use crate::peerset::Ports;
+pub use crate::wire::{
+    CreateRequest, DedupReport, GcReport, GcRequest, ImportReport, LockState, VerifyReport,
+    VolumeInfo, VolumeKind,
+};
+use crate::wire::{ErrorReply, ListReply, WireCounters};
+
+/// Why a call failed. Variants name the class of failure; the strings are the peer's message.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// Another node holds the volume's lock; `holder` is its identity.
+    #[error("{message}")]
+    Locked { holder: String, message: String },
+    #[error("{0}")]
+    OutOfRange(String),
+    /// A write to a snapshot.
+    #[error("{0}")]
+    ReadOnly(String),
+    /// This node's lock on the volume was broken or taken over; reopen it.
+    #[error("fenced: {0}")]
+    Fenced(String),
+    /// The peer serving the request died (or none is bound to its port).
+    #[error("peer gone: {0}")]
+    PeerGone(String),
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("{0}")]
+    Io(String),
+    #[error("transport: {0}")]
+    Transport(#[source] xseg::Error),
+}
+
+impl From<xseg::Error> for ClientError {
+    fn from(e: xseg::Error) -> Self {
+        match e {
+            xseg::Error::Timeout(d) => ClientError::Timeout(d),
+            xseg::Error::NoPeer(p) => ClientError::PeerGone(format!("no peer bound to port {p}")),
+            e => ClientError::Transport(e),
+        }
+    }
+}
+
+impl ClientError {
+    /// The typed error for a failed reply, with the message the peer put in its buffer.
+    pub fn from_reply(status: Status, data: &[u8]) -> ClientError {
+        let reply = ErrorReply::decode(data).unwrap_or_default();
+        let message = if reply.message.is_empty() {
+            status.to_string()
+        } else {
+            reply.message
+        };
+        match status {
+            Status::NotFound => ClientError::NotFound(message),
+            Status::Exists => ClientError::AlreadyExists(message),
+            Status::Invalid | Status::Unsupported => ClientError::InvalidArgument(message),
+            Status::Busy => ClientError::Locked {
+                holder: reply.holder.unwrap_or_default(),
+                message,
+            },
+            Status::Range => ClientError::OutOfRange(message),
+            Status::Stale => ClientError::Fenced(message),
+            Status::PeerGone => ClientError::PeerGone(message),
+            Status::TimedOut => ClientError::Timeout(Duration::ZERO),
+            Status::Other(c) if c == libc::EROFS as u32 => ClientError::ReadOnly(message),
+            _ => ClientError::Io(message),
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, ClientError>;
+
+/// Where requests go and how long to wait for them.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    /// Port serving volumes: vlmc's.
+    pub port: u32,
+    /// Limit for I/O and quick catalogue calls.
+    pub timeout: Duration,
+    /// Limit for long-running calls: GC, dedup, import, verify, snapshot, clone, delete.
+    pub admin_timeout: Duration,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            port: Ports::VLMC,
+            timeout: Duration::from_secs(60),
+            admin_timeout: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// Room for control replies (a volume info, an error message, a report).
+const CONTROL_BUF: u64 = 4096;
+/// Room for one page of a LIST reply.
+const LIST_BUF: u64 = 64 << 10;
+
+/// A connection to a peer set: one dynamic port with many requests in flight. `Send + Sync`;
+/// share it (`Arc`) between tasks rather than connecting per call, since each connection holds
+/// a port and a receiver thread.
+pub struct VolumeClient {
+    client: AsyncClient,
+    opts: ClientOptions,
+    /// Largest data buffer the segment offers: reads and writes are cut into chunks of this.
+    chunk: u64,
+}
+
+impl std::fmt::Debug for VolumeClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VolumeClient")
+            .field("port", &self.client.sender().number())
+            .field("opts", &self.opts)
+            .finish()
+    }
+}
+
+impl VolumeClient {
+    /// Binds a dynamic port on `segment`, talking to vlmc with default timeouts.
+    pub fn connect(segment: &Arc<Segment>) -> Result<VolumeClient> {
+        Self::connect_with(segment, ClientOptions::default())
+    }
+
+    pub fn connect_with(segment: &Arc<Segment>, opts: ClientOptions) -> Result<VolumeClient> {
+        let client = AsyncClient::new(segment, "volume-client")?;
+        let chunk = segment.config().buffer_classes.last().map_or(4096, |c| c.0);
+        Ok(VolumeClient {
+            client,
+            opts,
+            chunk,
+        })
+    }
+
+    pub fn segment(&self) -> &Arc<Segment> {
+        self.client.sender().segment()
+    }
+
+    /// This client's own (dynamic) port.
+    pub fn port(&self) -> u32 {
+        self.client.sender().number()
+    }
+
+    /// Largest single request the segment can carry; bigger reads and writes are split.
+    pub fn max_io(&self) -> u64 {
+        self.chunk
+    }
+
+    /// Allocates a request for the served port, for frontends that fill segment buffers
+    /// directly (zero copy). Send it with [`VolumeClient::call`].
+    pub fn alloc(&self, op: Op, target: &str, data_len: u64) -> Result<Request> {
+        Ok(self.client.alloc(op, target.as_bytes(), data_len)?)
+    }
+
+    /// Sends a request to the served port and waits for the reply; a failed reply becomes the
+    /// typed error (and the request is freed).
+    pub async fn call(&self, req: Request) -> Result<Request> {
+        self.call_to(req, self.opts.port, self.opts.timeout).await
+    }
+
+    async fn call_to(&self, req: Request, port: u32, timeout: Duration) -> Result<Request> {
+        let rep = self.client.call(req, port, timeout).await?;
+        match rep.status() {
+            Status::Ok => Ok(rep),
+            s => Err(ClientError::from_reply(s, rep.data().unwrap_or(&[]))),
+        }
+    }
+
+    fn target(name: &str) -> Result<&[u8]> {
+        if name.len() > xseg::MAX_TARGET_LEN {
+            return Err(ClientError::InvalidArgument(format!(
+                "name of {} bytes is too long",
+                name.len()
+            )));
+        }
+        Ok(name.as_bytes())
+    }
+
+    fn control(&self, op: Op, name: &str, buf: u64) -> Result<Request> {
+        Ok(self.client.alloc(op, Self::target(name)?, buf)?)
+    }
+
+    async fn control_call(&self, req: Request, admin: bool) -> Result<Request> {
+        let t = if admin {
+            self.opts.admin_timeout
+        } else {
+            self.opts.timeout
+        };
+        self.call_to(req, self.opts.port, t).await
+    }
+
+    fn info_of(rep: &Request) -> Result<VolumeInfo> {
+        VolumeInfo::decode(rep.data().unwrap_or(&[]))
+            .map_err(|_| ClientError::Io("malformed volume info in reply".into()))
+    }
+
+    fn counters<T: WireCounters>(rep: &Request) -> Result<T> {
+        T::decode(rep.data().unwrap_or(&[]))
+            .map_err(|_| ClientError::Io("malformed report in reply".into()))
+    }
+
+    /// Creates an empty (thin, all zero) volume. `block_size` defaults to 4 MiB.
+    pub async fn create(
+        &self,
+        name: &str,
+        size: u64,
+        block_size: Option<u64>,
+    ) -> Result<VolumeInfo> {
+        let block_size = match block_size {
+            None => 0,
+            Some(b) => u32::try_from(b)
+                .ok()
+                .filter(|&b| b != 0)
+                .ok_or_else(|| ClientError::InvalidArgument(format!("block size {b}")))?,
+        };
+        self.create_with(
+            name,
+            CreateRequest {
+                size,
+                block_size,
+                page_entries: 0,
+            },
+        )
+        .await
+    }
+
+    /// Creates a volume with an explicit layout (zero fields take the defaults).
+    pub async fn create_with(&self, name: &str, layout: CreateRequest) -> Result<VolumeInfo> {
+        let mut req = self.control(Op::Create, name, CONTROL_BUF)?;
+        let n = layout
+            .encode(req.buffer_mut().map_err(bad_buffer)?)
+            .map_err(bad_buffer)?;
+        req.set_data_len(n as u64)?;
+        let rep = self.control_call(req, false).await?;
+        Self::info_of(&rep)
+    }
+
+    /// A volume's or snapshot's metadata.
+    pub async fn info(&self, name: &str) -> Result<VolumeInfo> {
+        let req = self.control(Op::Info, name, CONTROL_BUF)?;
+        let rep = self.control_call(req, false).await?;
+        Self::info_of(&rep)
+    }
+
+    /// Every volume and snapshot, sorted by name.
+    pub async fn list(&self) -> Result<Vec<VolumeInfo>> {
+        let mut out: Vec<VolumeInfo> = Vec::new();
+        loop {
+            let mut req = self.control(Op::List, "", LIST_BUF)?;
+            req.set_offset(out.len() as u64);
+            let rep = self.control_call(req, false).await?;
+            let page = ListReply::decode(rep.data().unwrap_or(&[]))
+                .map_err(|_| ClientError::Io("malformed list reply".into()))?;
+            let done = page.entries.is_empty();
+            out.extend(page.entries);
+            // The catalogue may change between pages; stop when a page brings nothing new.
+            if done || out.len() >= page.total as usize {
+                break;
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out.dedup_by(|a, b| a.name == b.name);
+        Ok(out)
+    }
+
+    /// Grows a volume; shrinking is refused with [`ClientError::OutOfRange`].
+    pub async fn resize(&self, name: &str, new_size: u64) -> Result<VolumeInfo> {
+        let mut req = self.control(Op::Resize, name, CONTROL_BUF)?;
+        req.set_size(new_size);
+        let rep = self.control_call(req, false).await?;
+        Self::info_of(&rep)
+    }
+
+    /// Deletes a volume or snapshot; its objects are reclaimed by the next [`gc`](Self::gc).
+    pub async fn delete(&self, name: &str) -> Result<()> {
+        let req = self.control(Op::Delete, name, CONTROL_BUF)?;
+        self.control_call(req, true).await?;
+        Ok(())
+    }
+
+    async fn named(&self, op: Op, target: &str, name: &str, size: u64) -> Result<VolumeInfo> {
+        let mut req = self.control(op, target, CONTROL_BUF)?;
+        let p = NamePayload {
+            name: name.to_string(),
+            size,
+        };
+        let n = p
+            .encode(req.buffer_mut().map_err(bad_buffer)?)
+            .map_err(|_| ClientError::InvalidArgument(format!("name {name:?} is too long")))?;
+        req.set_data_len(n as u64)?;
+        let rep = self.control_call(req, true).await?;
+        Self::info_of(&rep)
+    }
+
+    /// A read-only, instant snapshot of a volume: no data is copied.
+    pub async fn snapshot(&self, volume: &str, snapshot: &str) -> Result<VolumeInfo> {
+        self.named(Op::Snapshot, volume, snapshot, 0).await
+    }
+
+    /// A writable copy-on-write clone of a snapshot or of a volume (which then gets an
+    /// implicit snapshot). `size` may grow the clone; it defaults to the source's size.
+    pub async fn clone(
+        &self,
+        source: &str,
+        new_name: &str,
+        size: Option<u64>,
+    ) -> Result<VolumeInfo> {
+        if size == Some(0) {
+            return Err(ClientError::InvalidArgument("size 0".into()));
+        }
+        self.named(Op::Clone, source, new_name, size.unwrap_or(0))
+            .await
+    }
+
+    /// Opens a volume for writing here (taking its lock as this node) or a snapshot for
+    /// reading. I/O opens implicitly; an explicit open reports a lock conflict up front.
+    pub async fn open(&self, name: &str) -> Result<VolumeInfo> {
+        let req = self.control(Op::Open, name, CONTROL_BUF)?;
+        let rep = self.control_call(req, false).await?;
+        Self::info_of(&rep)
+    }
+
+    /// Waits for in-flight I/O, drops cached mappings and releases the lock.
+    pub async fn close(&self, name: &str) -> Result<()> {
+        let req = self.control(Op::Close, name, CONTROL_BUF)?;
+        self.control_call(req, false).await?;
+        Ok(())
+    }
+
+    fn io_chunks(&self, offset: u64, len: u64) -> Result<impl Iterator<Item = (u64, u64)>> {
+        offset
+            .checked_add(len)
+            .ok_or_else(|| ClientError::OutOfRange(format!("{offset}+{len} overflows")))?;
+        let chunk = self.chunk;
+        Ok((0..len.div_ceil(chunk)).map(move |i| {
+            let at = i * chunk;
+            (offset + at, chunk.min(len - at))
+        }))
+    }
+
+    /// Reads `buf.len()` bytes at byte `offset` (any alignment). Unwritten ranges read as zeros.
+    pub async fn read(&self, volume: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let target = Self::target(volume)?;
+        for (at, n) in self.io_chunks(offset, buf.len() as u64)? {
+            let mut req = self.client.alloc(Op::Read, target, n)?;
+            req.set_offset(at);
+            req.set_size(n);
+            let rep = self.call(req).await?;
+            let data = rep
+                .data()
+                .map_err(|_| ClientError::Io("bad reply buffer".into()))?;
+            if data.len() as u64 != n || rep.serviced() != n {
+                return Err(ClientError::Io(format!(
+                    "short read: {} of {n} bytes at {at}",
+                    rep.serviced()
+                )));
+            }
+            let from = (at - offset) as usize;
+            buf[from..from + n as usize].copy_from_slice(data);
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at byte `offset` (any alignment). Durable after a later [`flush`](Self::flush).
+    pub async fn write(&self, volume: &str, offset: u64, data: &[u8]) -> Result<()> {
+        let target = Self::target(volume)?;
+        for (at, n) in self.io_chunks(offset, data.len() as u64)? {
+            let mut req = self.client.alloc(Op::Write, target, n)?;
+            let from = (at - offset) as usize;
+            req.write_data(&data[from..from + n as usize])?;
+            req.set_offset(at);
+            req.set_size(n);
+            let rep = self.call(req).await?;
+            if rep.serviced() != n {
+                return Err(ClientError::Io(format!(
+                    "short write: {} of {n} bytes at {at}",
+                    rep.serviced()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes every write to `volume` completed before this call durable.
+    pub async fn flush(&self, volume: &str) -> Result<()> {
+        let req = self.control(Op::Flush, volume, CONTROL_BUF)?;
+        self.call(req).await?;
+        Ok(())
+    }
+
+    async fn zero_range(&self, op: Op, volume: &str, offset: u64, len: u64) -> Result<()> {
+        let mut req = self.control(op, volume, CONTROL_BUF)?;
+        req.set_offset(offset);
+        req.set_size(len);
+        self.call(req).await?;
+        Ok(())
+    }
+
+    /// Discards a range: whole blocks become ZERO entries (their space is freed), partial ones
+    /// are zero-written. The range reads as zeros afterwards.
+    pub async fn discard(&self, volume: &str, offset: u64, len: u64) -> Result<()> {
+        self.zero_range(Op::Discard, volume, offset, len).await
+    }
+
+    /// Zeroes a range, the same way as [`discard`](Self::discard): no zeros are stored.
+    pub async fn write_zeroes(&self, volume: &str, offset: u64, len: u64) -> Result<()> {
+        self.zero_range(Op::WriteZeroes, volume, offset, len).await
+    }
+
+    /// Who holds a volume's lock, and its fencing generation.
+    pub async fn lock_info(&self, volume: &str) -> Result<LockState> {
+        let req = self.control(Op::LockInfo, volume, CONTROL_BUF)?;
+        let rep = self.control_call(req, false).await?;
+        LockState::decode(rep.data().unwrap_or(&[]))
+            .map_err(|_| ClientError::Io("malformed lock state".into()))
+    }
+
+    /// Breaks a volume's lock whoever holds it (a dead node's). Logged by the mapper. The
+    /// former holder's map updates are refused from now on. Returns the lock as it was.
+    pub async fn break_lock(&self, volume: &str) -> Result<LockState> {
+        let mut req = self.control(Op::Release, volume, CONTROL_BUF)?;
+        req.set_flags(flags::FORCE);
+        let rep = self.control_call(req, false).await?;
+        LockState::decode(rep.data().unwrap_or(&[]))
+            .map_err(|_| ClientError::Io("malformed lock state".into()))
+    }
+
+    /// Writes whole blocks of an image at a block-aligned `offset` as content-addressed
+    /// objects: identical blocks anywhere are stored once, all-zero blocks are not stored. The
+    /// data may span many blocks (the last block of the volume may be short); it is sent in
+    /// whole-block chunks that fit the segment's buffers.
+    pub async fn import_block(
+        &self,
+        volume: &str,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<ImportReport> {
+        let target = Self::target(volume)?;
+        let info = self.info(volume).await?;
+        let bs = info.block_size as u64;
+        if bs > self.chunk {
+            return Err(ClientError::InvalidArgument(format!(
+                "block size {bs} exceeds the segment's largest buffer ({})",
+                self.chunk
+            )));
+        }
+        let per = (self.chunk / bs) * bs;
+        let mut total = ImportReport::default();
+        for (at, n) in self
+            .io_chunks(offset, data.len() as u64)?
+            .flat_map(|(at, n)| {
+                // Re-cut at multiples of the block size so that every request is block-aligned.
+                let end = at + n;
+                let mut v = Vec::new();
+                let mut a = at;
+                while a < end {
+                    let m = per.min(end - a);
+                    v.push((a, m));
+                    a += m;
+                }
+                v
+            })
+        {
+            let mut req = self.client.alloc(Op::Import, target, n.max(CONTROL_BUF))?;
+            let from = (at - offset) as usize;
+            req.write_data(&data[from..from + n as usize])?;
+            req.set_offset(at);
+            req.set_size(n);
+            let rep = self.control_call(req, true).await?;
+            let r: ImportReport = Self::counters(&rep)?;
+            total.blocks += r.blocks;
+            total.zero += r.zero;
+            total.written += r.written;
+            total.reused += r.reused;
+            total.bytes_written += r.bytes_written;
+        }
+        Ok(total)
+    }
+
+    /// Converts a snapshot's objects into content-addressed ones, so identical blocks across
+    /// all volumes are stored once (after the next GC).
+    pub async fn dedup(&self, snapshot: &str) -> Result<DedupReport> {
+        let req = self.control(Op::Dedup, snapshot, CONTROL_BUF)?;
+        let rep = self.control_call(req, true).await?;
+        Self::counters(&rep)
+    }
+
+    /// Collects garbage with the default grace period (recent objects are spared).
+    pub async fn gc(&self) -> Result<GcReport> {
+        self.gc_with(GcRequest::default()).await
+    }
+
+    pub async fn gc_with(&self, opts: GcRequest) -> Result<GcReport> {
+        let mut req = self.control(Op::Gc, "", CONTROL_BUF)?;
+        let n = opts
+            .encode(req.buffer_mut().map_err(bad_buffer)?)
+            .map_err(bad_buffer)?;
+        req.set_data_len(n as u64)?;
+        let rep = self.control_call(req, true).await?;
+        Self::counters(&rep)
+    }
+
+    /// Reads a map back from storage and checks it completely (checksums, entries, and the
+    /// mapper's cache against storage).
+    pub async fn verify(&self, name: &str) -> Result<VerifyReport> {
+        let req = self.control(Op::Verify, name, CONTROL_BUF)?;
+        let rep = self.control_call(req, true).await?;
+        Self::counters(&rep)
+    }
+
+    /// Round-trip time of a PING to `port` (see [`Ports`]).
+    pub async fn ping(&self, port: u32) -> Result<Duration> {
+        let req = self.client.alloc(Op::Ping, b"", 0)?;
+        let start = Instant::now();
+        self.call_to(req, port, self.opts.timeout).await?;
+        Ok(start.elapsed())
+    }
+}
+
+fn bad_buffer(s: Status) -> ClientError {
+    ClientError::Io(format!("request buffer: {s}"))
+}
+
+impl From<xseg::Status> for ClientError {
+    fn from(s: Status) -> Self {
+        ClientError::from_reply(s, &[])
+    }
+}
