@@ -5,8 +5,11 @@
 //! it from their request loops.
 
 pub mod blocker;
+pub mod blocker_peer;
 pub mod client;
 pub mod map;
 pub mod mapper;
+pub mod mapper_peer;
 pub mod peerset;
+pub mod vlmc;
 pub mod wire;

@@ -1,4 +1,26 @@
 //! The peer set: one segment and the peers serving it (blocker, mapper, vlmc).
+//!
+//! [`PeerSet::start`] runs all three as threads of the calling process, each with its own
+//! [`xseg::Runner`] loop and multi-threaded tokio runtime; [`run_peer`] runs one of them in the
+//! current process, for `archip peer NAME` (one process per peer, which a crash test can kill
+//! independently). Either way the peers meet only through the segment, so the two modes behave
+//! alike.
+//!
+//! The file backend keeps its objects under `DATA_DIR/objects`. Every peer process opens the
+//! directory itself: the file blocker is safe across processes (atomic renames, flocks).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use xseg::{AsyncClient, Op, Peer, Port, Runner, Segment, Status, Stopper};
+
+use crate::blocker::{Blocker, BlockerError, FileBlocker, LockOwner};
+use crate::blocker_peer::BlockerPeer;
+use crate::mapper::Mapper;
+use crate::mapper_peer::MapperPeer;
+use crate::vlmc::{Vlmc, VlmcConfig};
 
 /// The fixed port plan of a segment. Clients bind dynamic ports from [`Ports::DYNAMIC_START`].
 #[derive(Debug, Clone, Copy)]
@@ -11,4 +33,370 @@ impl Ports {
     /// The data blocker (object I/O).
     pub const BLOCKER: u32 = 3;
     pub const DYNAMIC_START: u32 = 16;
+}
+
+/// The peers, by the names `archip peer NAME` takes, in start order.
+pub const PEERS: [&str; 3] = ["blocker", "mapper", "vlmc"];
+
+/// The port a named peer binds.
+pub fn peer_port(name: &str) -> Option<u32> {
+    match name {
+        "blocker" => Some(Ports::BLOCKER),
+        "mapper" => Some(Ports::MAPPER),
+        "vlmc" => Some(Ports::VLMC),
+        _ => None,
+    }
+}
+
+/// How to run a peer set.
+#[derive(Clone, Debug)]
+pub struct PeerConfig {
+    /// Objects live under `data_dir/objects`.
+    pub data_dir: PathBuf,
+    /// Segment name (under /dev/shm) or path (anything with a '/').
+    pub segment: String,
+    /// This node's identity: the owner recorded in the volume locks its mapper takes. Stable
+    /// across restarts, so a restarted mapper gets its own locks back.
+    pub node: String,
+    /// Sizes of the segment if it has to be created. `dynamic_start` should be
+    /// [`Ports::DYNAMIC_START`].
+    pub xseg: xseg::Config,
+    /// Tokio worker threads per peer.
+    pub workers: usize,
+    /// Limit on each call vlmc makes to the mapper or blocker.
+    pub timeout: Duration,
+}
+
+impl PeerConfig {
+    pub fn new(
+        data_dir: impl Into<PathBuf>,
+        segment: impl Into<String>,
+        node: impl Into<String>,
+    ) -> Self {
+        PeerConfig {
+            data_dir: data_dir.into(),
+            segment: segment.into(),
+            node: node.into(),
+            xseg: xseg::Config::default(),
+            workers: std::thread::available_parallelism().map_or(4, |n| n.get().clamp(2, 8)),
+            timeout: Duration::from_secs(600),
+        }
+    }
+
+    pub fn objects_dir(&self) -> PathBuf {
+        self.data_dir.join("objects")
+    }
+
+    pub fn segment_path(&self) -> Result<PathBuf, PeerSetError> {
+        Ok(xseg::segment_path(&self.segment)?)
+    }
+
+    /// Attaches to the segment, creating it if needed. A segment of another layout is refused.
+    pub fn open_segment(&self) -> Result<Arc<Segment>, PeerSetError> {
+        if self.xseg.dynamic_start <= Ports::BLOCKER {
+            return Err(PeerSetError::Config(format!(
+                "dynamic ports start at {}, which would hand out the fixed peer ports",
+                self.xseg.dynamic_start
+            )));
+        }
+        Ok(Segment::open_or_create(&self.segment_path()?, &self.xseg)?)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PeerSetError {
+    #[error(transparent)]
+    Segment(#[from] xseg::Error),
+    #[error(transparent)]
+    Blocker(#[from] BlockerError),
+    #[error("unknown peer {0:?} (expected one of blocker, mapper, vlmc)")]
+    UnknownPeer(String),
+    #[error("bad configuration: {0}")]
+    Config(String),
+    #[error("starting peer {peer}: {source}")]
+    Thread {
+        peer: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// One peer running on its own thread.
+pub struct RunningPeer {
+    name: &'static str,
+    port: u32,
+    stopper: Stopper,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl RunningPeer {
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    pub fn port(&self) -> u32 {
+        self.port
+    }
+
+    /// Stops the loop and waits for the thread (in-flight requests finish or fail back).
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    /// Blocks until the peer's loop ends (it only ends when stopped).
+    pub fn join(mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    fn shutdown(&mut self) {
+        self.stopper.stop();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for RunningPeer {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn runtime(name: &str, workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers.max(1))
+        .thread_name(format!("{name}-worker"))
+        .enable_all()
+        .build()
+}
+
+/// Runs `peer` on `port` in a new thread, with a runtime built for it.
+fn spawn_loop<P: Peer + 'static>(
+    name: &'static str,
+    port: Port,
+    workers: usize,
+    make: impl FnOnce(&mut Runner, tokio::runtime::Handle) -> P + Send + 'static,
+    on_stop: impl FnOnce(&tokio::runtime::Runtime) + Send + 'static,
+) -> Result<RunningPeer, PeerSetError> {
+    let number = port.number();
+    let rt = runtime(name, workers).map_err(|source| PeerSetError::Thread {
+        peer: name.into(),
+        source,
+    })?;
+    let mut runner = Runner::new(port);
+    let stopper = runner.stopper();
+    let thread = std::thread::Builder::new()
+        .name(format!("peer-{name}"))
+        .spawn(move || {
+            let mut peer = make(&mut runner, rt.handle().clone());
+            runner.run(&mut peer);
+            drop(peer);
+            on_stop(&rt);
+            // Give in-flight tasks a moment to answer; anything left fails back when dropped.
+            rt.shutdown_timeout(Duration::from_secs(5));
+        })
+        .map_err(|source| PeerSetError::Thread {
+            peer: name.into(),
+            source,
+        })?;
+    Ok(RunningPeer {
+        name,
+        port: number,
+        stopper,
+        thread: Some(thread),
+    })
+}
+
+/// Binds the named peer's port on `segment` and starts it on a thread of this process.
+pub fn spawn_peer(
+    name: &str,
+    config: &PeerConfig,
+    segment: &Arc<Segment>,
+    blocker: Option<Arc<dyn Blocker>>,
+) -> Result<RunningPeer, PeerSetError> {
+    let port_no = peer_port(name).ok_or_else(|| PeerSetError::UnknownPeer(name.into()))?;
+    // vlmc needs no backend of its own; the others open the file backend unless given one.
+    let backend = || -> Result<Arc<dyn Blocker>, PeerSetError> {
+        match blocker {
+            Some(b) => Ok(b),
+            None => Ok(Arc::new(FileBlocker::open(config.objects_dir())?)),
+        }
+    };
+    let workers = config.workers;
+    match name {
+        "blocker" => {
+            let blocker = backend()?;
+            let port = segment.bind(port_no, "blocker")?;
+            spawn_loop(
+                "blocker",
+                port,
+                workers,
+                move |_, rt| BlockerPeer::new(blocker, rt),
+                |_| {},
+            )
+        }
+        "mapper" => {
+            let owner = LockOwner::new(config.node.clone())?;
+            let mapper = Arc::new(Mapper::new(backend()?, owner));
+            let port = segment.bind(port_no, "mapper")?;
+            let closing = mapper.clone();
+            spawn_loop(
+                "mapper",
+                port,
+                workers,
+                move |_, rt| MapperPeer::new(mapper, rt),
+                move |rt| {
+                    // Release this node's locks on a clean stop; a crash leaves them to be
+                    // re-acquired by the restarted mapper (same node identity).
+                    if let Err(e) = rt.block_on(closing.close_all()) {
+                        tracing::warn!(error = %e, "closing volumes at mapper stop");
+                    }
+                },
+            )
+        }
+        "vlmc" => {
+            let client = AsyncClient::new(segment, "vlmc-client")?;
+            let port = segment.bind(port_no, "vlmc")?;
+            let vc = VlmcConfig {
+                timeout: config.timeout,
+                ..VlmcConfig::default()
+            };
+            spawn_loop(
+                "vlmc",
+                port,
+                workers,
+                move |runner, rt| Vlmc::new(runner.port_mut().sender().clone(), client, vc, rt),
+                |_| {},
+            )
+        }
+        other => Err(PeerSetError::UnknownPeer(other.into())),
+    }
+}
+
+/// Runs one peer in the current process until it is stopped or the process dies
+/// (`archip peer NAME`).
+pub fn run_peer(name: &str, config: &PeerConfig) -> Result<(), PeerSetError> {
+    let segment = config.open_segment()?;
+    let peer = spawn_peer(name, config, &segment, None)?;
+    tracing::info!(peer = name, port = peer.port(), segment = %segment.path().display(), "peer running");
+    peer.join();
+    Ok(())
+}
+
+/// A peer's answer to a PING.
+#[derive(Clone, Debug)]
+pub struct PeerHealth {
+    pub name: &'static str,
+    pub port: u32,
+    /// Round-trip time, or why there was none.
+    pub latency: Result<Duration, String>,
+}
+
+impl PeerHealth {
+    pub fn is_up(&self) -> bool {
+        self.latency.is_ok()
+    }
+}
+
+/// PINGs each peer port of `segment` (whoever runs them: threads here or other processes).
+pub fn probe_segment(
+    segment: &Arc<Segment>,
+    timeout: Duration,
+) -> Result<Vec<PeerHealth>, PeerSetError> {
+    let mut port = segment.bind_dynamic("probe")?;
+    Ok(PEERS
+        .iter()
+        .map(|&name| {
+            let p = peer_port(name).expect("known peer");
+            let latency = (|| {
+                let req = port.alloc(Op::Ping, b"", 0).map_err(|e| e.to_string())?;
+                let start = Instant::now();
+                let rep = port.call(req, p, timeout).map_err(|e| e.to_string())?;
+                match rep.status() {
+                    Status::Ok => Ok(start.elapsed()),
+                    s => Err(s.to_string()),
+                }
+            })();
+            PeerHealth {
+                name,
+                port: p,
+                latency,
+            }
+        })
+        .collect())
+}
+
+/// The segment and all peers, as threads of this process.
+pub struct PeerSet {
+    segment: Arc<Segment>,
+    config: PeerConfig,
+    peers: Vec<RunningPeer>,
+}
+
+impl std::fmt::Debug for PeerSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerSet")
+            .field("segment", &self.segment.path())
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl PeerSet {
+    /// Creates or attaches the segment and starts blocker, mapper and vlmc. The blocker and
+    /// the mapper share one file blocker instance (one descriptor cache).
+    pub fn start(config: &PeerConfig) -> Result<PeerSet, PeerSetError> {
+        let segment = config.open_segment()?;
+        let blocker: Arc<dyn Blocker> = Arc::new(FileBlocker::open(config.objects_dir())?);
+        Self::start_with(config, segment, blocker)
+    }
+
+    /// Starts the peers over a given segment and backend (tests use a memory blocker).
+    pub fn start_with(
+        config: &PeerConfig,
+        segment: Arc<Segment>,
+        blocker: Arc<dyn Blocker>,
+    ) -> Result<PeerSet, PeerSetError> {
+        let mut peers = Vec::with_capacity(PEERS.len());
+        for name in PEERS {
+            // On failure, the peers already started stop as `peers` drops.
+            peers.push(spawn_peer(name, config, &segment, Some(blocker.clone()))?);
+        }
+        Ok(PeerSet {
+            segment,
+            config: config.clone(),
+            peers,
+        })
+    }
+
+    pub fn segment(&self) -> &Arc<Segment> {
+        &self.segment
+    }
+
+    pub fn config(&self) -> &PeerConfig {
+        &self.config
+    }
+
+    /// PINGs every peer.
+    pub fn probe(&self) -> Result<Vec<PeerHealth>, PeerSetError> {
+        probe_segment(&self.segment, Duration::from_secs(2))
+    }
+
+    /// Stops vlmc first (no new I/O), then the mapper (which releases its locks), then the
+    /// blocker.
+    pub fn stop(mut self) {
+        while let Some(p) = self.peers.pop() {
+            p.stop();
+        }
+    }
+}
+
+impl Drop for PeerSet {
+    fn drop(&mut self) {
+        while let Some(p) = self.peers.pop() {
+            p.stop();
+        }
+    }
 }

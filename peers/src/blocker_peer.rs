@@ -1,0 +1,154 @@
+//! The blocker peer: object I/O over xseg, served by any [`Blocker`].
+//!
+//! Each request runs as its own tokio task, so a slow object (a reflink copy, an fsync) never
+//! holds up the others; replies go back through a clone of the port's [`Sender`]. Reads land
+//! directly in the request's segment buffer and writes come straight from it: the bytes a
+//! frontend put in the segment are the bytes the backend sees, with no copy in between.
+//!
+//! The target is an object name, validated by [`ObjectName`] before anything is done, so a
+//! name with `/`, `..`, NUL or a reserved suffix fails with `Invalid` and touches nothing.
+
+use std::sync::Arc;
+use std::time::UNIX_EPOCH;
+
+use tokio::runtime::Handle;
+use xseg::protocol::NamePayload;
+use xseg::{Op, Peer, Request, Sender, Status};
+
+use crate::blocker::{Blocker, BlockerError, ObjectName};
+use crate::wire::{self, ObjectStat};
+
+/// Serves an `Arc<dyn Blocker>` on a port; drive it with an [`xseg::Runner`].
+pub struct BlockerPeer {
+    blocker: Arc<dyn Blocker>,
+    rt: Handle,
+}
+
+impl BlockerPeer {
+    /// `rt` must be a multi-threaded runtime: the file blocker moves blocking syscalls off the
+    /// worker with `block_in_place`, which a current-thread runtime does not allow.
+    pub fn new(blocker: Arc<dyn Blocker>, rt: Handle) -> Self {
+        BlockerPeer { blocker, rt }
+    }
+}
+
+impl Peer for BlockerPeer {
+    fn request(&mut self, mut req: Request, tx: &Sender) {
+        let blocker = self.blocker.clone();
+        let tx = tx.clone();
+        self.rt.spawn(async move {
+            if let Err((status, msg)) = serve(blocker.as_ref(), &mut req).await {
+                wire::fail(&mut req, status, &msg, None);
+            }
+            tx.respond(req);
+        });
+    }
+}
+
+type Failure = (Status, String);
+
+/// The status a blocker error travels as.
+pub fn status_of(e: &BlockerError) -> Status {
+    match e {
+        BlockerError::NotFound { .. } => Status::NotFound,
+        BlockerError::InvalidName { .. } | BlockerError::InvalidOwner { .. } => Status::Invalid,
+        BlockerError::InvalidRange { .. } => Status::Range,
+        BlockerError::Locked { .. } | BlockerError::VersionMismatch { .. } => Status::Busy,
+        BlockerError::Fenced { .. } => Status::Stale,
+        BlockerError::Corrupt { .. } | BlockerError::Io { .. } => Status::Io,
+    }
+}
+
+fn failure(e: BlockerError) -> Failure {
+    (status_of(&e), e.to_string())
+}
+
+fn object(req: &Request) -> Result<ObjectName, Failure> {
+    let t = req
+        .target()
+        .map_err(|s| (s, "garbage target length".to_string()))?;
+    let s = t
+        .as_str()
+        .map_err(|s| (s, "object name is not UTF-8".to_string()))?;
+    ObjectName::new(s).map_err(failure)
+}
+
+fn length(req: &Request) -> Result<usize, Failure> {
+    usize::try_from(req.size()).map_err(|_| (Status::Invalid, "size too large".to_string()))
+}
+
+async fn serve(blocker: &dyn Blocker, req: &mut Request) -> Result<(), Failure> {
+    match req.op() {
+        Op::Read => {
+            let name = object(req)?;
+            let (offset, len) = (req.offset(), length(req)?);
+            let buf = req
+                .buffer_mut()
+                .map_err(|s| (s, "bad buffer".to_string()))?;
+            let buf = buf.get_mut(..len).ok_or((
+                Status::Invalid,
+                format!("read of {len} bytes exceeds the buffer"),
+            ))?;
+            blocker.read(&name, offset, buf).await.map_err(failure)?;
+            req.set_data_len(len as u64)
+                .map_err(|e| (Status::Invalid, e.to_string()))?;
+            req.complete(len as u64);
+        }
+        Op::Write => {
+            let name = object(req)?;
+            let (offset, len) = (req.offset(), length(req)?);
+            let data = req.data().map_err(|s| (s, "bad buffer".to_string()))?;
+            let data = data.get(..len).ok_or((
+                Status::Invalid,
+                format!("write of {len} bytes carries only {} bytes", data.len()),
+            ))?;
+            blocker.write(&name, offset, data).await.map_err(failure)?;
+            req.complete(len as u64);
+        }
+        // The target is ignored: a flush covers every object (vlmc forwards a volume's FLUSH
+        // unchanged).
+        Op::Flush => {
+            blocker.flush().await.map_err(failure)?;
+            req.complete(0);
+        }
+        Op::Delete => {
+            let name = object(req)?;
+            let existed = blocker.delete(&name).await.map_err(failure)?;
+            req.complete(existed as u64);
+        }
+        Op::Copy => {
+            let dst = object(req)?;
+            let src = NamePayload::decode(req.data().unwrap_or(&[])).map_err(|s| {
+                (
+                    s,
+                    "COPY needs the source object name as payload".to_string(),
+                )
+            })?;
+            let src = ObjectName::new(src.name).map_err(failure)?;
+            blocker.copy(&src, &dst).await.map_err(failure)?;
+            req.complete(0);
+        }
+        Op::Info => {
+            let name = object(req)?;
+            let stat = match blocker.info(&name).await.map_err(failure)? {
+                None => ObjectStat::default(),
+                Some(i) => ObjectStat {
+                    size: i.size,
+                    exists: true,
+                    modified_ns: i
+                        .modified
+                        .duration_since(UNIX_EPOCH)
+                        .map_or(0, |d| d.as_nanos() as u64),
+                },
+            };
+            wire::reply_with(req, |buf| stat.encode(buf));
+        }
+        op => {
+            return Err((
+                Status::Unsupported,
+                format!("the blocker does not serve {op:?}"),
+            ));
+        }
+    }
+    Ok(())
+}
