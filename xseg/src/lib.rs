@@ -29,3 +29,4 @@ pub use protocol::{Op, Status};
 pub use request::{Request, Target};
 pub use segment::{Segment, segment_path};
 pub use stats::PortStats;
+pub mod bench;

@@ -24,13 +24,24 @@ pub const REAP_INTERVAL: Duration = Duration::from_millis(500);
 /// on the port's futex.
 #[derive(Debug, Clone, Copy)]
 pub struct WaitPolicy {
+    /// Pure spinning: long enough to cover a round trip to a peer running on another core.
+    pub busy: Duration,
+    /// Spinning with `sched_yield`: lets a peer sharing this core run, without sleeping yet.
     pub spin: Duration,
 }
 
 impl Default for WaitPolicy {
+    /// Tunable per node through `ARCHIP_XSEG_BUSY_NS` and `ARCHIP_XSEG_SPIN_NS`.
     fn default() -> Self {
+        let env = |name: &str, default: u64| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .map_or(Duration::from_nanos(default), Duration::from_nanos)
+        };
         WaitPolicy {
-            spin: Duration::from_micros(50),
+            busy: env("ARCHIP_XSEG_BUSY_NS", 2_000),
+            spin: env("ARCHIP_XSEG_SPIN_NS", 50_000),
         }
     }
 }
@@ -142,9 +153,17 @@ impl Segment {
         port.owner
             .store(u64::from(me.pid) << 32 | PORT_BOUND, Release);
         tracing::debug!(port = p, name, "bound");
+        let seg = match self.remap() {
+            Ok(seg) => seg,
+            Err(e) => {
+                tracing::warn!(port = p, "cannot map the segment again: {e}");
+                port.owner.store(PORT_FREE, Release);
+                return Err(BindError::Transient);
+            }
+        };
         Ok(Port {
             tx: Sender {
-                seg: self.clone(),
+                seg,
                 no: p,
                 hop: u64::from(epoch) << 32 | u64::from(p),
                 hint: Arc::new(AtomicU32::new(p.wrapping_mul(97))),
@@ -191,8 +210,9 @@ impl Sender {
                 break;
             }
         }
+        // The hint stays put: first fit from a per-port base keeps reusing the same few slots,
+        // which stay hot in this core's cache, while ports start apart and rarely collide.
         let r = found.ok_or(Error::NoRequest)?;
-        self.hint.store(r + 1, Relaxed);
         let q = self.seg.req(r);
         q.owner.store(self.hop, Relaxed);
         q.holder.store(self.no, Relaxed);
@@ -231,10 +251,11 @@ impl Sender {
         }
         // Smallest fitting class first, then larger ones: a large free buffer serves a small
         // request rather than failing it.
+        // First fit: recently freed buffers are reused while still in cache.
+        let _ = r;
         for c in classes.iter().filter(|c| c.size >= len) {
-            let start = r % c.count;
             for i in 0..c.count {
-                let b = c.first + (start + i) % c.count;
+                let b = c.first + i;
                 let owner = self.seg.buffer_owner(b);
                 if owner.load(Relaxed) == 0
                     && owner.compare_exchange(0, r + 1, AcqRel, Relaxed).is_ok()
@@ -449,13 +470,16 @@ impl Port {
     /// window first, then sleeps on the futex; also runs the periodic dead-peer check.
     pub fn wait(&mut self, timeout: Duration) -> bool {
         let start = Instant::now();
-        let mut spins = 0u32;
-        while start.elapsed() < self.policy.spin.min(timeout) {
+        let spin = self.policy.spin.min(timeout);
+        loop {
             if self.has_work() {
                 return true;
             }
-            spins += 1;
-            if spins < 64 {
+            let spent = start.elapsed();
+            if spent >= spin {
+                break;
+            }
+            if spent < self.policy.busy {
                 std::hint::spin_loop();
             } else {
                 std::thread::yield_now();

@@ -25,6 +25,7 @@ pub enum RingKind {
 /// A mapped segment. Cheap to share (`Arc`); unmapped when the last user drops it.
 pub struct Segment {
     path: PathBuf,
+    file: File,
     map: MmapRaw,
     layout: Layout,
     me: ProcessId,
@@ -75,6 +76,7 @@ impl Segment {
         let map = MmapRaw::map_raw(&file).map_err(io)?;
         let seg = Segment {
             path: path.to_owned(),
+            file,
             map,
             layout,
             me: ProcessId::current(),
@@ -118,7 +120,7 @@ impl Segment {
         }
     }
 
-    fn check_and_wrap(path: &Path, map: MmapRaw, len: u64, _file: File) -> Result<Arc<Segment>> {
+    fn check_and_wrap(path: &Path, map: MmapRaw, len: u64, file: File) -> Result<Arc<Segment>> {
         // SAFETY: the mapping is at least one page long and page-aligned; Header fits in it.
         let h = unsafe { &*(map.as_ptr() as *const Header) };
         if h.magic.load(Acquire) != MAGIC {
@@ -163,6 +165,7 @@ impl Segment {
         }
         Ok(Arc::new(Segment {
             path: path.to_owned(),
+            file,
             map,
             layout,
             me: ProcessId::current(),
@@ -229,6 +232,32 @@ impl Segment {
                 }
             })
             .collect()
+    }
+
+    /// A second mapping of the same segment with the already-validated layout. Each port gets
+    /// its own, so the reference counts of request handles are not one cache line bounced
+    /// between every thread of the process.
+    pub(crate) fn remap(&self) -> Result<Arc<Segment>> {
+        let map = MmapRaw::map_raw(&self.file).map_err(|source| Error::Io {
+            path: self.path.clone(),
+            source,
+        })?;
+        if (map.len() as u64) < self.layout.size {
+            return Err(Error::BadHeader {
+                path: self.path.clone(),
+                what: "segment file shrank".into(),
+            });
+        }
+        Ok(Arc::new(Segment {
+            path: self.path.clone(),
+            file: self.file.try_clone().map_err(|source| Error::Io {
+                path: self.path.clone(),
+                source,
+            })?,
+            map,
+            layout: self.layout.clone(),
+            me: self.me,
+        }))
     }
 
     pub fn path(&self) -> &Path {
