@@ -20,7 +20,7 @@
 //! let mut buf = [0u8; 5];
 //! c.read("db", 4096, &mut buf).await?;
 //! c.snapshot("db", "db-snap1").await?;
-//! c.clone("db-snap1", "db-copy", None).await?;
+//! c.clone_volume("db-snap1", "db-copy", None).await?;
 //! # Ok(()) }
 //! ```
 
@@ -189,16 +189,42 @@ impl VolumeClient {
     }
 
     /// Sends a request to the served port and waits for the reply; a failed reply becomes the
-    /// typed error (and the request is freed).
+    /// typed error (and the request is freed). A request that cannot be queued is freed with
+    /// the error; the methods below rebuild and retry theirs instead.
     pub async fn call(&self, req: Request) -> Result<Request> {
-        self.call_to(req, self.opts.port, self.opts.timeout).await
+        let rep = self
+            .client
+            .call(req, self.opts.port, self.opts.timeout)
+            .await?;
+        Self::checked(rep)
     }
 
-    async fn call_to(&self, req: Request, port: u32, timeout: Duration) -> Result<Request> {
-        let rep = self.client.call(req, port, timeout).await?;
+    fn checked(rep: Request) -> Result<Request> {
         match rep.status() {
             Status::Ok => Ok(rep),
             s => Err(ClientError::from_reply(s, rep.data().unwrap_or(&[]))),
+        }
+    }
+
+    /// Builds a request with `make`, sends it to `port` and waits. A queue that is momentarily
+    /// full (or that a racing producer found inconsistent) gets a fresh request: the transport
+    /// frees one it could not send.
+    async fn send(
+        &self,
+        port: u32,
+        timeout: Duration,
+        make: impl Fn() -> Result<Request>,
+    ) -> Result<Request> {
+        let mut attempt = 0u32;
+        loop {
+            match self.client.call(make()?, port, timeout).await {
+                Err(xseg::Error::QueueFull(_) | xseg::Error::QueueCorrupt(_)) if attempt < 1000 => {
+                    attempt += 1;
+                    tokio::task::yield_now().await;
+                }
+                Err(e) => return Err(e.into()),
+                Ok(rep) => return Self::checked(rep),
+            }
         }
     }
 
@@ -212,17 +238,46 @@ impl VolumeClient {
         Ok(name.as_bytes())
     }
 
-    fn control(&self, op: Op, name: &str, buf: u64) -> Result<Request> {
-        Ok(self.client.alloc(op, Self::target(name)?, buf)?)
+    /// A request for the served port: `op` on `name`, with `offset`/`size` set and `payload`
+    /// (or nothing) in a buffer of at least `buf` bytes.
+    fn build(
+        &self,
+        op: Op,
+        name: &str,
+        offset: u64,
+        size: u64,
+        payload: &[u8],
+        buf: u64,
+    ) -> Result<Request> {
+        let mut req = self
+            .client
+            .alloc(op, Self::target(name)?, buf.max(payload.len() as u64))?;
+        req.set_offset(offset);
+        req.set_size(size);
+        if !payload.is_empty() {
+            req.write_data(payload)?;
+        }
+        Ok(req)
     }
 
-    async fn control_call(&self, req: Request, admin: bool) -> Result<Request> {
+    async fn control(
+        &self,
+        op: Op,
+        name: &str,
+        offset: u64,
+        size: u64,
+        payload: &[u8],
+        admin: bool,
+    ) -> Result<Request> {
         let t = if admin {
             self.opts.admin_timeout
         } else {
             self.opts.timeout
         };
-        self.call_to(req, self.opts.port, t).await
+        self.send(self.opts.port, t, || {
+            self.build(op, name, offset, size, payload, CONTROL_BUF)
+        })
+        .await
     }
 
     fn info_of(rep: &Request) -> Result<VolumeInfo> {
@@ -233,6 +288,11 @@ impl VolumeClient {
     fn counters<T: WireCounters>(rep: &Request) -> Result<T> {
         T::decode(rep.data().unwrap_or(&[]))
             .map_err(|_| ClientError::Io("malformed report in reply".into()))
+    }
+
+    fn lock_state(rep: &Request) -> Result<LockState> {
+        LockState::decode(rep.data().unwrap_or(&[]))
+            .map_err(|_| ClientError::Io("malformed lock state".into()))
     }
 
     /// Creates an empty (thin, all zero) volume. `block_size` defaults to 4 MiB.
@@ -262,19 +322,17 @@ impl VolumeClient {
 
     /// Creates a volume with an explicit layout (zero fields take the defaults).
     pub async fn create_with(&self, name: &str, layout: CreateRequest) -> Result<VolumeInfo> {
-        let mut req = self.control(Op::Create, name, CONTROL_BUF)?;
-        let n = layout
-            .encode(req.buffer_mut().map_err(bad_buffer)?)
-            .map_err(bad_buffer)?;
-        req.set_data_len(n as u64)?;
-        let rep = self.control_call(req, false).await?;
+        let mut payload = [0u8; CreateRequest::ENCODED];
+        layout.encode(&mut payload).map_err(bad_buffer)?;
+        let rep = self
+            .control(Op::Create, name, 0, 0, &payload, false)
+            .await?;
         Self::info_of(&rep)
     }
 
     /// A volume's or snapshot's metadata.
     pub async fn info(&self, name: &str) -> Result<VolumeInfo> {
-        let req = self.control(Op::Info, name, CONTROL_BUF)?;
-        let rep = self.control_call(req, false).await?;
+        let rep = self.control(Op::Info, name, 0, 0, &[], false).await?;
         Self::info_of(&rep)
     }
 
@@ -282,9 +340,12 @@ impl VolumeClient {
     pub async fn list(&self) -> Result<Vec<VolumeInfo>> {
         let mut out: Vec<VolumeInfo> = Vec::new();
         loop {
-            let mut req = self.control(Op::List, "", LIST_BUF)?;
-            req.set_offset(out.len() as u64);
-            let rep = self.control_call(req, false).await?;
+            let first = out.len() as u64;
+            let rep = self
+                .send(self.opts.port, self.opts.timeout, || {
+                    self.build(Op::List, "", first, 0, &[], LIST_BUF)
+                })
+                .await?;
             let page = ListReply::decode(rep.data().unwrap_or(&[]))
                 .map_err(|_| ClientError::Io("malformed list reply".into()))?;
             let done = page.entries.is_empty();
@@ -301,30 +362,28 @@ impl VolumeClient {
 
     /// Grows a volume; shrinking is refused with [`ClientError::OutOfRange`].
     pub async fn resize(&self, name: &str, new_size: u64) -> Result<VolumeInfo> {
-        let mut req = self.control(Op::Resize, name, CONTROL_BUF)?;
-        req.set_size(new_size);
-        let rep = self.control_call(req, false).await?;
+        let rep = self
+            .control(Op::Resize, name, 0, new_size, &[], false)
+            .await?;
         Self::info_of(&rep)
     }
 
     /// Deletes a volume or snapshot; its objects are reclaimed by the next [`gc`](Self::gc).
     pub async fn delete(&self, name: &str) -> Result<()> {
-        let req = self.control(Op::Delete, name, CONTROL_BUF)?;
-        self.control_call(req, true).await?;
+        self.control(Op::Delete, name, 0, 0, &[], true).await?;
         Ok(())
     }
 
     async fn named(&self, op: Op, target: &str, name: &str, size: u64) -> Result<VolumeInfo> {
-        let mut req = self.control(op, target, CONTROL_BUF)?;
         let p = NamePayload {
             name: name.to_string(),
             size,
         };
+        let mut payload = [0u8; 2 + xseg::protocol::MAX_NAME + 8];
         let n = p
-            .encode(req.buffer_mut().map_err(bad_buffer)?)
+            .encode(&mut payload)
             .map_err(|_| ClientError::InvalidArgument(format!("name {name:?} is too long")))?;
-        req.set_data_len(n as u64)?;
-        let rep = self.control_call(req, true).await?;
+        let rep = self.control(op, target, 0, 0, &payload[..n], true).await?;
         Self::info_of(&rep)
     }
 
@@ -335,7 +394,7 @@ impl VolumeClient {
 
     /// A writable copy-on-write clone of a snapshot or of a volume (which then gets an
     /// implicit snapshot). `size` may grow the clone; it defaults to the source's size.
-    pub async fn clone(
+    pub async fn clone_volume(
         &self,
         source: &str,
         new_name: &str,
@@ -348,18 +407,27 @@ impl VolumeClient {
             .await
     }
 
+    /// Same as [`clone_volume`](Self::clone_volume). Through an `Arc<VolumeClient>` the
+    /// method call resolves to `Arc::clone`, so call `clone_volume` there.
+    pub async fn clone(
+        &self,
+        source: &str,
+        new_name: &str,
+        size: Option<u64>,
+    ) -> Result<VolumeInfo> {
+        self.clone_volume(source, new_name, size).await
+    }
+
     /// Opens a volume for writing here (taking its lock as this node) or a snapshot for
     /// reading. I/O opens implicitly; an explicit open reports a lock conflict up front.
     pub async fn open(&self, name: &str) -> Result<VolumeInfo> {
-        let req = self.control(Op::Open, name, CONTROL_BUF)?;
-        let rep = self.control_call(req, false).await?;
+        let rep = self.control(Op::Open, name, 0, 0, &[], false).await?;
         Self::info_of(&rep)
     }
 
     /// Waits for in-flight I/O, drops cached mappings and releases the lock.
     pub async fn close(&self, name: &str) -> Result<()> {
-        let req = self.control(Op::Close, name, CONTROL_BUF)?;
-        self.control_call(req, false).await?;
+        self.control(Op::Close, name, 0, 0, &[], false).await?;
         Ok(())
     }
 
@@ -376,12 +444,12 @@ impl VolumeClient {
 
     /// Reads `buf.len()` bytes at byte `offset` (any alignment). Unwritten ranges read as zeros.
     pub async fn read(&self, volume: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let target = Self::target(volume)?;
         for (at, n) in self.io_chunks(offset, buf.len() as u64)? {
-            let mut req = self.client.alloc(Op::Read, target, n)?;
-            req.set_offset(at);
-            req.set_size(n);
-            let rep = self.call(req).await?;
+            let rep = self
+                .send(self.opts.port, self.opts.timeout, || {
+                    self.build(Op::Read, volume, at, n, &[], n)
+                })
+                .await?;
             let data = rep
                 .data()
                 .map_err(|_| ClientError::Io("bad reply buffer".into()))?;
@@ -399,14 +467,14 @@ impl VolumeClient {
 
     /// Writes `data` at byte `offset` (any alignment). Durable after a later [`flush`](Self::flush).
     pub async fn write(&self, volume: &str, offset: u64, data: &[u8]) -> Result<()> {
-        let target = Self::target(volume)?;
         for (at, n) in self.io_chunks(offset, data.len() as u64)? {
-            let mut req = self.client.alloc(Op::Write, target, n)?;
             let from = (at - offset) as usize;
-            req.write_data(&data[from..from + n as usize])?;
-            req.set_offset(at);
-            req.set_size(n);
-            let rep = self.call(req).await?;
+            let piece = &data[from..from + n as usize];
+            let rep = self
+                .send(self.opts.port, self.opts.timeout, || {
+                    self.build(Op::Write, volume, at, n, piece, n)
+                })
+                .await?;
             if rep.serviced() != n {
                 return Err(ClientError::Io(format!(
                     "short write: {} of {n} bytes at {at}",
@@ -419,46 +487,42 @@ impl VolumeClient {
 
     /// Makes every write to `volume` completed before this call durable.
     pub async fn flush(&self, volume: &str) -> Result<()> {
-        let req = self.control(Op::Flush, volume, CONTROL_BUF)?;
-        self.call(req).await?;
-        Ok(())
-    }
-
-    async fn zero_range(&self, op: Op, volume: &str, offset: u64, len: u64) -> Result<()> {
-        let mut req = self.control(op, volume, CONTROL_BUF)?;
-        req.set_offset(offset);
-        req.set_size(len);
-        self.call(req).await?;
+        self.control(Op::Flush, volume, 0, 0, &[], false).await?;
         Ok(())
     }
 
     /// Discards a range: whole blocks become ZERO entries (their space is freed), partial ones
     /// are zero-written. The range reads as zeros afterwards.
     pub async fn discard(&self, volume: &str, offset: u64, len: u64) -> Result<()> {
-        self.zero_range(Op::Discard, volume, offset, len).await
+        self.control(Op::Discard, volume, offset, len, &[], false)
+            .await?;
+        Ok(())
     }
 
     /// Zeroes a range, the same way as [`discard`](Self::discard): no zeros are stored.
     pub async fn write_zeroes(&self, volume: &str, offset: u64, len: u64) -> Result<()> {
-        self.zero_range(Op::WriteZeroes, volume, offset, len).await
+        self.control(Op::WriteZeroes, volume, offset, len, &[], false)
+            .await?;
+        Ok(())
     }
 
     /// Who holds a volume's lock, and its fencing generation.
     pub async fn lock_info(&self, volume: &str) -> Result<LockState> {
-        let req = self.control(Op::LockInfo, volume, CONTROL_BUF)?;
-        let rep = self.control_call(req, false).await?;
-        LockState::decode(rep.data().unwrap_or(&[]))
-            .map_err(|_| ClientError::Io("malformed lock state".into()))
+        let rep = self.control(Op::LockInfo, volume, 0, 0, &[], false).await?;
+        Self::lock_state(&rep)
     }
 
     /// Breaks a volume's lock whoever holds it (a dead node's). Logged by the mapper. The
     /// former holder's map updates are refused from now on. Returns the lock as it was.
     pub async fn break_lock(&self, volume: &str) -> Result<LockState> {
-        let mut req = self.control(Op::Release, volume, CONTROL_BUF)?;
-        req.set_flags(flags::FORCE);
-        let rep = self.control_call(req, false).await?;
-        LockState::decode(rep.data().unwrap_or(&[]))
-            .map_err(|_| ClientError::Io("malformed lock state".into()))
+        let rep = self
+            .send(self.opts.port, self.opts.timeout, || {
+                let mut req = self.build(Op::Release, volume, 0, 0, &[], CONTROL_BUF)?;
+                req.set_flags(flags::FORCE);
+                Ok(req)
+            })
+            .await?;
+        Self::lock_state(&rep)
     }
 
     /// Writes whole blocks of an image at a block-aligned `offset` as content-addressed
@@ -471,7 +535,6 @@ impl VolumeClient {
         offset: u64,
         data: &[u8],
     ) -> Result<ImportReport> {
-        let target = Self::target(volume)?;
         let info = self.info(volume).await?;
         let bs = info.block_size as u64;
         if bs > self.chunk {
@@ -480,29 +543,20 @@ impl VolumeClient {
                 self.chunk
             )));
         }
-        let per = (self.chunk / bs) * bs;
+        offset
+            .checked_add(data.len() as u64)
+            .ok_or_else(|| ClientError::OutOfRange(format!("{offset}+{} overflows", data.len())))?;
+        // Whole blocks per request, as many as a buffer holds.
+        let per = ((self.chunk / bs) * bs) as usize;
         let mut total = ImportReport::default();
-        for (at, n) in self
-            .io_chunks(offset, data.len() as u64)?
-            .flat_map(|(at, n)| {
-                // Re-cut at multiples of the block size so that every request is block-aligned.
-                let end = at + n;
-                let mut v = Vec::new();
-                let mut a = at;
-                while a < end {
-                    let m = per.min(end - a);
-                    v.push((a, m));
-                    a += m;
-                }
-                v
-            })
-        {
-            let mut req = self.client.alloc(Op::Import, target, n.max(CONTROL_BUF))?;
-            let from = (at - offset) as usize;
-            req.write_data(&data[from..from + n as usize])?;
-            req.set_offset(at);
-            req.set_size(n);
-            let rep = self.control_call(req, true).await?;
+        for (k, piece) in data.chunks(per).enumerate() {
+            let at = offset + (k * per) as u64;
+            let n = piece.len() as u64;
+            let rep = self
+                .send(self.opts.port, self.opts.admin_timeout, || {
+                    self.build(Op::Import, volume, at, n, piece, CONTROL_BUF)
+                })
+                .await?;
             let r: ImportReport = Self::counters(&rep)?;
             total.blocks += r.blocks;
             total.zero += r.zero;
@@ -516,8 +570,7 @@ impl VolumeClient {
     /// Converts a snapshot's objects into content-addressed ones, so identical blocks across
     /// all volumes are stored once (after the next GC).
     pub async fn dedup(&self, snapshot: &str) -> Result<DedupReport> {
-        let req = self.control(Op::Dedup, snapshot, CONTROL_BUF)?;
-        let rep = self.control_call(req, true).await?;
+        let rep = self.control(Op::Dedup, snapshot, 0, 0, &[], true).await?;
         Self::counters(&rep)
     }
 
@@ -527,28 +580,26 @@ impl VolumeClient {
     }
 
     pub async fn gc_with(&self, opts: GcRequest) -> Result<GcReport> {
-        let mut req = self.control(Op::Gc, "", CONTROL_BUF)?;
-        let n = opts
-            .encode(req.buffer_mut().map_err(bad_buffer)?)
-            .map_err(bad_buffer)?;
-        req.set_data_len(n as u64)?;
-        let rep = self.control_call(req, true).await?;
+        let mut payload = [0u8; GcRequest::ENCODED];
+        opts.encode(&mut payload).map_err(bad_buffer)?;
+        let rep = self.control(Op::Gc, "", 0, 0, &payload, true).await?;
         Self::counters(&rep)
     }
 
     /// Reads a map back from storage and checks it completely (checksums, entries, and the
     /// mapper's cache against storage).
     pub async fn verify(&self, name: &str) -> Result<VerifyReport> {
-        let req = self.control(Op::Verify, name, CONTROL_BUF)?;
-        let rep = self.control_call(req, true).await?;
+        let rep = self.control(Op::Verify, name, 0, 0, &[], true).await?;
         Self::counters(&rep)
     }
 
     /// Round-trip time of a PING to `port` (see [`Ports`]).
     pub async fn ping(&self, port: u32) -> Result<Duration> {
-        let req = self.client.alloc(Op::Ping, b"", 0)?;
         let start = Instant::now();
-        self.call_to(req, port, self.opts.timeout).await?;
+        self.send(port, self.opts.timeout, || {
+            Ok(self.client.alloc(Op::Ping, b"", 0)?)
+        })
+        .await?;
         Ok(start.elapsed())
     }
 }

@@ -359,9 +359,25 @@ impl Inner {
         let index = req.index();
         let (w, r) = oneshot::channel();
         lock(&self.forwarded).insert(index, w);
-        if let Err((e, req)) = self.port.forward(req, port) {
-            lock(&self.forwarded).remove(&index);
-            return Err((Failure::from(e), Some(req)));
+        let mut req = req;
+        let mut attempt = 0u32;
+        loop {
+            match self.port.forward(req, port) {
+                Ok(()) => break,
+                Err((xseg::Error::QueueFull(_) | xseg::Error::QueueCorrupt(_), back))
+                    if attempt < 1000 =>
+                {
+                    // Momentarily full, or a push that lost a race (see xseg's ring): the
+                    // request came back untouched, so send it again.
+                    attempt += 1;
+                    req = back;
+                    tokio::task::yield_now().await;
+                }
+                Err((e, back)) => {
+                    lock(&self.forwarded).remove(&index);
+                    return Err((Failure::from(e), Some(back)));
+                }
+            }
         }
         match r.await {
             Ok(rep) => Ok(Some(rep)),
@@ -378,12 +394,26 @@ impl Inner {
         r
     }
 
-    /// One call of vlmc's own to the mapper; a failed reply becomes a failure with its message.
-    async fn call(&self, req: Request, port: u32) -> Result<Request, Failure> {
-        let rep = self.client.call(req, port, self.config.timeout).await?;
-        match rep.status() {
-            Status::Ok => Ok(rep),
-            _ => Err(Failure::from_reply(&rep)),
+    /// One call of vlmc's own, for a request `make` can build again; a failed reply becomes a
+    /// failure with its message. A send to a queue that is momentarily full (or reported
+    /// corrupt by a racing producer, see xseg's ring) is retried with a fresh request, because
+    /// `AsyncClient::call` frees a request it could not send.
+    async fn call_again(
+        &self,
+        port: u32,
+        make: impl Fn() -> Result<Request, Failure>,
+    ) -> Result<Request, Failure> {
+        let mut attempt = 0u32;
+        loop {
+            match self.client.call(make()?, port, self.config.timeout).await {
+                Err(xseg::Error::QueueFull(_) | xseg::Error::QueueCorrupt(_)) if attempt < 1000 => {
+                    attempt += 1;
+                    tokio::task::yield_now().await;
+                }
+                Err(e) => return Err(e.into()),
+                Ok(rep) if rep.status() == Status::Ok => return Ok(rep),
+                Ok(rep) => return Err(Failure::from_reply(&rep)),
+            }
         }
     }
 
@@ -391,8 +421,11 @@ impl Inner {
         if !refresh && let Some(m) = *lock(&vol.meta) {
             return Ok(m);
         }
-        let req = self.client.alloc(Op::Info, name.as_bytes(), CONTROL_BUF)?;
-        let rep = self.call(req, self.config.mapper_port).await?;
+        let rep = self
+            .call_again(self.config.mapper_port, || {
+                Ok(self.client.alloc(Op::Info, name.as_bytes(), CONTROL_BUF)?)
+            })
+            .await?;
         let info = VolumeInfo::decode(rep.data()?)?;
         let m = Meta {
             size: info.size,
@@ -461,12 +494,14 @@ impl Inner {
         let blocks = pieces[last].block - pieces[first].block + 1;
         let generation = lock(&vol.cache).generation;
         let op = if write { Op::MapWrite } else { Op::MapRead };
-        let mut req =
-            self.client
-                .alloc(op, name.as_bytes(), (4 + blocks * 300).max(CONTROL_BUF))?;
-        req.set_offset(start);
-        req.set_size(end - start);
-        let rep = self.call(req, self.config.mapper_port).await?;
+        let make = || {
+            let cap = (4 + blocks * 300).max(CONTROL_BUF);
+            let mut req = self.client.alloc(op, name.as_bytes(), cap)?;
+            req.set_offset(start);
+            req.set_size(end - start);
+            Ok(req)
+        };
+        let rep = self.call_again(self.config.mapper_port, make).await?;
         let reply = MapReply::decode(rep.data()?)?;
         let fresh = self.install(vol, &reply, start, bs, generation, write)?;
         for (slot, p) in out.iter_mut().zip(pieces) {
@@ -632,17 +667,26 @@ impl Inner {
                 Mapping::Object { name, .. } => name.clone(),
             };
             let op = if write { Op::Write } else { Op::Read };
-            let mut sub = self.client.alloc(op, object.as_bytes(), p.len)?;
-            if write {
-                let data = &req.data()?[p.at as usize..(p.at + p.len) as usize];
-                sub.write_data(data).map_err(Failure::from)?;
-            }
-            sub.set_offset(p.object_offset);
-            sub.set_size(p.len);
+            // Owned, so that the task can build the sub-request again if sending must be retried.
+            let data = if write {
+                req.data()?[p.at as usize..(p.at + p.len) as usize].to_vec()
+            } else {
+                Vec::new()
+            };
+            let p = *p;
             let me = self.clone();
             calls.spawn(async move {
                 let port = me.config.blocker_port;
-                (i, me.call(sub, port).await)
+                let make = || {
+                    let mut sub = me.client.alloc(op, object.as_bytes(), p.len)?;
+                    if write {
+                        sub.write_data(&data)?;
+                    }
+                    sub.set_offset(p.object_offset);
+                    sub.set_size(p.len);
+                    Ok(sub)
+                };
+                (i, me.call_again(port, make).await)
             });
         }
         let mut first_error = None;
@@ -707,14 +751,15 @@ impl Inner {
         };
         forget();
         let blocks_n = blocks.len() as u64;
-        let mut sub = self.client.alloc(
-            req.op(),
-            name.as_bytes(),
-            (12 + blocks_n.min(4) * 300).max(CONTROL_BUF),
-        )?;
-        sub.set_offset(offset);
-        sub.set_size(len);
-        let rep = self.call(sub, self.config.mapper_port).await;
+        let op = req.op();
+        let make = || {
+            let cap = (12 + blocks_n.min(4) * 300).max(CONTROL_BUF);
+            let mut sub = self.client.alloc(op, name.as_bytes(), cap)?;
+            sub.set_offset(offset);
+            sub.set_size(len);
+            Ok(sub)
+        };
+        let rep = self.call_again(self.config.mapper_port, make).await;
         // Entries changed at the mapper whatever the outcome; replies sent meanwhile are stale.
         forget();
         let rep = rep?;
@@ -725,15 +770,18 @@ impl Inner {
             if e.flags & extent::ZERO != 0 {
                 continue;
             }
-            let mut sub = self.client.alloc(Op::Write, e.object.as_bytes(), e.len)?;
-            sub.buffer_mut()?[..e.len as usize].fill(0);
-            sub.set_data_len(e.len).map_err(Failure::from)?;
-            sub.set_offset(e.offset);
-            sub.set_size(e.len);
             let me = self.clone();
             calls.spawn(async move {
                 let port = me.config.blocker_port;
-                me.call(sub, port).await.map(drop)
+                let make = || {
+                    let mut sub = me.client.alloc(Op::Write, e.object.as_bytes(), e.len)?;
+                    sub.buffer_mut()?[..e.len as usize].fill(0);
+                    sub.set_data_len(e.len)?;
+                    sub.set_offset(e.offset);
+                    sub.set_size(e.len);
+                    Ok(sub)
+                };
+                me.call_again(port, make).await.map(drop)
             });
         }
         let mut first_error = None;
