@@ -11,10 +11,28 @@
 //! checks) and the mapping of our errors to gRPC codes live in [`status`] so
 //! that every RPC enforces them the same way.
 
+pub mod controller;
+pub mod group_controller;
+pub mod health;
 pub mod identity;
+pub mod ids;
+pub mod inflight;
+pub mod meta;
+pub mod params;
 pub mod redact;
 pub mod server;
 pub mod status;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use peers::blocker::{BlockerError, FileBlocker};
+use peers::client::{ClientError, VolumeClient};
+use tonic::service::Routes;
+use xseg::Segment;
+
+pub use controller::{ControllerConfig, ControllerPlugin};
 
 /// Generated CSI v1.12 messages, clients and servers (package `csi.v1`).
 #[allow(
@@ -35,3 +53,78 @@ pub const DRIVER_NAME: &str = "csi.archipelago.io";
 
 /// Reported as `vendor_version` so operators can tell which build answers.
 pub const VENDOR_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Where the controller keeps its records, under a file backend's data
+/// directory (beside the peers' `objects/`).
+pub const RECORDS_DIR: &str = "csi";
+
+/// How `archip controller` runs.
+#[derive(Debug, Clone)]
+pub struct ControllerOptions {
+    /// `unix:///path/to/csi.sock`.
+    pub endpoint: String,
+    /// The node holding the data directory (topology of node-local volumes).
+    pub node_id: String,
+    /// The file backend's data directory (the peer set's `data_dir`).
+    pub data_dir: PathBuf,
+}
+
+/// Why the controller could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// No connection to the peer set.
+    #[error("connecting to the peer set: {0}")]
+    Peers(#[from] ClientError),
+    /// The records directory cannot be opened.
+    #[error("opening the controller records: {0}")]
+    Records(#[from] BlockerError),
+    /// Serving failed.
+    #[error(transparent)]
+    Serve(#[from] server::ServeError),
+}
+
+impl ControllerPlugin {
+    /// A controller over the peers serving `segment`, with its records in
+    /// `<data_dir>/csi`.
+    pub fn open(
+        segment: &Arc<Segment>,
+        node_id: &str,
+        data_dir: PathBuf,
+    ) -> Result<Self, RunError> {
+        let client = Arc::new(VolumeClient::connect(segment)?);
+        let records = FileBlocker::open(data_dir.join(RECORDS_DIR))?;
+        let meta = meta::MetaStore::new(Arc::new(records));
+        Ok(ControllerPlugin::new(
+            client,
+            meta,
+            ControllerConfig::new(node_id, data_dir),
+        ))
+    }
+
+    /// Identity + Controller + GroupController, ready to serve. Add the
+    /// Node service to the result to serve everything on one socket
+    /// (`archip up`).
+    pub fn routes<H: identity::Health>(&self, health: H) -> Routes {
+        Routes::new(identity::IdentityService::new(health).into_server())
+            .add_service(self.controller_server())
+            .add_service(self.group_controller_server())
+    }
+}
+
+/// Serves Identity, Controller and GroupController on `opts.endpoint` over
+/// the peers serving `segment` (a [`peers::peerset::PeerSet`] of this
+/// process, or peers in other processes) until `shutdown` completes.
+pub async fn run_controller<F>(
+    segment: &Arc<Segment>,
+    opts: ControllerOptions,
+    shutdown: F,
+) -> Result<(), RunError>
+where
+    F: Future<Output = ()> + Send,
+{
+    let plugin = ControllerPlugin::open(segment, &opts.node_id, opts.data_dir.clone())?;
+    let routes = plugin.routes(health::PeerSetHealth::new(segment.clone()));
+    tracing::info!(endpoint = %opts.endpoint, node = %opts.node_id, data_dir = %opts.data_dir.display(), "controller starting");
+    server::serve(&opts.endpoint, routes, shutdown).await?;
+    Ok(())
+}

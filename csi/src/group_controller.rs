@@ -1,0 +1,385 @@
+//! The GroupController service: snapshots of several volumes at one point
+//! in time (all the disks of a VM, the data and log volumes of a database).
+//!
+//! A group snapshot is a [`GroupRecord`] plus one ordinary snapshot per
+//! member volume, whose id follows from the group and the volume
+//! ([`ids::group_member_id`]), so a retry finds them. The record is written
+//! first, marked incomplete; then the members are cut; then it is marked
+//! complete. A group found incomplete (a crash or a failure in between) has
+//! its members deleted and cut again together, because members cut at
+//! different moments would not be consistent with each other.
+//!
+//! Consistency: see [`cut_members`].
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use peers::client::ClientError;
+use tonic::{Request, Response, Status};
+
+use crate::controller::{Core, client_error};
+use crate::ids;
+use crate::meta::{GroupRecord, RECORD_VERSION, RecordKind, SnapshotRecord, Stored};
+use crate::params;
+use crate::pb::group_controller_server::{GroupController, GroupControllerServer};
+use crate::pb::group_controller_service_capability::{self, rpc};
+use crate::pb::{
+    CreateVolumeGroupSnapshotRequest, CreateVolumeGroupSnapshotResponse,
+    DeleteVolumeGroupSnapshotRequest, DeleteVolumeGroupSnapshotResponse,
+    GetVolumeGroupSnapshotRequest, GetVolumeGroupSnapshotResponse,
+    GroupControllerGetCapabilitiesRequest, GroupControllerGetCapabilitiesResponse,
+    GroupControllerServiceCapability, VolumeGroupSnapshot,
+};
+use crate::status::{CsiError, CsiResult, check_id, check_name, check_secrets};
+
+/// Most volumes in one group: bounds the work (and the time I/O is held)
+/// of one call.
+pub const MAX_GROUP_MEMBERS: usize = 64;
+
+/// The GroupController service.
+#[derive(Debug, Clone)]
+pub struct GroupControllerService {
+    core: Arc<Core>,
+}
+
+impl GroupControllerService {
+    pub(crate) fn new(core: Arc<Core>) -> Self {
+        Self { core }
+    }
+
+    /// The tonic service.
+    pub fn into_server(self) -> GroupControllerServer<Self> {
+        GroupControllerServer::new(self)
+    }
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Cuts the member snapshots `(volume, snapshot)`.
+///
+/// Each member is cut through vlmc's drain barrier for its volume: I/O
+/// to that volume in flight through this peer set completes, new I/O waits,
+/// the snapshot is taken, I/O resumes. So each member is crash-consistent
+/// on its own, and members are cut in request order one right after the
+/// other. What this does *not* give yet is one instant across members: a
+/// write to a later member issued after an earlier member was cut is in
+/// the later member's snapshot. An application that orders its writes
+/// across volumes (a database's log before its data) stays recoverable if
+/// the log volume is listed first; full write-order consistency needs
+/// vlmc to hold all the members' barriers at once (a group barrier in
+/// peers/src/vlmc.rs), after which this function is the only thing to
+/// change.
+async fn cut_members(core: &Core, members: &[(String, String)]) -> CsiResult<()> {
+    for (volume, snapshot) in members {
+        core.client
+            .snapshot(volume, snapshot)
+            .await
+            .map_err(|e| client_error(&format!("snapshotting {volume}"), e))?;
+    }
+    Ok(())
+}
+
+impl GroupControllerService {
+    async fn response(&self, gid: &str, rec: &GroupRecord) -> CsiResult<VolumeGroupSnapshot> {
+        let mut snapshots = Vec::with_capacity(rec.snapshot_ids.len());
+        for (sid, vid) in rec.snapshot_ids.iter().zip(&rec.source_volume_ids) {
+            let info = self.core.snapshot(sid).await?.ok_or_else(|| {
+                CsiError::Internal(format!(
+                    "group snapshot {gid} lost its member {sid} (of volume {vid})"
+                ))
+            })?;
+            let member = SnapshotRecord {
+                version: RECORD_VERSION,
+                name: String::new(),
+                source_volume_id: vid.clone(),
+                group_id: Some(gid.to_owned()),
+            };
+            snapshots.push(self.core.csi_snapshot(sid, &info, Some(&member)));
+        }
+        Ok(VolumeGroupSnapshot {
+            group_snapshot_id: gid.to_owned(),
+            snapshots,
+            creation_time: Some(prost_types::Timestamp {
+                seconds: rec.created.min(i64::MAX as u64) as i64,
+                nanos: 0,
+            }),
+            ready_to_use: true,
+        })
+    }
+
+    async fn create(
+        &self,
+        req: CreateVolumeGroupSnapshotRequest,
+    ) -> CsiResult<CreateVolumeGroupSnapshotResponse> {
+        check_name("name", &req.name)?;
+        check_secrets("secrets", &req.secrets)?;
+        crate::status::check_map("parameters", &req.parameters)?;
+        let parameters = params::check_snapshot_params(&req.parameters)?;
+        if req.source_volume_ids.is_empty() {
+            return Err(CsiError::missing("source_volume_ids"));
+        }
+        if req.source_volume_ids.len() > MAX_GROUP_MEMBERS {
+            return Err(CsiError::InvalidArgument(format!(
+                "{} source volumes; a group holds at most {MAX_GROUP_MEMBERS}",
+                req.source_volume_ids.len()
+            )));
+        }
+        let mut seen = BTreeSet::new();
+        for (i, v) in req.source_volume_ids.iter().enumerate() {
+            check_id(&format!("source_volume_ids[{i}]"), v)?;
+            if !seen.insert(v.as_str()) {
+                return Err(CsiError::InvalidArgument(format!(
+                    "source_volume_ids lists {v} twice"
+                )));
+            }
+        }
+        let gid = ids::group_id(&req.name);
+        let members: Vec<String> = req
+            .source_volume_ids
+            .iter()
+            .map(|v| ids::group_member_id(&gid, v))
+            .collect();
+        let mut busy: Vec<&str> = vec![&gid];
+        busy.extend(members.iter().map(String::as_str));
+        let _busy = self.core.inflight.begin(&busy)?;
+
+        let existing = self
+            .core
+            .meta
+            .get::<GroupRecord>(RecordKind::Group, &gid)
+            .await?;
+        if let Some(Stored { record, .. }) = &existing {
+            let old: BTreeSet<&str> = record
+                .source_volume_ids
+                .iter()
+                .map(String::as_str)
+                .collect();
+            if old != seen || record.parameters != parameters || record.name != req.name {
+                return Err(CsiError::AlreadyExists(format!(
+                    "group snapshot {:?} exists with other source volumes or parameters",
+                    req.name
+                )));
+            }
+            if record.complete {
+                return Ok(CreateVolumeGroupSnapshotResponse {
+                    group_snapshot: Some(self.response(&gid, record).await?),
+                });
+            }
+        }
+        for v in &req.source_volume_ids {
+            if self.core.volume(v).await?.is_none() {
+                return Err(CsiError::NotFound(format!(
+                    "source volume {v} does not exist"
+                )));
+            }
+        }
+        // Intent first: from here a crash leaves an incomplete record that
+        // the retry finishes (or DeleteVolumeGroupSnapshot cleans up).
+        let mut record = GroupRecord {
+            version: RECORD_VERSION,
+            name: req.name.clone(),
+            source_volume_ids: req.source_volume_ids.clone(),
+            snapshot_ids: members.clone(),
+            parameters,
+            complete: false,
+            created: 0,
+        };
+        let mut version = self
+            .core
+            .meta
+            .put(
+                RecordKind::Group,
+                &gid,
+                &record,
+                existing.as_ref().map(|s| s.version),
+            )
+            .await?;
+        for (vid, sid) in req.source_volume_ids.iter().zip(&members) {
+            // Left over from an interrupted attempt: not consistent with
+            // the members about to be cut.
+            if let Some(stale) = self.core.snapshot(sid).await? {
+                match self.core.client.delete(&stale.name).await {
+                    Ok(()) | Err(ClientError::NotFound(_)) => {}
+                    Err(e) => return Err(client_error(&format!("removing stale member {sid}"), e)),
+                }
+            }
+            let member = SnapshotRecord {
+                version: RECORD_VERSION,
+                name: String::new(),
+                source_volume_id: vid.clone(),
+                group_id: Some(gid.clone()),
+            };
+            let prior = self
+                .core
+                .meta
+                .get::<SnapshotRecord>(RecordKind::Snapshot, sid)
+                .await?
+                .map(|s| s.version);
+            self.core
+                .meta
+                .put(RecordKind::Snapshot, sid, &member, prior)
+                .await?;
+        }
+        let pairs: Vec<(String, String)> = req
+            .source_volume_ids
+            .iter()
+            .cloned()
+            .zip(members.iter().cloned())
+            .collect();
+        cut_members(&self.core, &pairs).await?;
+        record.complete = true;
+        record.created = now_secs();
+        version = self
+            .core
+            .meta
+            .put(RecordKind::Group, &gid, &record, Some(version))
+            .await?;
+        tracing::info!(group = %gid, name = %req.name, members = members.len(), version, "group snapshot created");
+        Ok(CreateVolumeGroupSnapshotResponse {
+            group_snapshot: Some(self.response(&gid, &record).await?),
+        })
+    }
+
+    /// Checks a request's `snapshot_ids` against the group's members: the
+    /// spec wants INVALID_ARGUMENT when they do not match.
+    fn check_members(gid: &str, given: &[String], rec: &GroupRecord) -> CsiResult<()> {
+        for (i, s) in given.iter().enumerate() {
+            check_id(&format!("snapshot_ids[{i}]"), s)?;
+        }
+        if given.is_empty() {
+            return Ok(());
+        }
+        let given: BTreeSet<&str> = given.iter().map(String::as_str).collect();
+        let ours: BTreeSet<&str> = rec.snapshot_ids.iter().map(String::as_str).collect();
+        if given != ours {
+            return Err(CsiError::InvalidArgument(format!(
+                "snapshot_ids do not match the members of group snapshot {gid}"
+            )));
+        }
+        Ok(())
+    }
+
+    async fn delete(
+        &self,
+        req: DeleteVolumeGroupSnapshotRequest,
+    ) -> CsiResult<DeleteVolumeGroupSnapshotResponse> {
+        check_id("group_snapshot_id", &req.group_snapshot_id)?;
+        check_secrets("secrets", &req.secrets)?;
+        let gid = req.group_snapshot_id.as_str();
+        let _busy = self.core.inflight.begin(&[gid])?;
+        let Some(Stored { record, .. }) = self
+            .core
+            .meta
+            .get::<GroupRecord>(RecordKind::Group, gid)
+            .await?
+        else {
+            for (i, s) in req.snapshot_ids.iter().enumerate() {
+                check_id(&format!("snapshot_ids[{i}]"), s)?;
+            }
+            return Ok(DeleteVolumeGroupSnapshotResponse {});
+        };
+        Self::check_members(gid, &req.snapshot_ids, &record)?;
+        for sid in &record.snapshot_ids {
+            if let Some(info) = self.core.snapshot(sid).await? {
+                match self.core.client.delete(&info.name).await {
+                    Ok(()) | Err(ClientError::NotFound(_)) => {}
+                    Err(e) => return Err(client_error(&format!("deleting member {sid}"), e)),
+                }
+            }
+            self.core.meta.delete(RecordKind::Snapshot, sid).await?;
+        }
+        self.core.meta.delete(RecordKind::Group, gid).await?;
+        tracing::info!(group = %gid, "group snapshot deleted");
+        Ok(DeleteVolumeGroupSnapshotResponse {})
+    }
+
+    async fn get(
+        &self,
+        req: GetVolumeGroupSnapshotRequest,
+    ) -> CsiResult<GetVolumeGroupSnapshotResponse> {
+        check_id("group_snapshot_id", &req.group_snapshot_id)?;
+        check_secrets("secrets", &req.secrets)?;
+        let gid = req.group_snapshot_id.as_str();
+        let record = match self
+            .core
+            .meta
+            .get::<GroupRecord>(RecordKind::Group, gid)
+            .await?
+        {
+            Some(Stored { record, .. }) if record.complete => record,
+            _ => {
+                return Err(CsiError::NotFound(format!(
+                    "group snapshot {gid} does not exist"
+                )));
+            }
+        };
+        Self::check_members(gid, &req.snapshot_ids, &record)?;
+        Ok(GetVolumeGroupSnapshotResponse {
+            group_snapshot: Some(self.response(gid, &record).await?),
+        })
+    }
+}
+
+async fn answer<T>(
+    rpc: &'static str,
+    f: impl std::future::Future<Output = CsiResult<T>>,
+) -> Result<Response<T>, Status> {
+    match f.await {
+        Ok(r) => Ok(Response::new(r)),
+        Err(e) => {
+            tracing::debug!(rpc, code = ?e.code(), error = %e, "rpc failed");
+            Err(e.into())
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl GroupController for GroupControllerService {
+    async fn group_controller_get_capabilities(
+        &self,
+        _request: Request<GroupControllerGetCapabilitiesRequest>,
+    ) -> Result<Response<GroupControllerGetCapabilitiesResponse>, Status> {
+        Ok(Response::new(GroupControllerGetCapabilitiesResponse {
+            capabilities: vec![GroupControllerServiceCapability {
+                r#type: Some(group_controller_service_capability::Type::Rpc(
+                    group_controller_service_capability::Rpc {
+                        r#type: rpc::Type::CreateDeleteGetVolumeGroupSnapshot as i32,
+                    },
+                )),
+            }],
+        }))
+    }
+
+    async fn create_volume_group_snapshot(
+        &self,
+        request: Request<CreateVolumeGroupSnapshotRequest>,
+    ) -> Result<Response<CreateVolumeGroupSnapshotResponse>, Status> {
+        answer(
+            "CreateVolumeGroupSnapshot",
+            self.create(request.into_inner()),
+        )
+        .await
+    }
+
+    async fn delete_volume_group_snapshot(
+        &self,
+        request: Request<DeleteVolumeGroupSnapshotRequest>,
+    ) -> Result<Response<DeleteVolumeGroupSnapshotResponse>, Status> {
+        answer(
+            "DeleteVolumeGroupSnapshot",
+            self.delete(request.into_inner()),
+        )
+        .await
+    }
+
+    async fn get_volume_group_snapshot(
+        &self,
+        request: Request<GetVolumeGroupSnapshotRequest>,
+    ) -> Result<Response<GetVolumeGroupSnapshotResponse>, Status> {
+        answer("GetVolumeGroupSnapshot", self.get(request.into_inner())).await
+    }
+}

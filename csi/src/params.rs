@@ -1,0 +1,255 @@
+//! StorageClass, VolumeSnapshotClass and VolumeAttributesClass parameters.
+//!
+//! Every key is checked and an unknown one is refused with
+//! INVALID_ARGUMENT: a misspelt `blocksize` silently ignored would give
+//! volumes a layout nobody asked for, and a QoS key silently dropped is how
+//! one driver cleared every limit by accident (ceph-csi#6443). Keys under
+//! `csi.storage.k8s.io/` are the CO's own (the external-provisioner passes
+//! the PVC name and namespace there, and strips the secret references) and
+//! are accepted and ignored.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::status::{CsiError, CsiResult, SUPPORTED_FS_TYPES};
+
+/// Parameter: which backend holds the volume. Only `file` exists today.
+pub const BACKEND: &str = "backend";
+/// Parameter: bytes per block (data object), a power of two from 4 KiB to
+/// 64 MiB; suffixes `Ki`, `Mi` are accepted.
+pub const BLOCK_SIZE: &str = "blockSize";
+/// Parameter: the filesystem the node service creates (ext4 or xfs),
+/// handed to it through the volume context.
+pub const FS_TYPE: &str = "fsType";
+/// Parameter: `"true"` when the file backend's directory is on a
+/// filesystem every node mounts, so volumes are reachable from every node.
+pub const SHARED: &str = "shared";
+
+/// Mutable parameter: a per-volume IOPS limit (`0` = none).
+pub const QOS_IOPS: &str = "qosIops";
+/// Mutable parameter: a per-volume bandwidth limit in bytes per second
+/// (`0` = none).
+pub const QOS_BANDWIDTH: &str = "qosBandwidth";
+
+/// Keys reserved for the CO.
+pub const CO_PREFIX: &str = "csi.storage.k8s.io/";
+
+/// The storage backends a volume can live on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// One file per object under a directory.
+    File,
+}
+
+/// Validated CreateVolume / GetCapacity parameters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeParams {
+    /// The backend.
+    pub backend: Backend,
+    /// Block size, if the class sets one (else the source's, or 4 MiB).
+    pub block_size: Option<u32>,
+    /// Filesystem for mount volumes, if the class sets one.
+    pub fs_type: Option<String>,
+    /// Whether the directory is reachable from every node.
+    pub shared: bool,
+    /// The parameters as given, minus the CO's keys: what a retried
+    /// CreateVolume is compared against.
+    pub canonical: BTreeMap<String, String>,
+}
+
+/// Smallest and largest block sizes the mapper accepts.
+pub const MIN_BLOCK_SIZE: u64 = 4 << 10;
+/// See [`MIN_BLOCK_SIZE`].
+pub const MAX_BLOCK_SIZE: u64 = 64 << 20;
+/// Block size of a volume whose class does not choose one.
+pub const DEFAULT_BLOCK_SIZE: u64 = 4 << 20;
+
+/// The parameters without the CO's own keys, sorted.
+pub fn canonical(params: &HashMap<String, String>) -> BTreeMap<String, String> {
+    params
+        .iter()
+        .filter(|(k, _)| !k.starts_with(CO_PREFIX))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+fn parse_size(key: &str, value: &str) -> CsiResult<u64> {
+    let (digits, unit) = match value {
+        v if v.ends_with("Ki") => (&v[..v.len() - 2], 1u64 << 10),
+        v if v.ends_with("Mi") => (&v[..v.len() - 2], 1u64 << 20),
+        v => (v, 1),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(unit))
+        .ok_or_else(|| {
+            CsiError::InvalidArgument(format!(
+                "parameter {key}={value:?} is not a size (bytes, or a number with Ki or Mi)"
+            ))
+        })
+}
+
+fn parse_bool(key: &str, value: &str) -> CsiResult<bool> {
+    match value {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        _ => Err(CsiError::InvalidArgument(format!(
+            "parameter {key}={value:?} must be \"true\" or \"false\""
+        ))),
+    }
+}
+
+impl VolumeParams {
+    /// Parses and checks StorageClass parameters.
+    pub fn parse(params: &HashMap<String, String>) -> CsiResult<Self> {
+        let canonical = canonical(params);
+        let mut out = VolumeParams {
+            backend: Backend::File,
+            block_size: None,
+            fs_type: None,
+            shared: false,
+            canonical,
+        };
+        for (key, value) in &out.canonical {
+            match key.as_str() {
+                BACKEND => match value.as_str() {
+                    "file" => out.backend = Backend::File,
+                    other => {
+                        return Err(CsiError::InvalidArgument(format!(
+                            "parameter {BACKEND}={other:?}: this controller serves the \"file\" backend only"
+                        )));
+                    }
+                },
+                BLOCK_SIZE => {
+                    let bs = parse_size(key, value)?;
+                    if !bs.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&bs) {
+                        return Err(CsiError::InvalidArgument(format!(
+                            "parameter {BLOCK_SIZE}={value:?}: a power of two from 4Ki to 64Mi is required"
+                        )));
+                    }
+                    out.block_size = Some(bs as u32);
+                }
+                FS_TYPE => {
+                    if !SUPPORTED_FS_TYPES.contains(&value.as_str()) {
+                        return Err(CsiError::InvalidArgument(format!(
+                            "parameter {FS_TYPE}={value:?}: use one of {SUPPORTED_FS_TYPES:?}"
+                        )));
+                    }
+                    out.fs_type = Some(value.clone());
+                }
+                SHARED => out.shared = parse_bool(key, value)?,
+                other => {
+                    return Err(CsiError::InvalidArgument(format!(
+                        "unknown parameter {other:?} (known: {BACKEND}, {BLOCK_SIZE}, {FS_TYPE}, {SHARED})"
+                    )));
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Validated mutable parameters: every key known and every value valid, or
+/// an error and nothing to apply.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MutableParams(pub BTreeMap<String, String>);
+
+impl MutableParams {
+    /// Parses ControllerModifyVolume (or CreateVolume) mutable parameters.
+    pub fn parse(params: &HashMap<String, String>) -> CsiResult<Self> {
+        let mut out = BTreeMap::new();
+        for (key, value) in params {
+            match key.as_str() {
+                QOS_IOPS | QOS_BANDWIDTH => {
+                    value.parse::<u64>().map_err(|_| {
+                        CsiError::InvalidArgument(format!(
+                            "mutable parameter {key}={value:?} must be a non-negative integer"
+                        ))
+                    })?;
+                }
+                other => {
+                    return Err(CsiError::InvalidArgument(format!(
+                        "unknown mutable parameter {other:?} (known: {QOS_IOPS}, {QOS_BANDWIDTH}); nothing was changed"
+                    )));
+                }
+            }
+            out.insert(key.clone(), value.clone());
+        }
+        Ok(MutableParams(out))
+    }
+}
+
+/// Checks VolumeSnapshotClass / VolumeGroupSnapshotClass parameters: there
+/// are none of ours yet, so anything but the CO's keys is refused.
+pub fn check_snapshot_params(
+    params: &HashMap<String, String>,
+) -> CsiResult<BTreeMap<String, String>> {
+    let canonical = canonical(params);
+    if let Some(key) = canonical.keys().next() {
+        return Err(CsiError::InvalidArgument(format!(
+            "unknown snapshot parameter {key:?}: snapshot classes take no parameters"
+        )));
+    }
+    Ok(canonical)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn volume_params() {
+        let p = VolumeParams::parse(&map(&[
+            ("blockSize", "64Ki"),
+            ("fsType", "xfs"),
+            ("shared", "true"),
+            ("csi.storage.k8s.io/pvc/name", "data"),
+        ]))
+        .unwrap();
+        assert_eq!(p.block_size, Some(64 << 10));
+        assert_eq!(p.fs_type.as_deref(), Some("xfs"));
+        assert!(p.shared);
+        assert_eq!(
+            p.canonical.len(),
+            3,
+            "the CO's key is not part of the identity"
+        );
+        assert_eq!(VolumeParams::parse(&map(&[])).unwrap().block_size, None);
+        for bad in [
+            ("blockSize", "3000"),
+            ("blockSize", "128Mi"),
+            ("blockSize", "lots"),
+            ("fsType", "btrfs"),
+            ("shared", "yes"),
+            ("backend", "rados"),
+            ("blocksize", "4Ki"),
+        ] {
+            let e = VolumeParams::parse(&map(&[bad])).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn mutable_params_are_all_or_nothing() {
+        let ok = MutableParams::parse(&map(&[("qosIops", "100")])).unwrap();
+        assert_eq!(ok.0.get("qosIops").map(String::as_str), Some("100"));
+        let e = MutableParams::parse(&map(&[("qosIops", "100"), ("colour", "red")])).unwrap_err();
+        assert!(e.to_string().contains("colour"));
+        assert!(MutableParams::parse(&map(&[("qosBandwidth", "-1")])).is_err());
+    }
+
+    #[test]
+    fn snapshot_params() {
+        assert!(
+            check_snapshot_params(&map(&[("csi.storage.k8s.io/volumesnapshot/name", "x")])).is_ok()
+        );
+        assert!(check_snapshot_params(&map(&[("compress", "true")])).is_err());
+    }
+}
