@@ -1,4 +1,13 @@
-//! `archip`: command-line parsing and dispatch only; the work lives in the crates.
+//! `archip`: command-line parsing and dispatch only; the work lives in the crates and in one
+//! module per command group under `cli/`. Adding a command is one [`Command`] variant and one
+//! line in [`run`].
+
+mod cli;
+mod control;
+mod size;
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
@@ -6,15 +15,54 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "archip",
     version,
-    about = "Copy-on-write volumes over xseg, ublk and CSI"
+    about = "Copy-on-write volumes over xseg, ublk and CSI",
+    after_help = "Start the peers with `archip up`; every other command talks to it over its \
+                  control socket. Exit codes: 0 ok, 1 failed, 2 bad input (nothing changed), \
+                  3 no `archip up` running."
 )]
 struct Cli {
+    #[command(flatten)]
+    instance: cli::Instance,
+    /// Print results as JSON.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Start the segment and all peers, and serve the control socket, in the foreground.
+    Up(cli::up::UpArgs),
+    /// Run one peer (blocker, mapper or vlmc) as its own process.
+    Peer(cli::up::PeerArgs),
+    /// Create, list, inspect, grow and delete volumes.
+    Volume {
+        #[command(subcommand)]
+        cmd: cli::volume::VolumeCmd,
+    },
+    /// Take, list and delete snapshots.
+    Snapshot {
+        #[command(subcommand)]
+        cmd: cli::volume::SnapshotCmd,
+    },
+    /// Make a writable copy-on-write clone of a snapshot or volume.
+    Clone(cli::volume::CloneArgs),
+    /// Write a raw image into a volume (zero blocks skipped, identical blocks stored once).
+    Import(cli::image::ImportArgs),
+    /// Write a volume or snapshot out as a sparse raw image.
+    Export(cli::image::ExportArgs),
+    /// Store a snapshot's blocks content-addressed, so identical data is kept once.
+    Dedup(cli::admin::DedupArgs),
+    /// Reclaim objects no volume or snapshot references.
+    Gc(cli::admin::GcArgs),
+    /// Inspect or break volume locks.
+    Lock {
+        #[command(subcommand)]
+        cmd: cli::admin::LockCmd,
+    },
+    /// Peers, their PING latency, and per-port counters and service times.
+    Status,
     /// Measure a part of the system against a baseline in the same run; prints JSON.
     Bench {
         #[command(subcommand)]
@@ -32,18 +80,52 @@ enum Bench {
     },
 }
 
-fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let cli = Cli::parse();
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let ctx = cli::Context {
+        instance: cli.instance,
+        json: cli.json,
+    };
     match cli.command {
+        Command::Up(args) => cli::up::up(&ctx.instance, &args),
+        Command::Peer(args) => cli::up::peer(&ctx.instance, &args),
+        Command::Volume { cmd } => cli::volume::volume(&ctx, cmd),
+        Command::Snapshot { cmd } => cli::volume::snapshot(&ctx, cmd),
+        Command::Clone(args) => cli::volume::clone(&ctx, args),
+        Command::Import(args) => cli::image::import(&ctx, args),
+        Command::Export(args) => cli::image::export(&ctx, args),
+        Command::Dedup(args) => cli::admin::dedup(&ctx, args),
+        Command::Gc(args) => cli::admin::gc(&ctx, args),
+        Command::Lock { cmd } => cli::admin::lock(&ctx, cmd),
+        Command::Status => cli::admin::status(&ctx),
         Command::Bench { what } => match what {
-            Bench::Xseg { requests } => println!("{}", xseg::bench::run(requests)),
+            Bench::Xseg { requests } => {
+                println!("{}", xseg::bench::run(requests));
+                Ok(())
+            }
         },
     }
-    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The long-running commands log at info; the others only say what went wrong.
+    let default_level = match cli.command {
+        Command::Up(_) | Command::Peer(_) | Command::Bench { .. } => "info",
+        _ => "warn",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default_level.into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("archip: error: {e:#}");
+            ExitCode::from(cli::exit_code(&e))
+        }
+    }
 }

@@ -1,0 +1,216 @@
+//! What every command shares: finding the instance (data directory, segment, node, control
+//! socket), checking names before they are sent, printing results, and exit codes.
+//!
+//! One file per command group: [`up`] (`up`, `peer`), [`volume`] (`volume`, `snapshot`,
+//! `clone`), [`image`] (`import`, `export`), [`admin`] (`dedup`, `gc`, `lock`, `status`).
+
+pub mod admin;
+pub mod image;
+pub mod up;
+pub mod volume;
+
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+
+use crate::control::client::{NotRunning, Refused};
+
+/// The instance a command talks to (or `up` starts). Every flag has an environment variable,
+/// so that one `export ARCHIP_DATA_DIR=...` points every later command at the same instance.
+#[derive(Args, Clone, Debug, Default)]
+pub struct Instance {
+    /// Data directory (objects under DIR/objects). Default: $XDG_DATA_HOME/archipelago, else
+    /// ~/.local/share/archipelago, else ./archip-data.
+    #[arg(long, global = true, env = "ARCHIP_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Shared-memory segment: a name under /dev/shm, or a path. Default: archipelago.
+    #[arg(long, global = true, env = "ARCHIP_SEGMENT", value_name = "NAME")]
+    pub segment: Option<String>,
+    /// This node's identity, recorded in the volume locks it takes. Default: the host name.
+    #[arg(long, global = true, env = "ARCHIP_NODE", value_name = "ID")]
+    pub node: Option<String>,
+    /// Control socket of `archip up`. Default: DATA_DIR/control.sock.
+    #[arg(long, global = true, env = "ARCHIP_CONTROL", value_name = "PATH")]
+    pub control: Option<PathBuf>,
+}
+
+pub const DEFAULT_SEGMENT: &str = "archipelago";
+
+impl Instance {
+    pub fn data_dir(&self) -> PathBuf {
+        if let Some(d) = &self.data_dir {
+            return d.clone();
+        }
+        let env = |k| {
+            std::env::var_os(k)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
+        if let Some(x) = env("XDG_DATA_HOME") {
+            return x.join("archipelago");
+        }
+        if let Some(h) = env("HOME") {
+            return h.join(".local/share/archipelago");
+        }
+        PathBuf::from("archip-data")
+    }
+
+    pub fn segment(&self) -> String {
+        self.segment
+            .clone()
+            .unwrap_or_else(|| DEFAULT_SEGMENT.to_string())
+    }
+
+    pub fn node(&self) -> String {
+        self.node.clone().unwrap_or_else(default_node)
+    }
+
+    pub fn control(&self) -> PathBuf {
+        self.control
+            .clone()
+            .unwrap_or_else(|| self.data_dir().join("control.sock"))
+    }
+}
+
+/// The host name, cut to the characters a lock owner may hold.
+fn default_node() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: `buf` is valid for `buf.len()` bytes; gethostname writes at most that many.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let name = if rc == 0 {
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    } else {
+        String::new()
+    };
+    let name: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(128)
+        .collect();
+    if name.is_empty() {
+        "localhost".into()
+    } else {
+        name
+    }
+}
+
+/// What a command needs besides its own arguments.
+pub struct Context {
+    pub instance: Instance,
+    /// Print results as JSON instead of text.
+    pub json: bool,
+}
+
+impl Context {
+    pub fn socket(&self) -> PathBuf {
+        self.instance.control()
+    }
+}
+
+/// Checks a volume or snapshot name with the peers' rules, so a bad name never reaches them.
+pub fn check_name(what: &str, name: &str) -> Result<(), Refused> {
+    match peers::map::volume_name_problem(name) {
+        None => Ok(()),
+        Some(reason) => Err(Refused::invalid(format!(
+            "invalid {what} name {name:?}: {reason}"
+        ))),
+    }
+}
+
+/// Prints `value` as pretty JSON.
+pub fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// Exit codes: 0 success; 1 the operation failed; 2 bad input (refused before anything was
+/// changed: a bad name, size or argument); 3 no `archip up` answers at the control socket.
+pub fn exit_code(e: &anyhow::Error) -> u8 {
+    for cause in e.chain() {
+        if cause.is::<NotRunning>() {
+            return 3;
+        }
+        if let Some(r) = cause.downcast_ref::<Refused>() {
+            return if r.kind.is_bad_input() { 2 } else { 1 };
+        }
+        if cause.is::<crate::size::BadSize>() {
+            return 2;
+        }
+    }
+    1
+}
+
+/// UTC `YYYY-MM-DD HH:MM:SS` for a Unix time, without a date library.
+pub fn utc(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Howard Hinnant's days-to-civil.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// A path made absolute against the current directory, for messages and for `up`'s socket.
+pub fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked_like_the_peers_do() {
+        for bad in [
+            "", "a/b", "..", "a..b", "x\0y", "-x", ".x", "vol.tmp", "vol.lock", "sp ace",
+        ] {
+            assert!(check_name("volume", bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(check_name("volume", &"a".repeat(129)).is_err());
+        assert!(check_name("volume", &"a".repeat(128)).is_ok());
+        for good in ["db", "db-1", "pvc_0.snap", "0abc"] {
+            assert!(check_name("volume", good).is_ok(), "{good:?} refused");
+        }
+        let e = check_name("snapshot", "a/b").unwrap_err();
+        assert!(e.message.contains("invalid snapshot name \"a/b\""), "{e}");
+    }
+
+    #[test]
+    fn utc_dates() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00");
+        assert_eq!(utc(1_700_000_000), "2023-11-14 22:13:20");
+        assert_eq!(utc(951_782_400), "2000-02-29 00:00:00");
+    }
+
+    #[test]
+    fn exit_codes_follow_the_error_class() {
+        let bad: anyhow::Error = Refused::invalid("x").into();
+        assert_eq!(exit_code(&bad), 2);
+        let gone: anyhow::Error = NotRunning {
+            socket: "/s".into(),
+            source: std::io::ErrorKind::NotFound.into(),
+        }
+        .into();
+        assert_eq!(exit_code(&gone.context("while listing")), 3);
+        assert_eq!(exit_code(&anyhow::anyhow!("other")), 1);
+    }
+}

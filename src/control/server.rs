@@ -1,0 +1,641 @@
+//! The control socket server of `archip up`: executes each request through the one shared
+//! [`VolumeClient`] of the process (one xseg port, many requests in flight), so commands see
+//! exactly what the peers and the CSI services see.
+//!
+//! Every request is checked here before it reaches the peers (names, sizes, kinds), and the
+//! peers check again: a bad request fails with a typed [`ErrorKind`] and changes nothing.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use peers::client::{ClientError, GcRequest, VolumeClient, VolumeKind};
+use serde::Serialize;
+use tokio::io::{
+    AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader,
+};
+use tokio::net::{UnixListener, UnixStream};
+use xseg::Segment;
+
+use super::protocol::{
+    DedupSummary, Envelope, ErrorKind, ExportSummary, Frame, GcSummary, ImportSummary, Lock,
+    MAX_FRAME, MAX_LINE, PeerStatus, PortStatus, Reply, Request, Status, VERSION, Volume,
+};
+
+/// What a request failed with, as sent to the client.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub kind: ErrorKind,
+    pub message: String,
+    pub holder: Option<String>,
+}
+
+impl Failure {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Failure {
+            kind,
+            message: message.into(),
+            holder: None,
+        }
+    }
+
+    fn reply(self) -> Reply {
+        Reply::Error {
+            kind: self.kind,
+            message: self.message,
+            holder: self.holder,
+        }
+    }
+}
+
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Self {
+        let kind = match &e {
+            ClientError::NotFound(_) => ErrorKind::NotFound,
+            ClientError::AlreadyExists(_) => ErrorKind::AlreadyExists,
+            ClientError::InvalidArgument(_) => ErrorKind::InvalidArgument,
+            ClientError::Locked { .. } => ErrorKind::Locked,
+            ClientError::OutOfRange(_) => ErrorKind::OutOfRange,
+            ClientError::ReadOnly(_) => ErrorKind::ReadOnly,
+            ClientError::Fenced(_) => ErrorKind::Fenced,
+            ClientError::PeerGone(_) => ErrorKind::PeerGone,
+            ClientError::Timeout(_) => ErrorKind::Timeout,
+            ClientError::Io(_) | ClientError::Transport(_) => ErrorKind::Io,
+        };
+        let holder = match &e {
+            ClientError::Locked { holder, .. } if !holder.is_empty() => Some(holder.clone()),
+            _ => None,
+        };
+        Failure {
+            kind,
+            message: e.to_string(),
+            holder,
+        }
+    }
+}
+
+impl From<std::io::Error> for Failure {
+    fn from(e: std::io::Error) -> Self {
+        Failure::new(ErrorKind::Protocol, format!("control connection: {e}"))
+    }
+}
+
+type Outcome<T> = Result<T, Failure>;
+
+/// The state every connection shares.
+pub struct Server {
+    pub client: VolumeClient,
+    pub segment: Arc<Segment>,
+    pub node: String,
+    pub data_dir: PathBuf,
+}
+
+/// Accepts connections until `shutdown` resolves; each connection is one task.
+pub async fn serve(
+    listener: UnixListener,
+    server: Arc<Server>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let server = server.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = connection(server, stream).await {
+                            tracing::debug!(error = %e, "control connection ended early");
+                        }
+                    });
+                }
+                Err(e) => {
+                    // Out of descriptors, say: back off a little rather than spin.
+                    tracing::warn!(error = %e, "accepting a control connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+}
+
+/// Reads one `\n`-terminated line of at most [`MAX_LINE`] bytes; `None` at a clean EOF.
+pub async fn read_line<R: AsyncBufRead + Unpin>(r: &mut R) -> std::io::Result<Option<Vec<u8>>> {
+    let mut line = Vec::new();
+    let n = r
+        .take(MAX_LINE as u64 + 1)
+        .read_until(b'\n', &mut line)
+        .await?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if line.last() != Some(&b'\n') {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "line too long or cut short",
+        ));
+    }
+    line.pop();
+    Ok(Some(line))
+}
+
+async fn send<W: AsyncWrite + Unpin>(w: &mut W, reply: &Reply) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(reply).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    w.write_all(&line).await
+}
+
+/// Parses the request line, checking the version before the shape so that a newer client gets
+/// "version" rather than a confusing parse error.
+fn parse_request(line: &[u8]) -> Outcome<Request> {
+    let value: serde_json::Value = serde_json::from_slice(line)
+        .map_err(|e| Failure::new(ErrorKind::Protocol, format!("request is not JSON: {e}")))?;
+    match value.get("v").and_then(serde_json::Value::as_u64) {
+        Some(v) if v == u64::from(VERSION) => {}
+        v => {
+            return Err(Failure::new(
+                ErrorKind::Version,
+                format!(
+                    "control protocol version {} is not supported by this archip up (it speaks {VERSION})",
+                    v.map_or("<missing>".to_string(), |v| v.to_string())
+                ),
+            ));
+        }
+    }
+    let env: Envelope = serde_json::from_value(value)
+        .map_err(|e| Failure::new(ErrorKind::Protocol, format!("bad request: {e}")))?;
+    Ok(env.request)
+}
+
+async fn connection(server: Arc<Server>, stream: UnixStream) -> std::io::Result<()> {
+    let (r, mut w) = stream.into_split();
+    let mut r = BufReader::with_capacity(1 << 20, r);
+    let Some(line) = read_line(&mut r).await? else {
+        return Ok(());
+    };
+    let request = match parse_request(&line) {
+        Ok(r) => r,
+        Err(f) => return send(&mut w, &f.reply()).await,
+    };
+    let reply = match request {
+        Request::Import {
+            volume,
+            image_size,
+            size,
+        } => server
+            .import(&volume, image_size, size, &mut r, &mut w)
+            .await
+            .and_then(to_value),
+        Request::Export { volume } => server.export(&volume, &mut w).await.and_then(to_value),
+        other => server.execute(other).await,
+    };
+    let reply = match reply {
+        Ok(value) => Reply::Ok { value },
+        Err(f) => f.reply(),
+    };
+    send(&mut w, &reply).await?;
+    w.shutdown().await
+}
+
+fn to_value<T: Serialize>(v: T) -> Outcome<serde_json::Value> {
+    serde_json::to_value(v).map_err(|e| Failure::new(ErrorKind::Io, e.to_string()))
+}
+
+/// The name rules of the peers, checked here first for a clear message.
+pub fn check_name(name: &str) -> Outcome<()> {
+    match peers::map::volume_name_problem(name) {
+        None => Ok(()),
+        Some(reason) => Err(Failure::new(
+            ErrorKind::InvalidArgument,
+            format!("invalid name {name:?}: {reason}"),
+        )),
+    }
+}
+
+fn check_size(size: u64) -> Outcome<()> {
+    if size == 0 {
+        return Err(Failure::new(
+            ErrorKind::InvalidArgument,
+            "size must be positive",
+        ));
+    }
+    Ok(())
+}
+
+impl Server {
+    async fn info(&self, name: &str) -> Outcome<Volume> {
+        check_name(name)?;
+        Ok(self.client.info(name).await?.into())
+    }
+
+    async fn execute(&self, request: Request) -> Outcome<serde_json::Value> {
+        let c = &self.client;
+        match request {
+            Request::Status => to_value(self.status().await?),
+            Request::VolumeCreate {
+                name,
+                size,
+                block_size,
+            } => {
+                check_name(&name)?;
+                check_size(size)?;
+                to_value(Volume::from(c.create(&name, size, block_size).await?))
+            }
+            Request::VolumeList => {
+                let all = c.list().await?;
+                to_value(
+                    all.into_iter()
+                        .filter(|v| v.kind == VolumeKind::Volume)
+                        .map(Volume::from)
+                        .collect::<Vec<_>>(),
+                )
+            }
+            Request::VolumeInfo { name } => to_value(self.info(&name).await?),
+            Request::VolumeResize { name, size } => {
+                check_size(size)?;
+                let v = self.info(&name).await?;
+                if v.is_snapshot() {
+                    return Err(Failure::new(
+                        ErrorKind::ReadOnly,
+                        format!("{name} is a snapshot; snapshots cannot be resized"),
+                    ));
+                }
+                if size < v.size {
+                    return Err(Failure::new(
+                        ErrorKind::OutOfRange,
+                        format!(
+                            "volume {name} is {} bytes; shrinking to {size} bytes is refused (volumes only grow)",
+                            v.size
+                        ),
+                    ));
+                }
+                to_value(Volume::from(c.resize(&name, size).await?))
+            }
+            Request::VolumeDelete { name } => {
+                let v = self.info(&name).await?;
+                if v.is_snapshot() {
+                    return Err(Failure::new(
+                        ErrorKind::InvalidArgument,
+                        format!(
+                            "{name} is a snapshot; delete it with `archip snapshot delete {name}`"
+                        ),
+                    ));
+                }
+                c.delete(&name).await?;
+                to_value(v)
+            }
+            Request::SnapshotCreate { volume, snapshot } => {
+                check_name(&volume)?;
+                check_name(&snapshot)?;
+                to_value(Volume::from(c.snapshot(&volume, &snapshot).await?))
+            }
+            Request::SnapshotList { volume } => {
+                if let Some(v) = &volume {
+                    self.info(v).await?;
+                }
+                let all = c.list().await?;
+                to_value(
+                    all.into_iter()
+                        .filter(|s| s.kind == VolumeKind::Snapshot)
+                        .filter(|s| volume.is_none() || s.parent == volume)
+                        .map(Volume::from)
+                        .collect::<Vec<_>>(),
+                )
+            }
+            Request::SnapshotDelete { name } => {
+                let v = self.info(&name).await?;
+                if !v.is_snapshot() {
+                    return Err(Failure::new(
+                        ErrorKind::InvalidArgument,
+                        format!(
+                            "{name} is a volume, not a snapshot; delete it with `archip volume delete {name}`"
+                        ),
+                    ));
+                }
+                c.delete(&name).await?;
+                to_value(v)
+            }
+            Request::Clone { source, name, size } => {
+                check_name(&source)?;
+                check_name(&name)?;
+                if let Some(s) = size {
+                    check_size(s)?;
+                }
+                to_value(Volume::from(c.clone_volume(&source, &name, size).await?))
+            }
+            Request::Dedup { snapshot } => {
+                let v = self.info(&snapshot).await?;
+                if !v.is_snapshot() {
+                    return Err(Failure::new(
+                        ErrorKind::InvalidArgument,
+                        format!(
+                            "{snapshot} is a volume; dedup works on snapshots (take one with `archip snapshot create {snapshot} SNAP`)"
+                        ),
+                    ));
+                }
+                let r = c.dedup(&snapshot).await?;
+                to_value(DedupSummary {
+                    snapshot,
+                    converted: r.converted,
+                    zero: r.zero,
+                    written: r.written,
+                    reused: r.reused,
+                    bytes_written: r.bytes_written,
+                })
+            }
+            Request::Gc {
+                dry_run,
+                grace_secs,
+            } => {
+                let d = GcRequest::default();
+                let r = c
+                    .gc_with(GcRequest {
+                        grace_secs: grace_secs.unwrap_or(d.grace_secs),
+                        dry_run,
+                    })
+                    .await?;
+                to_value(GcSummary {
+                    dry_run,
+                    maps: r.maps,
+                    examined: r.examined,
+                    live: r.live,
+                    kept_recent: r.kept_recent,
+                    deleted_objects: r.deleted_objects,
+                    deleted_pages: r.deleted_pages,
+                    deleted_bytes: r.deleted_bytes,
+                })
+            }
+            Request::LockInfo { volume } => {
+                self.info(&volume).await?;
+                let l = c.lock_info(&volume).await?;
+                to_value(Lock {
+                    volume,
+                    holder: l.holder,
+                    generation: l.generation,
+                })
+            }
+            Request::LockBreak { volume } => {
+                let v = self.info(&volume).await?;
+                if v.is_snapshot() {
+                    return Err(Failure::new(
+                        ErrorKind::InvalidArgument,
+                        format!("{volume} is a snapshot; snapshots have no lock"),
+                    ));
+                }
+                let before = c.break_lock(&volume).await?;
+                tracing::warn!(
+                    volume = %volume,
+                    holder = before.holder.as_deref().unwrap_or("<none>"),
+                    generation = before.generation,
+                    by = %self.node,
+                    "lock broken on request (archip lock break)"
+                );
+                to_value(Lock {
+                    volume,
+                    holder: before.holder,
+                    generation: before.generation,
+                })
+            }
+            Request::Import { .. } | Request::Export { .. } => Err(Failure::new(
+                ErrorKind::Protocol,
+                "streaming request dispatched as a plain one",
+            )),
+        }
+    }
+
+    async fn status(&self) -> Outcome<Status> {
+        let seg = self.segment.clone();
+        let health = tokio::task::spawn_blocking(move || {
+            peers::peerset::probe_segment(&seg, Duration::from_secs(2))
+        })
+        .await
+        .map_err(|e| Failure::new(ErrorKind::Io, format!("probe task: {e}")))?
+        .map_err(|e| Failure::new(ErrorKind::Io, format!("probing peers: {e}")))?;
+        let peers = health
+            .into_iter()
+            .map(|h| PeerStatus {
+                name: h.name.to_string(),
+                port: h.port,
+                up: h.is_up(),
+                latency_us: h.latency.as_ref().ok().map(|d| d.as_secs_f64() * 1e6),
+                error: h.latency.err(),
+            })
+            .collect();
+        let mut ports = Vec::new();
+        for p in 0..self.segment.config().nr_ports {
+            let Ok(s) = self.segment.port_stats(p) else {
+                continue;
+            };
+            // Bound ports, and the peers' own even when down; not the history of old clients.
+            let fixed = peers::peerset::PEERS
+                .iter()
+                .any(|n| peers::peerset::peer_port(n) == Some(p));
+            if s.owner.is_none() && !fixed {
+                continue;
+            }
+            ports.push(PortStatus {
+                port: p,
+                p50_ns: s.service_quantile_ns(0.5),
+                p99_ns: s.service_quantile_ns(0.99),
+                name: s.name,
+                owner_pid: s.owner,
+                requests: s.accepted,
+                replied: s.replied,
+                errors: s.errors,
+                bytes: s.bytes,
+            });
+        }
+        Ok(Status {
+            node: self.node.clone(),
+            data_dir: self.data_dir.display().to_string(),
+            segment: self.segment.path().display().to_string(),
+            pid: std::process::id(),
+            peers,
+            ports,
+            requests_in_use: self.segment.requests_in_use(),
+            buffers_in_use: self.segment.buffers_in_use(),
+        })
+    }
+
+    /// Import: get the volume ready (create or grow it, take its lock), then store the frames
+    /// the client sends. Everything refusable is refused before `ready`.
+    async fn import<R, W>(
+        &self,
+        volume: &str,
+        image_size: u64,
+        size: Option<u64>,
+        r: &mut R,
+        w: &mut W,
+    ) -> Outcome<ImportSummary>
+    where
+        R: AsyncBufRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let c = &self.client;
+        check_name(volume)?;
+        if image_size == 0 {
+            return Err(Failure::new(
+                ErrorKind::InvalidArgument,
+                "the image is empty",
+            ));
+        }
+        if let Some(s) = size {
+            check_size(s)?;
+            if s < image_size {
+                return Err(Failure::new(
+                    ErrorKind::InvalidArgument,
+                    format!("--size {s} is smaller than the image ({image_size} bytes)"),
+                ));
+            }
+        }
+        let (info, created) = match c.info(volume).await {
+            Ok(v) => {
+                if v.kind == VolumeKind::Snapshot {
+                    return Err(Failure::new(
+                        ErrorKind::ReadOnly,
+                        format!("{volume} is a snapshot; import into a volume"),
+                    ));
+                }
+                let want = size.unwrap_or(v.size);
+                if want < v.size {
+                    return Err(Failure::new(
+                        ErrorKind::OutOfRange,
+                        format!(
+                            "volume {volume} is {} bytes; --size {want} would shrink it",
+                            v.size
+                        ),
+                    ));
+                }
+                if image_size > want {
+                    return Err(Failure::new(
+                        ErrorKind::OutOfRange,
+                        format!(
+                            "the image ({image_size} bytes) does not fit volume {volume} ({} bytes); pass --size to grow it",
+                            v.size
+                        ),
+                    ));
+                }
+                // Takes the lock now, so that a volume locked elsewhere is refused up front.
+                c.open(volume).await?;
+                let v = if want > v.size {
+                    c.resize(volume, want).await?
+                } else {
+                    v
+                };
+                (v, false)
+            }
+            Err(ClientError::NotFound(_)) => {
+                // Volume sizes are multiples of 512; the tail past the image reads as zeros.
+                let want = size.unwrap_or(image_size.div_ceil(512) * 512);
+                (c.create(volume, want, None).await?, true)
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let vol = Volume::from(info);
+        send(
+            w,
+            &Reply::Ready {
+                volume: vol.clone(),
+                created,
+            },
+        )
+        .await?;
+        w.flush().await?;
+
+        let bs = vol.block_size;
+        let mut sum = ImportSummary {
+            volume: volume.to_string(),
+            created,
+            image_bytes: image_size,
+            ..ImportSummary::default()
+        };
+        let mut buf = Vec::new();
+        loop {
+            let line = read_line(r).await?.ok_or_else(|| {
+                Failure::new(ErrorKind::Protocol, "import stream ended without `end`")
+            })?;
+            let frame: Frame = serde_json::from_slice(&line)
+                .map_err(|e| Failure::new(ErrorKind::Protocol, format!("bad frame: {e}")))?;
+            match frame {
+                Frame::End => break,
+                Frame::Data { offset, len } | Frame::Zero { offset, len } => {
+                    let end = offset.checked_add(len).filter(|&e| e <= vol.size);
+                    if len == 0 || len > MAX_FRAME || offset % bs != 0 || end.is_none() {
+                        return Err(Failure::new(
+                            ErrorKind::Protocol,
+                            format!("frame {offset}+{len} is not whole blocks of {volume}"),
+                        ));
+                    }
+                    let blocks = len.div_ceil(bs);
+                    sum.blocks += blocks;
+                    if matches!(frame, Frame::Zero { .. }) {
+                        sum.zero_blocks += blocks;
+                        sum.bytes_zero += len;
+                        // A new volume is all ZERO already; an existing one must lose the old data.
+                        if !created {
+                            c.discard(volume, offset, len).await?;
+                        }
+                        continue;
+                    }
+                    buf.resize(len as usize, 0);
+                    r.read_exact(&mut buf).await?;
+                    let rep = c.import_block(volume, offset, &buf).await?;
+                    sum.zero_blocks += rep.zero;
+                    sum.written_blocks += rep.written;
+                    sum.deduplicated_blocks += rep.reused;
+                    sum.bytes_written += rep.bytes_written;
+                    // Blocks are whole except the volume's last one.
+                    sum.bytes_deduplicated += rep.reused * bs;
+                    sum.bytes_zero += rep.zero * bs;
+                }
+            }
+        }
+        c.flush(volume).await?;
+        tracing::info!(?sum, "import done");
+        Ok(sum)
+    }
+
+    /// Export: the volume in order, as data frames and zero frames (holes).
+    async fn export<W: AsyncWrite + Unpin>(
+        &self,
+        volume: &str,
+        w: &mut W,
+    ) -> Outcome<ExportSummary> {
+        let vol = self.info(volume).await?;
+        if !vol.is_snapshot() {
+            // Reading a volume takes its lock: refuse now if another node holds it.
+            self.client.open(volume).await?;
+        }
+        send(
+            w,
+            &Reply::Ready {
+                volume: vol.clone(),
+                created: false,
+            },
+        )
+        .await?;
+        let chunk = vol.block_size.clamp(64 << 10, 4 << 20);
+        let mut sum = ExportSummary {
+            volume: volume.to_string(),
+            bytes: vol.size,
+            ..ExportSummary::default()
+        };
+        let mut buf = vec![0u8; chunk as usize];
+        let mut at = 0;
+        while at < vol.size {
+            let n = chunk.min(vol.size - at);
+            let data = &mut buf[..n as usize];
+            self.client.read(volume, at, data).await?;
+            if data.iter().all(|&b| b == 0) {
+                send(w, &Reply::Frame(Frame::Zero { offset: at, len: n })).await?;
+                sum.zero_bytes += n;
+            } else {
+                send(w, &Reply::Frame(Frame::Data { offset: at, len: n })).await?;
+                w.write_all(data).await?;
+                sum.data_bytes += n;
+            }
+            at += n;
+        }
+        Ok(sum)
+    }
+}
