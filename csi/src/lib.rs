@@ -12,6 +12,7 @@
 //! that every RPC enforces them the same way.
 
 pub mod controller;
+pub mod dial;
 pub mod group_controller;
 pub mod health;
 pub mod identity;
