@@ -582,10 +582,10 @@ impl Inner {
             // fill zeros here without any I/O.
             let object = match &maps[0] {
                 Mapping::Zero => {
-                    let r = req.buffer_mut().map_err(Failure::from).and_then(|buf| {
-                        buf[..len as usize].fill(0);
-                        Ok(())
-                    });
+                    let r = req
+                        .buffer_mut()
+                        .map_err(Failure::from)
+                        .map(|buf| buf[..len as usize].fill(0));
                     let r = r.and_then(|()| req.set_data_len(len).map_err(Failure::from));
                     req.complete(len);
                     return r.outcome(req);
