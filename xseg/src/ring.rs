@@ -21,7 +21,7 @@ const FIRST_INDEX: u64 = 2;
 /// How long a claimed but unpublished slot may block the consumer before it is skipped.
 pub const HOLE_PATIENCE: Duration = Duration::from_millis(20);
 /// Bound on a producer's retries; reached only when the ring memory is corrupted.
-const MAX_PUSH_ATTEMPTS: u32 = 10_000;
+const MAX_PUSH_ATTEMPTS: u32 = 1_000;
 
 fn slot_value(pos: u64, tag: u64) -> u64 {
     (pos & 0xffff_ffff) << 32 | tag
@@ -100,15 +100,17 @@ impl Ring {
     /// Publishes `index`. Fails only when the ring is full or corrupted.
     pub fn push(&self, index: u32) -> Result<(), PushError> {
         let tag = u64::from(index) + FIRST_INDEX;
+        let mut full = false;
         for _ in 0..MAX_PUSH_ATTEMPTS {
-            let tail = self.tail().load(Acquire);
+            // Head first: it only grows, so a tail read afterwards is never behind it, and the
+            // difference can only overstate the fill (which a retry corrects), never wrap.
             let head = self.head().load(Acquire);
+            let tail = self.tail().load(Acquire);
             let used = tail.wrapping_sub(head);
             if used >= self.capacity {
-                if used > self.capacity {
-                    return Err(PushError::Corrupt);
-                }
-                return Err(PushError::Full);
+                full = used == self.capacity;
+                std::hint::spin_loop();
+                continue;
             }
             if self
                 .tail()
@@ -132,7 +134,11 @@ impl Ring {
             }
             // The consumer skipped our slot (we were too slow): try again at a new position.
         }
-        Err(PushError::Corrupt)
+        Err(if full {
+            PushError::Full
+        } else {
+            PushError::Corrupt
+        })
     }
 
     /// True when a pop might find something (cheap check for the wait loop).

@@ -57,32 +57,46 @@ impl Segment {
             path: path.to_owned(),
             source,
         };
+        if path.exists() {
+            return Err(Error::Exists {
+                path: path.to_owned(),
+            });
+        }
+        // Build the segment under a private name and link it into place only once its header
+        // is written, so an attacher racing the creator never sees a half-made segment.
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(format!(".creating.{}", std::process::id()));
+        let tmp = PathBuf::from(tmp);
         let file = OpenOptions::new()
             .read(true)
             .write(true)
-            .create_new(true)
+            .create(true)
+            .truncate(true)
             .mode(0o660)
-            .open(path)
-            .map_err(|e| {
-                if e.kind() == std::io::ErrorKind::AlreadyExists {
-                    Error::Exists {
-                        path: path.to_owned(),
-                    }
-                } else {
-                    io(e)
-                }
-            })?;
-        file.set_len(layout.size).map_err(io)?;
-        let map = MmapRaw::map_raw(&file).map_err(io)?;
-        let seg = Segment {
-            path: path.to_owned(),
-            file,
-            map,
-            layout,
-            me: ProcessId::current(),
-        };
-        seg.initialize();
-        Ok(Arc::new(seg))
+            .open(&tmp)
+            .map_err(io)?;
+        let made = (|| -> std::io::Result<Segment> {
+            file.set_len(layout.size)?;
+            let map = MmapRaw::map_raw(&file)?;
+            let seg = Segment {
+                path: path.to_owned(),
+                file,
+                map,
+                layout,
+                me: ProcessId::current(),
+            };
+            seg.initialize();
+            std::fs::hard_link(&tmp, path)?;
+            Ok(seg)
+        })();
+        let _ = std::fs::remove_file(&tmp);
+        match made {
+            Ok(seg) => Ok(Arc::new(seg)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(Error::Exists {
+                path: path.to_owned(),
+            }),
+            Err(e) => Err(io(e)),
+        }
     }
 
     /// Attaches to an existing segment, refusing one of another layout.
