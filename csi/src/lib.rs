@@ -11,6 +11,7 @@
 //! checks) and the mapping of our errors to gRPC codes live in [`status`] so
 //! that every RPC enforces them the same way.
 
+pub mod bench;
 pub mod controller;
 pub mod dial;
 pub mod group_controller;
