@@ -78,6 +78,18 @@ enum Bench {
         #[arg(long, default_value_t = 200_000)]
         requests: u64,
     },
+    /// Volume I/O vs pread/pwrite, snapshot/clone latency, mass clones, copy-on-write cost.
+    Volume {
+        /// I/Os per random-I/O scenario.
+        #[arg(long, default_value_t = 50_000)]
+        ios: u64,
+        /// Clones of one snapshot in the mass-clone scenario.
+        #[arg(long, default_value_t = 1000)]
+        clones: u32,
+        /// Scratch directory (on the filesystem to measure; removed afterwards).
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
+    },
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -102,6 +114,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", xseg::bench::run(requests));
                 Ok(())
             }
+            Bench::Volume { ios, clones, dir } => {
+                let mut opts = peers::bench::Options {
+                    ios,
+                    clones,
+                    ..Default::default()
+                };
+                if let Some(dir) = dir {
+                    opts.dir = dir;
+                }
+                println!("{}", peers::bench::run(&opts)?);
+                Ok(())
+            }
         },
     }
 }
@@ -110,7 +134,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The long-running commands log at info; the others only say what went wrong.
     let default_level = match cli.command {
-        Command::Up(_) | Command::Peer(_) | Command::Bench { .. } => "info",
+        Command::Up(_) | Command::Peer(_) => "info",
         _ => "warn",
     };
     tracing_subscriber::fmt()
