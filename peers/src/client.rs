@@ -32,8 +32,8 @@ use xseg::{AsyncClient, Op, Request, Segment, Status};
 
 use crate::peerset::Ports;
 pub use crate::wire::{
-    CreateRequest, DedupReport, GcReport, GcRequest, ImportReport, LockState, VerifyReport,
-    VolumeInfo, VolumeKind,
+    CreateRequest, DedupReport, GcReport, GcRequest, GroupSnapshotRequest, ImportReport, LockState,
+    VerifyReport, VolumeInfo, VolumeKind,
 };
 use crate::wire::{ErrorReply, ListReply, WireCounters};
 
@@ -390,6 +390,25 @@ impl VolumeClient {
     /// A read-only, instant snapshot of a volume: no data is copied.
     pub async fn snapshot(&self, volume: &str, snapshot: &str) -> Result<VolumeInfo> {
         self.named(Op::Snapshot, volume, snapshot, 0).await
+    }
+
+    /// Snapshots of several volumes at one point in time: vlmc holds every member's drain
+    /// barrier while the mapper cuts them all. `members` pairs a volume with the name of its
+    /// snapshot. On failure some members may have been cut; delete them.
+    pub async fn snapshot_group(&self, members: &[(String, String)]) -> Result<()> {
+        let group = GroupSnapshotRequest {
+            members: members.to_vec(),
+        };
+        let mut payload = vec![0u8; group.max_encoded()];
+        let n = group.encode(&mut payload).map_err(|_| {
+            ClientError::InvalidArgument(format!(
+                "a group snapshot takes 1 to {} members with names of at most 255 bytes",
+                crate::wire::MAX_GROUP_MEMBERS
+            ))
+        })?;
+        self.control(Op::Snapshot, "", 0, 0, &payload[..n], true)
+            .await?;
+        Ok(())
     }
 
     /// A writable copy-on-write clone of a snapshot or of a volume (which then gets an

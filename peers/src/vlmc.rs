@@ -313,6 +313,8 @@ impl Inner {
                 let r = self.discard(&name, &mut req).await;
                 r.outcome(req)
             }
+            // A snapshot without a target is a group: one barrier over all its members.
+            Op::Snapshot if name.is_empty() => self.group_snapshot(req).await,
             // These can change where blocks live or whether we may write them.
             Op::Snapshot
             | Op::Clone
@@ -392,6 +394,63 @@ impl Inner {
         let r = self.forward(req, port).await;
         vol.clear();
         r
+    }
+
+    /// A group snapshot: holds the drain barrier of every member at once (in-flight I/O to
+    /// all of them completes, new I/O waits), cuts every member's snapshot at the mapper, then
+    /// lets I/O resume. No write can land between two members' cuts, so the snapshots are one
+    /// point in time across the volumes (crash-consistent as a set), for I/O that goes through
+    /// this vlmc. Gates are taken in name order, so two groups sharing volumes cannot deadlock,
+    /// and a single-volume barrier holds one gate only. A failed member stops the cut; members
+    /// already cut stay, and the caller deletes them (it named them).
+    async fn group_snapshot(&self, req: Request) -> Outcome {
+        let group = match req.data().and_then(wire::GroupSnapshotRequest::decode) {
+            Ok(g) => g,
+            Err(s) => {
+                let f = Failure::new(s, "vlmc: malformed group snapshot request");
+                return Err((f, Some(req)));
+            }
+        };
+        let names: BTreeSet<&str> = group.members.iter().map(|(v, _)| v.as_str()).collect();
+        let vols: Vec<Arc<Vol>> = names.iter().map(|n| self.vol(n)).collect();
+        let mut held = Vec::with_capacity(vols.len());
+        for vol in &vols {
+            held.push(vol.gate.write().await);
+        }
+        let mut result = Ok(());
+        for (volume, snapshot) in &group.members {
+            let make = || {
+                let mut sub = self
+                    .client
+                    .alloc(Op::Snapshot, volume.as_bytes(), CONTROL_BUF)?;
+                let payload = xseg::protocol::NamePayload {
+                    name: snapshot.clone(),
+                    size: 0,
+                };
+                let n = payload.encode(sub.buffer_mut()?)?;
+                sub.set_data_len(n as u64)?;
+                Ok(sub)
+            };
+            if let Err(f) = self.call_again(self.config.mapper_port, make).await {
+                result = Err(Failure {
+                    message: format!("group snapshot member {volume}: {}", f.message),
+                    ..f
+                });
+                break;
+            }
+        }
+        for vol in &vols {
+            vol.clear();
+        }
+        drop(held);
+        let mut req = req;
+        match result.and_then(|()| req.set_data_len(0).map_err(Failure::from)) {
+            Ok(()) => {
+                req.complete(0);
+                Ok(Some(req))
+            }
+            Err(f) => Err((f, Some(req))),
+        }
     }
 
     /// One call of vlmc's own, for a request `make` can build again; a failed reply becomes a

@@ -20,6 +20,7 @@
 //! | DELETE | volume / object | - | - |
 //! | SNAPSHOT | volume | `NamePayload` (snapshot name) | [`VolumeInfo`] of the snapshot |
 //! | CLONE | source | `NamePayload` (new name, size 0 = the source's) | [`VolumeInfo`] |
+//! | SNAPSHOT (vlmc) | empty | [`GroupSnapshotRequest`]: a group, cut under all barriers | - |
 //! | OPEN, ACQUIRE | volume | - | [`VolumeInfo`] |
 //! | CLOSE, RELEASE | volume | RELEASE with `FORCE` breaks the lock | RELEASE+FORCE: [`LockState`] before |
 //! | MAPR, MAPW | volume | `offset`, `size` | `MapReply` |
@@ -209,6 +210,56 @@ impl CreateRequest {
             block_size: r.u32()?,
             page_entries: r.u32()?,
         })
+    }
+}
+
+/// Most members of one group snapshot: bounds the payload (64 × 2 names of at most 128 bytes
+/// fits a 64 KiB buffer) and the time a group holds I/O back.
+pub const MAX_GROUP_MEMBERS: usize = 64;
+
+/// SNAPSHOT with an empty target, sent to vlmc: cut snapshot `.1` of volume `.0` for every
+/// member while every member's drain barrier is held, so the snapshots form one point in time.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GroupSnapshotRequest {
+    pub members: Vec<(String, String)>,
+}
+
+impl GroupSnapshotRequest {
+    /// Upper bound of the encoding.
+    pub fn max_encoded(&self) -> usize {
+        2 + self
+            .members
+            .iter()
+            .map(|(v, s)| 4 + v.len() + s.len())
+            .sum::<usize>()
+    }
+
+    pub fn encode(&self, buf: &mut [u8]) -> Result<usize, Status> {
+        if self.members.is_empty() || self.members.len() > MAX_GROUP_MEMBERS {
+            return Err(Status::Invalid);
+        }
+        let mut w = Writer::new(buf);
+        w.u16(self.members.len() as u16)?;
+        for (volume, snapshot) in &self.members {
+            w.name(volume)?;
+            w.name(snapshot)?;
+        }
+        Ok(w.written())
+    }
+
+    pub fn decode(buf: &[u8]) -> Result<GroupSnapshotRequest, Status> {
+        let mut r = Reader::new(buf);
+        let n = r.u16()? as usize;
+        if n == 0 || n > MAX_GROUP_MEMBERS {
+            return Err(Status::Invalid);
+        }
+        let mut members = Vec::with_capacity(n);
+        for _ in 0..n {
+            let volume = r.name()?;
+            let snapshot = r.name()?;
+            members.push((volume, snapshot));
+        }
+        Ok(GroupSnapshotRequest { members })
     }
 }
 
@@ -511,6 +562,30 @@ pub fn reply_with(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn group_snapshot_requests_round_trip_within_bounds() {
+        let g = GroupSnapshotRequest {
+            members: vec![("os".into(), "os-snap".into()), ("data".into(), "d".into())],
+        };
+        let mut buf = vec![0u8; g.max_encoded()];
+        let n = g.encode(&mut buf).unwrap();
+        assert_eq!(GroupSnapshotRequest::decode(&buf[..n]).unwrap(), g);
+        assert!(
+            GroupSnapshotRequest::decode(&buf[..n - 1]).is_err(),
+            "truncated"
+        );
+        let empty = GroupSnapshotRequest::default();
+        assert_eq!(empty.encode(&mut buf), Err(Status::Invalid));
+        assert_eq!(GroupSnapshotRequest::decode(&[0, 0]), Err(Status::Invalid));
+        let too_many = GroupSnapshotRequest {
+            members: vec![("v".into(), "s".into()); MAX_GROUP_MEMBERS + 1],
+        };
+        let mut big = vec![0u8; too_many.max_encoded()];
+        assert_eq!(too_many.encode(&mut big), Err(Status::Invalid));
+        let count = (MAX_GROUP_MEMBERS as u16 + 1).to_le_bytes();
+        assert_eq!(GroupSnapshotRequest::decode(&count), Err(Status::Invalid));
+    }
 
     fn info() -> VolumeInfo {
         VolumeInfo {
