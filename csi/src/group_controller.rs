@@ -9,7 +9,7 @@
 //! its members deleted and cut again together, because members cut at
 //! different moments would not be consistent with each other.
 //!
-//! Consistency: see [`cut_members`].
+//! Consistency: all members are cut under one barrier; see [`cut_members`].
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -32,9 +32,9 @@ use crate::pb::{
 };
 use crate::status::{CsiError, CsiResult, check_id, check_name, check_secrets};
 
-/// Most volumes in one group: bounds the work (and the time I/O is held)
-/// of one call.
-pub const MAX_GROUP_MEMBERS: usize = 64;
+/// Most volumes in one group: vlmc's bound on one barrier (it holds I/O
+/// to every member while the group is cut).
+pub const MAX_GROUP_MEMBERS: usize = peers::wire::MAX_GROUP_MEMBERS;
 
 /// The GroupController service.
 #[derive(Debug, Clone)]
@@ -59,28 +59,24 @@ fn now_secs() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Cuts the member snapshots `(volume, snapshot)`.
+/// Cuts the member snapshots `(volume, snapshot)` as one point in time.
 ///
-/// Each member is cut through vlmc's drain barrier for its volume: I/O
-/// to that volume in flight through this peer set completes, new I/O waits,
-/// the snapshot is taken, I/O resumes. So each member is crash-consistent
-/// on its own, and members are cut in request order one right after the
-/// other. What this does *not* give yet is one instant across members: a
-/// write to a later member issued after an earlier member was cut is in
-/// the later member's snapshot. An application that orders its writes
-/// across volumes (a database's log before its data) stays recoverable if
-/// the log volume is listed first; full write-order consistency needs
-/// vlmc to hold all the members' barriers at once (a group barrier in
-/// peers/src/vlmc.rs), after which this function is the only thing to
-/// change.
+/// vlmc holds the drain barrier of every member at once (I/O in flight to
+/// any member completes, new I/O to all of them waits), the mapper cuts
+/// every snapshot, then I/O resumes: no write lands between two members'
+/// cuts, so the group is crash-consistent as a set, write-order consistent
+/// across volumes (if the application wrote X to one disk and then, after X
+/// completed, Y to another, a group holding Y holds X). This covers I/O
+/// that reaches the volumes through the vlmc of this peer set: the
+/// single-machine setup (`archip up`), and any node whose I/O goes through
+/// it. A node that writes through its own peer set holds the volume's lock,
+/// and the controller's mapper cannot snapshot a volume locked by another
+/// node (FAILED_PRECONDITION) rather than cut it inconsistently.
 async fn cut_members(core: &Core, members: &[(String, String)]) -> CsiResult<()> {
-    for (volume, snapshot) in members {
-        core.client
-            .snapshot(volume, snapshot)
-            .await
-            .map_err(|e| client_error(&format!("snapshotting {volume}"), e))?;
-    }
-    Ok(())
+    core.client
+        .snapshot_group(members)
+        .await
+        .map_err(|e| client_error("group snapshot", e))
 }
 
 impl GroupControllerService {

@@ -710,3 +710,64 @@ async fn mount_and_block_volumes_both_clone() {
     let clone = make(&p, req).await;
     assert_eq!(read(&p, &clone.volume_id, 0, 3).await, b"raw");
 }
+
+/// Write order across volumes: a writer puts counter `i` on volume A and,
+/// once that is acknowledged, on volume B; so A never holds less than B.
+/// Every group snapshot must show the same (A's member >= B's member),
+/// even though A is cut first and the writer never stops. Cutting the
+/// members one after the other would let B's member catch a value A's
+/// member missed: volumes cut between A and B (with data, so each cut
+/// takes a while) widen that window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn group_snapshots_keep_write_order_across_volumes() {
+    let p = Plugin::start("group-order").await;
+    let a = make(&p, create("pvc-log", 4 * MI)).await.volume_id;
+    let b = make(&p, create("pvc-data", 4 * MI)).await.volume_id;
+    let mut members = vec![a.clone()];
+    for i in 0..6 {
+        let filler = make(&p, create(&format!("pvc-filler-{i}"), 4 * MI))
+            .await
+            .volume_id;
+        p.volumes.write(&filler, 0, b"filler").await.unwrap();
+        members.push(filler);
+    }
+    members.push(b.clone());
+    let members: Vec<&str> = members.iter().map(String::as_str).collect();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (volumes, a, b, stop) = (p.volumes.clone(), a.clone(), b.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                i += 1;
+                volumes.write(&a, 0, &i.to_le_bytes()).await.unwrap();
+                volumes.write(&b, 0, &i.to_le_bytes()).await.unwrap();
+            }
+            i
+        })
+    };
+    let counter = |bytes: Vec<u8>| u64::from_le_bytes(bytes.try_into().unwrap());
+    let mut g = p.group();
+    let mut nonzero = 0;
+    for round in 0..20 {
+        let group = g
+            .create_volume_group_snapshot(group_req(&format!("order-{round}"), &members))
+            .await
+            .unwrap()
+            .into_inner()
+            .group_snapshot
+            .unwrap();
+        let in_a = counter(read(&p, &group.snapshots[0].snapshot_id, 0, 8).await);
+        let in_b = counter(read(&p, &group.snapshots[7].snapshot_id, 0, 8).await);
+        assert!(in_a >= in_b, "round {round}: log {in_a} behind data {in_b}");
+        assert!(in_a - in_b <= 1, "round {round}: {in_a} vs {in_b}");
+        nonzero += usize::from(in_b > 0);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let writes = writer.await.unwrap();
+    assert!(
+        writes > 20,
+        "the writer ran during the snapshots ({writes})"
+    );
+    assert!(nonzero > 0, "some snapshots caught writes");
+}
