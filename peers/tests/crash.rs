@@ -1,0 +1,620 @@
+//! Crash test: blocker, mapper and vlmc run as separate processes over one segment and one
+//! data directory; a workload of writes, discards, flushes, reads, snapshots, clones, deletes
+//! and GC runs through `VolumeClient`; after a random number of completed operations one,
+//! several or all peers get SIGKILL, with other operations in flight. The killed peers are
+//! restarted over the same segment (the xseg reaper must recover their ports), or everything is
+//! killed and started again over a fresh segment. Then:
+//! - (a) every byte whose last write was acknowledged before a flush that returned Ok reads
+//!   back exactly (bytes written after the last flush are not asserted on);
+//! - (b) the catalogue lists exactly the maps the model has, and every map verifies;
+//! - (c) snapshots read back their frozen content (the flushed part of it);
+//! - (d) GC (grace 0) deletes nothing still referenced: everything is verified and read back
+//!   again after it;
+//! - the restarted mapper (same node identity) gets its own locks back: writes go on, and
+//!   every lock is held by this node or nobody;
+//! - no operation hangs (a kill fails requests back, it never loses them), and none fails
+//!   while no peer has been killed.
+//!
+//! Also reported, not asserted: how many acknowledged but unflushed bytes survived, and
+//! whether the sectors of writes cut by a kill hold the old or the new data.
+//!
+//! The data directory lives across iterations, so every iteration also recovers from all the
+//! crashes before it. `ARCHIP_CRASH_ITERS` (default 200) sets the iterations, `ARCHIP_SEED`
+//! replays a run (thread scheduling aside: the operations, kill points and victims are the
+//! seed's).
+
+mod crash_support;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::time::{Duration, Instant};
+
+use crash_support::image::Image;
+use crash_support::procs::{self, NODE, PeerProcs};
+use crash_support::workload::{
+    BLOCK, Counters, CutWrite, Exists, Map, PAGE_ENTRIES, Pool, Shared, VOLUME_BLOCKS, Worker,
+};
+use peers::client::{ClientError, ClientOptions, CreateRequest, GcRequest, VolumeClient};
+use peers::peerset::PEERS;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::sync::Notify;
+use xseg::Segment;
+
+const TEST: &str = "kill_9_peers_under_workload_loses_no_flushed_write";
+const WORKERS: usize = 3;
+const SECTOR: u64 = 512;
+/// The kill comes after 1..=this many completed operations.
+const MAX_KILL_AT: u64 = 40;
+/// Share of iterations that restart everything over a fresh segment.
+const FRESH_SEGMENT: f64 = 0.25;
+
+/// Everything the parent runs: the data directory, the current segment, the peer processes
+/// and the client.
+struct Cluster {
+    dir: Option<tempfile::TempDir>,
+    segment: PathBuf,
+    incarnation: u32,
+    procs: PeerProcs,
+    client: Option<Arc<VolumeClient>>,
+}
+
+impl Cluster {
+    fn new() -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let procs = PeerProcs::new(TEST, dir.path());
+        Cluster {
+            dir: Some(dir),
+            segment: PathBuf::new(),
+            incarnation: 0,
+            procs,
+            client: None,
+        }
+    }
+
+    fn client(&self) -> Arc<VolumeClient> {
+        self.client.clone().expect("connected")
+    }
+
+    fn segment(&self) -> Arc<Segment> {
+        self.client.as_ref().expect("connected").segment().clone()
+    }
+
+    /// A new segment, all three peers on it, and a client.
+    async fn start_fresh(&mut self) {
+        assert!(self.client.is_none());
+        self.incarnation += 1;
+        self.segment = PathBuf::from(format!(
+            "/dev/shm/archip-crash-{}-{}",
+            std::process::id(),
+            self.incarnation
+        ));
+        let seg = Segment::create(&self.segment, &procs::segment_config()).expect("segment");
+        for i in 0..PEERS.len() {
+            self.procs.spawn(i, &self.segment);
+        }
+        let opts = ClientOptions {
+            timeout: Duration::from_secs(20),
+            admin_timeout: Duration::from_secs(60),
+            ..ClientOptions::default()
+        };
+        self.client = Some(Arc::new(
+            VolumeClient::connect_with(&seg, opts).expect("connect"),
+        ));
+        self.wait_ready().await;
+    }
+
+    /// Kills whatever still runs, drops the client and removes the segment.
+    fn tear_down_segment(&mut self) {
+        self.procs.kill_all();
+        let client = self.client.take().expect("connected");
+        let client = Arc::into_inner(client).expect("no worker holds the client any more");
+        drop(client);
+        Segment::destroy(&self.segment).expect("remove segment");
+    }
+
+    async fn wait_ready(&mut self) {
+        let client = self.client();
+        for i in 0..PEERS.len() {
+            self.procs.wait_ready(i, &client).await;
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.procs.kill_all();
+        self.client = None;
+        let _ = std::fs::remove_file(&self.segment);
+        if std::thread::panicking()
+            && let Some(dir) = self.dir.take()
+        {
+            eprintln!(
+                "crash test: data directory kept at {}",
+                dir.keep().display()
+            );
+        }
+    }
+}
+
+#[derive(Default)]
+struct Stats {
+    kills: [u64; 3],
+    /// Iterations by how many peers were killed at the kill point.
+    victims: [u64; 4],
+    fresh_segments: u64,
+    iteration_times: Vec<Duration>,
+    /// Bytes acknowledged but not flushed when peers died, and how many of them read back as
+    /// written: not promised, reported.
+    acked: u64,
+    acked_survived: u64,
+    /// Operations cut by a kill whose outcome the catalogue told: (happened, did not).
+    maybe_created: (u64, u64),
+    maybe_deleted: (u64, u64),
+    gc_deleted_after_restart: u64,
+    /// Writes cut by a kill whose range was checked, and its flushed sectors found old / new.
+    cut_writes: u64,
+    cut_sectors_old: u64,
+    cut_sectors_new: u64,
+    cut_sectors_neither: u64,
+    /// Of those, sectors in a block the cut write covered whole.
+    cut_sectors_neither_whole_block: u64,
+    cut_sector_example: Option<String>,
+    seed: u64,
+    iteration: u64,
+    bytes_checked: u64,
+    counters: Counters,
+}
+
+/// Everything needed to replay or debug a finding.
+struct Context {
+    seed: u64,
+    iteration: u64,
+    kill: String,
+}
+
+fn fail(ctx: &Context, workers: &[Worker], finding: &str) -> ! {
+    let mut text = format!(
+        "crash test finding (ARCHIP_SEED={} iteration {} {}):\n  {finding}\n",
+        ctx.seed, ctx.iteration, ctx.kill
+    );
+    for w in workers {
+        text.push_str(&format!("  worker {} recent operations:\n", w.id));
+        for h in &w.history {
+            text.push_str(&format!("    {h}\n"));
+        }
+    }
+    panic!("{text}");
+}
+
+#[test]
+fn kill_9_peers_under_workload_loses_no_flushed_write() {
+    procs::run_child_role();
+    let seed = match std::env::var("ARCHIP_SEED") {
+        Ok(s) => s.parse().expect("ARCHIP_SEED must be a u64"),
+        Err(_) => rand::random(),
+    };
+    let iterations: u64 = match std::env::var("ARCHIP_CRASH_ITERS") {
+        Ok(s) => s.parse().expect("ARCHIP_CRASH_ITERS must be a number"),
+        Err(_) => 200,
+    };
+    eprintln!("crash: ARCHIP_SEED={seed} ARCHIP_CRASH_ITERS={iterations}");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(run(seed, iterations));
+}
+
+async fn run(seed: u64, iterations: u64) {
+    let started = Instant::now();
+    let mut cluster = Cluster::new();
+    cluster.start_fresh().await;
+    let pool = Arc::new(Pool::new(seed));
+    let mut stats = Stats {
+        seed,
+        ..Stats::default()
+    };
+    let mut workers: Vec<Worker> = (0..WORKERS).map(Worker::new).collect();
+    let size = VOLUME_BLOCKS * BLOCK;
+    for w in &mut workers {
+        let name = Worker::base_name(w.id);
+        cluster
+            .client()
+            .create_with(
+                &name,
+                CreateRequest {
+                    size,
+                    block_size: BLOCK as u32,
+                    page_entries: PAGE_ENTRIES,
+                },
+            )
+            .await
+            .expect("create base volume");
+        w.maps
+            .push(Map::new(name, false, Image::zeroed(size), Exists::Yes));
+    }
+
+    for iteration in 0..iterations {
+        let t = Instant::now();
+        stats.iteration = iteration;
+        let mut rng = StdRng::seed_from_u64(seed ^ iteration.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let kill_at = rng.random_range(1..=MAX_KILL_AT);
+        let victims: Vec<usize> = loop {
+            let v: Vec<usize> = (0..PEERS.len()).filter(|_| rng.random_bool(0.5)).collect();
+            if !v.is_empty() {
+                break v;
+            }
+        };
+        let fresh = rng.random_bool(FRESH_SEGMENT);
+        let ctx = Context {
+            seed,
+            iteration,
+            kill: format!(
+                "kill {:?} after {kill_at} operations, then {}",
+                victims.iter().map(|&i| PEERS[i]).collect::<Vec<_>>(),
+                if fresh {
+                    "a fresh segment"
+                } else {
+                    "restart on the same segment"
+                }
+            ),
+        };
+
+        // The workload, and the kill in the middle of it.
+        let shared = Arc::new(Shared {
+            client: cluster.client(),
+            pool: pool.clone(),
+            kill_at,
+            victims: victims
+                .iter()
+                .map(|&i| cluster.procs.pid(i).expect("running"))
+                .collect(),
+            completed: AtomicU64::new(0),
+            fired: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            stopped: Notify::new(),
+        });
+        let tasks: Vec<_> = workers
+            .drain(..)
+            .map(|w| tokio::spawn(w.run(shared.clone(), StdRng::seed_from_u64(rng.random()))))
+            .collect();
+        shared.stopped.notified().await;
+        let fired = shared.fired.load(SeqCst);
+        if fired {
+            for &i in &victims {
+                cluster.procs.collect_killed(i);
+            }
+            // Recover the dead peers' ports now rather than at the next periodic check, so
+            // that operations waiting on them fail back at once.
+            cluster.segment().reap();
+        }
+        let mut findings = Vec::new();
+        for t in tasks {
+            let (w, r) = t.await.expect("worker task");
+            if let Err(f) = r {
+                findings.push(f);
+            }
+            workers.push(w);
+        }
+        workers.sort_by_key(|w| w.id);
+        drop(shared);
+        if let Some(f) = findings.first() {
+            let seg = cluster.segment();
+            let state = procs::diagnose(&cluster.procs, Some(&seg));
+            fail(&ctx, &workers, &format!("{f}\n  peers now:\n{state}"));
+        }
+        assert!(fired, "workers stopped without a finding or a kill");
+        stats.victims[victims.len()] += 1;
+        for &i in &victims {
+            stats.kills[i] += 1;
+        }
+
+        // Restart.
+        if fresh {
+            stats.fresh_segments += 1;
+            cluster.tear_down_segment();
+            cluster.start_fresh().await;
+        } else {
+            for &i in &victims {
+                cluster.procs.spawn(i, &cluster.segment);
+            }
+            cluster.wait_ready().await;
+        }
+
+        // Check.
+        let before: HashMap<String, Image> = workers
+            .iter()
+            .flat_map(|w| &w.maps)
+            .map(|m| (m.name.clone(), m.image.clone()))
+            .collect();
+        for m in workers.iter_mut().flat_map(|w| &mut w.maps) {
+            m.image.crashed();
+        }
+        let client = cluster.client();
+        if let Err(f) = check_after_restart(&client, &mut workers, &before, &mut stats).await {
+            let state = procs::diagnose(&cluster.procs, Some(client.segment()));
+            fail(&ctx, &workers, &format!("{f}\n  peers now:\n{state}"));
+        }
+        match client
+            .gc_with(GcRequest {
+                grace_secs: 0,
+                dry_run: false,
+            })
+            .await
+        {
+            Ok(r) => stats.gc_deleted_after_restart += r.deleted_objects,
+            Err(e) => fail(&ctx, &workers, &format!("gc after restart: {e}")),
+        }
+        if let Err(f) = check_maps(&client, &workers, None, &mut stats, "after gc").await {
+            let state = procs::diagnose(&cluster.procs, Some(client.segment()));
+            fail(&ctx, &workers, &format!("{f}\n  peers now:\n{state}"));
+        }
+        stats.iteration_times.push(t.elapsed());
+        if (iteration + 1) % 25 == 0 {
+            eprintln!(
+                "crash: {} iterations, {:.1?} so far",
+                iteration + 1,
+                started.elapsed()
+            );
+        }
+    }
+
+    for w in &workers {
+        for (op, n) in &w.counters.ops {
+            *stats.counters.ops.entry(op).or_default() += n;
+        }
+        for (class, n) in &w.counters.failed {
+            *stats.counters.failed.entry(class.clone()).or_default() += n;
+        }
+        stats.counters.gc_deleted += w.counters.gc_deleted;
+    }
+    report(seed, iterations, &stats, started.elapsed());
+    drop(cluster);
+}
+
+/// Resolves the operations a kill cut short, then compares the catalogue, the maps, the data
+/// and the locks with the model.
+async fn check_after_restart(
+    c: &VolumeClient,
+    workers: &mut [Worker],
+    before: &HashMap<String, Image>,
+    stats: &mut Stats,
+) -> Result<(), String> {
+    for w in workers.iter_mut() {
+        let mut kept = Vec::new();
+        for mut m in w.maps.drain(..) {
+            if m.exists == Exists::Yes {
+                kept.push(m);
+                continue;
+            }
+            let found = match c.info(&m.name).await {
+                Ok(_) => true,
+                Err(ClientError::NotFound(_)) => false,
+                Err(e) => return Err(format!("info {} after restart: {e}", m.name)),
+            };
+            let tally = if m.exists == Exists::MaybeCreated {
+                &mut stats.maybe_created
+            } else {
+                &mut stats.maybe_deleted
+            };
+            if found {
+                tally.0 += 1;
+                m.exists = Exists::Yes;
+                kept.push(m);
+            } else {
+                tally.1 += 1;
+            }
+        }
+        w.maps = kept;
+    }
+
+    let mut want: Vec<(String, bool)> = workers
+        .iter()
+        .flat_map(|w| &w.maps)
+        .map(|m| (m.name.clone(), m.snapshot))
+        .collect();
+    want.sort();
+    let listed = c.list().await.map_err(|e| format!("list: {e}"))?;
+    let have: Vec<(String, bool)> = listed
+        .iter()
+        .map(|v| {
+            (
+                v.name.clone(),
+                v.kind == peers::client::VolumeKind::Snapshot,
+            )
+        })
+        .collect();
+    if have != want {
+        return Err(format!(
+            "catalogue after restart: listed {have:?}, expected {want:?}"
+        ));
+    }
+
+    check_maps(c, workers, Some(before), stats, "after restart").await?;
+    for m in workers.iter_mut().flat_map(|w| &mut w.maps) {
+        if let Some(cut) = m.cut_write.take() {
+            check_cut_write(c, &m.name, &cut, stats).await?;
+        }
+    }
+
+    for m in workers.iter().flat_map(|w| &w.maps).filter(|m| !m.snapshot) {
+        let lock = c
+            .lock_info(&m.name)
+            .await
+            .map_err(|e| format!("lock info {}: {e}", m.name))?;
+        if lock.holder.as_deref().is_some_and(|h| h != NODE) {
+            return Err(format!(
+                "{} is locked by {:?}, not {NODE}",
+                m.name, lock.holder
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The range of a write cut short by a kill should hold, sector by sector, the old data or the
+/// new (where the old was flushed). That is more than the flush contract promises, so a sector
+/// holding neither is counted and reported; `ARCHIP_CRASH_SECTOR_ATOMIC=1` makes it a finding.
+async fn check_cut_write(
+    c: &VolumeClient,
+    name: &str,
+    cut: &CutWrite,
+    stats: &mut Stats,
+) -> Result<(), String> {
+    let mut got = vec![0u8; cut.new.len()];
+    c.read(name, cut.offset, &mut got)
+        .await
+        .map_err(|e| format!("read {name} after restart: {e}"))?;
+    stats.cut_writes += 1;
+    let end_of_write = cut.offset + cut.new.len() as u64;
+    for &(s, e) in &cut.flushed {
+        let mut at = s;
+        while at < e {
+            let end = ((at / SECTOR + 1) * SECTOR).min(e);
+            let r = (at - cut.offset) as usize..(end - cut.offset) as usize;
+            let (got, old, new) = (&got[r.clone()], &cut.old[r.clone()], &cut.new[r]);
+            if got == old {
+                stats.cut_sectors_old += 1;
+            } else if got == new {
+                stats.cut_sectors_new += 1;
+            } else {
+                stats.cut_sectors_neither += 1;
+                let count = |other: &[u8]| got.iter().zip(other).filter(|(a, b)| a == b).count();
+                let block = at / BLOCK * BLOCK;
+                let whole = cut.offset <= block && end_of_write >= block + BLOCK;
+                let text = format!(
+                    "ARCHIP_SEED={} iteration {}: {name}: a write of {}+{} cut by the kill left \
+                     sector {at}..{end} neither old nor new: of its {} bytes {} are old, {} new, \
+                     {} zero (old had {} zero); the write {} its block {block}..{}",
+                    stats.seed,
+                    stats.iteration,
+                    cut.offset,
+                    cut.new.len(),
+                    got.len(),
+                    count(old),
+                    count(new),
+                    got.iter().filter(|&&b| b == 0).count(),
+                    old.iter().filter(|&&b| b == 0).count(),
+                    if whole {
+                        "covered all of"
+                    } else {
+                        "covered part of"
+                    },
+                    block + BLOCK,
+                );
+                if std::env::var_os("ARCHIP_CRASH_SECTOR_ATOMIC").is_some() {
+                    return Err(text);
+                }
+                if stats.cut_sector_example.is_none() {
+                    stats.cut_sector_example = Some(text);
+                }
+                if whole {
+                    stats.cut_sectors_neither_whole_block += 1;
+                }
+            }
+            at = end;
+        }
+    }
+    Ok(())
+}
+
+/// Verifies every map and reads every map whole, comparing the flushed bytes with the model.
+async fn check_maps(
+    c: &VolumeClient,
+    workers: &[Worker],
+    before: Option<&HashMap<String, Image>>,
+    stats: &mut Stats,
+    when: &str,
+) -> Result<(), String> {
+    for m in workers.iter().flat_map(|w| &w.maps) {
+        let report = c
+            .verify(&m.name)
+            .await
+            .map_err(|e| format!("verify {} {when}: {e}", m.name))?;
+        if report.blocks != VOLUME_BLOCKS {
+            return Err(format!(
+                "verify {} {when}: {} blocks, expected {VOLUME_BLOCKS}",
+                m.name, report.blocks
+            ));
+        }
+        let mut buf = vec![0u8; m.image.len() as usize];
+        c.read(&m.name, 0, &mut buf)
+            .await
+            .map_err(|e| format!("read {} {when}: {e}", m.name))?;
+        m.image
+            .check(0, &buf, false)
+            .map_err(|e| format!("{} {when}: {e}", m.name))?;
+        stats.bytes_checked += m.image.census()[0];
+        if let Some(before) = before.and_then(|b| b.get(&m.name)) {
+            let (acked, survived) = Image::acked_survival(before, &buf);
+            stats.acked += acked;
+            stats.acked_survived += survived;
+        }
+    }
+    Ok(())
+}
+
+fn report(seed: u64, iterations: u64, s: &Stats, total: Duration) {
+    let mut times = s.iteration_times.clone();
+    times.sort();
+    let pct = |q: f64| {
+        times
+            .get(((times.len() as f64 - 1.0) * q) as usize)
+            .copied()
+            .unwrap_or_default()
+    };
+    let mean = if times.is_empty() {
+        Duration::ZERO
+    } else {
+        times.iter().sum::<Duration>() / times.len() as u32
+    };
+    eprintln!("crash: ARCHIP_SEED={seed}: {iterations} iterations in {total:.1?}");
+    eprintln!(
+        "  kills: blocker {} mapper {} vlmc {}; iterations killing 1/2/3 peers: {}/{}/{}; fresh segments {}",
+        s.kills[0],
+        s.kills[1],
+        s.kills[2],
+        s.victims[1],
+        s.victims[2],
+        s.victims[3],
+        s.fresh_segments
+    );
+    eprintln!(
+        "  per iteration: mean {mean:.1?}, p50 {:.1?}, p90 {:.1?}, max {:.1?}",
+        pct(0.5),
+        pct(0.9),
+        pct(1.0)
+    );
+    eprintln!("  operations: {:?}", s.counters.ops);
+    eprintln!("  failed after a kill: {:?}", s.counters.failed);
+    eprintln!(
+        "  cut short, then found to have happened / not: create {:?}, delete {:?}",
+        s.maybe_created, s.maybe_deleted
+    );
+    eprintln!(
+        "  flushed bytes checked {} MiB; acknowledged-unflushed bytes at kills {} of which {} read back as written",
+        s.bytes_checked >> 20,
+        s.acked,
+        s.acked_survived
+    );
+    eprintln!(
+        "  writes cut by a kill: {}; their flushed sectors read back old {} / new {} / neither {} \
+         ({} of those in blocks the write covered whole)",
+        s.cut_writes,
+        s.cut_sectors_old,
+        s.cut_sectors_new,
+        s.cut_sectors_neither,
+        s.cut_sectors_neither_whole_block
+    );
+    if let Some(e) = &s.cut_sector_example {
+        eprintln!("  first sector neither old nor new: {e}");
+    }
+    eprintln!(
+        "  gc: {} objects deleted during workloads, {} after restarts",
+        s.counters.gc_deleted, s.gc_deleted_after_restart
+    );
+}

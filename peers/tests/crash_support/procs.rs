@@ -1,0 +1,215 @@
+//! The three peers as separate processes: this test binary re-executed with a role in its
+//! environment, each calling `peers::peerset::run_peer` as `archip peer NAME` does.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use peers::client::{ClientError, VolumeClient};
+use peers::peerset::{PEERS, PeerConfig, Ports, peer_port, run_peer};
+
+const ROLE: &str = "ARCHIP_CRASH_ROLE";
+const SEGMENT: &str = "ARCHIP_CRASH_SEGMENT";
+const DATA: &str = "ARCHIP_CRASH_DATA";
+
+/// The node identity of every mapper incarnation: a restarted mapper must get its own locks
+/// back.
+pub const NODE: &str = "node-crash";
+
+/// Readiness polls per peer, and the pause between two of them (the peer has not bound its
+/// port yet): a peer that is not serving after this long failed to start.
+const READY_ATTEMPTS: u32 = 5000;
+const READY_PAUSE: Duration = Duration::from_millis(2);
+
+/// Small pools, buffers up to 256 KiB so that volume I/O is split by the client and by vlmc.
+pub fn segment_config() -> xseg::Config {
+    xseg::Config {
+        nr_ports: 64,
+        dynamic_start: Ports::DYNAMIC_START,
+        nr_requests: 1024,
+        buffer_classes: vec![(4 << 10, 256), (64 << 10, 128), (256 << 10, 32)],
+    }
+}
+
+pub fn peer_config(data_dir: &Path, segment: &Path) -> PeerConfig {
+    let mut config = PeerConfig::new(data_dir, segment.to_str().expect("utf-8 path"), NODE);
+    config.xseg = segment_config();
+    config.workers = 2;
+    // Calls to a dead mapper or blocker fail back (PeerGone) at once; this only bounds a hang.
+    config.timeout = Duration::from_secs(20);
+    config
+}
+
+/// In a child: runs the peer named in the environment until killed, and never returns.
+/// In the test process: returns.
+pub fn run_child_role() {
+    let Ok(role) = std::env::var(ROLE) else {
+        return;
+    };
+    let segment = PathBuf::from(std::env::var(SEGMENT).expect("segment path"));
+    let data = PathBuf::from(std::env::var(DATA).expect("data dir"));
+    let r = run_peer(&role, &peer_config(&data, &segment));
+    eprintln!("crash test peer {role} stopped: {r:?}");
+    std::process::exit(if r.is_ok() { 0 } else { 1 });
+}
+
+/// The peer processes of one data directory, over the segment they are given. Every child is
+/// killed when this is dropped, and also when the test thread dies (PR_SET_PDEATHSIG).
+pub struct PeerProcs {
+    test: &'static str,
+    data_dir: PathBuf,
+    children: [Option<Child>; 3],
+}
+
+impl PeerProcs {
+    pub fn new(test: &'static str, data_dir: &Path) -> PeerProcs {
+        PeerProcs {
+            test,
+            data_dir: data_dir.to_path_buf(),
+            children: [None, None, None],
+        }
+    }
+
+    /// Starts peer `i` of [`PEERS`] on `segment` (it must not be running).
+    pub fn spawn(&mut self, i: usize, segment: &Path) {
+        assert!(self.children[i].is_none(), "{} is running", PEERS[i]);
+        let mut cmd = Command::new(std::env::current_exe().expect("test binary"));
+        cmd.args(["--exact", self.test, "--nocapture", "--test-threads=1"])
+            .env(ROLE, PEERS[i])
+            .env(SEGMENT, segment)
+            .env(DATA, &self.data_dir)
+            // Peers print nothing we wait for (readiness is a PING); their panics go to stderr.
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent; it runs in
+        // the child between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        self.children[i] = Some(cmd.spawn().expect("spawn peer process"));
+    }
+
+    pub fn pid(&self, i: usize) -> Option<libc::pid_t> {
+        self.children[i].as_ref().map(|c| c.id() as libc::pid_t)
+    }
+
+    /// Collects peer `i` after someone sent it SIGKILL; asserts that it died of it (a peer
+    /// that exited by itself, e.g. on a panic, is a finding of its own).
+    pub fn collect_killed(&mut self, i: usize) {
+        let mut child = self.children[i].take().expect("peer was running");
+        let status = child.wait().expect("wait for peer");
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            status.signal(),
+            Some(libc::SIGKILL),
+            "{} ended with {status} before it was killed",
+            PEERS[i]
+        );
+    }
+
+    /// SIGKILLs peer `i` and collects it.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(pid) = self.pid(i) {
+            // SAFETY: plain syscall on a child we have not yet waited for (so the pid is ours).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            self.collect_killed(i);
+        }
+    }
+
+    pub fn kill_all(&mut self) {
+        for i in 0..PEERS.len() {
+            self.kill(i);
+        }
+    }
+
+    /// Waits until peer `i` answers a PING on its port. Before it binds the port, a PING fails
+    /// at once with "no peer"; that is polled, a bounded number of times.
+    pub async fn wait_ready(&mut self, i: usize, client: &VolumeClient) {
+        let port = peer_port(PEERS[i]).expect("peer port");
+        let mut last = None;
+        for _ in 0..READY_ATTEMPTS {
+            match client.ping(port).await {
+                Ok(_) => return,
+                Err(e @ (ClientError::PeerGone(_) | ClientError::Transport(_))) => last = Some(e),
+                Err(e) => panic!("PING {} answered {e}", PEERS[i]),
+            }
+            if let Some(status) = self.children[i]
+                .as_mut()
+                .expect("peer was started")
+                .try_wait()
+                .expect("try_wait")
+            {
+                panic!("{} exited with {status} before serving", PEERS[i]);
+            }
+            tokio::time::sleep(READY_PAUSE).await;
+        }
+        panic!(
+            "{} not serving after {READY_ATTEMPTS} polls: {last:?}",
+            PEERS[i]
+        );
+    }
+}
+
+/// For a hang: every live port's counters and every peer thread's state and wait channel.
+pub fn diagnose(procs: &PeerProcs, segment: Option<&xseg::Segment>) -> String {
+    let mut out = String::new();
+    if let Some(seg) = segment {
+        for p in seg.live_ports() {
+            if let Ok(s) = seg.port_stats(p) {
+                out.push_str(&format!(
+                    "    port {p} {:?} pid {:?}: submitted {} accepted {} replied {} received {} dropped {}\n",
+                    s.name, s.owner, s.submitted, s.accepted, s.replied, s.received, s.dropped
+                ));
+            }
+        }
+        out.push_str(&format!(
+            "    requests in use {}, buffers in use {}\n",
+            seg.requests_in_use(),
+            seg.buffers_in_use()
+        ));
+    }
+    for (i, name) in PEERS.iter().enumerate() {
+        let Some(pid) = procs.pid(i) else { continue };
+        out.push_str(&format!("    {name} (pid {pid}) threads:\n"));
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            let dir = t.path();
+            let read = |f: &str| {
+                std::fs::read_to_string(dir.join(f))
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string()
+            };
+            let stat = read("stat");
+            let state = stat
+                .rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().next())
+                .unwrap_or("?")
+                .to_string();
+            out.push_str(&format!(
+                "      {} {state} {}\n",
+                read("comm"),
+                read("wchan")
+            ));
+        }
+    }
+    out
+}
+
+impl Drop for PeerProcs {
+    fn drop(&mut self) {
+        for c in self.children.iter_mut().flatten() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
