@@ -5,6 +5,7 @@
 //! `clone`), [`image`] (`import`, `export`), [`admin`] (`dedup`, `gc`, `lock`, `status`).
 
 pub mod admin;
+pub mod csi;
 pub mod image;
 pub mod up;
 pub mod volume;

@@ -46,7 +46,7 @@ pub struct PeerArgs {
     pub workers: Option<usize>,
 }
 
-fn config(inst: &Instance, workers: Option<usize>) -> anyhow::Result<PeerConfig> {
+pub(crate) fn config(inst: &Instance, workers: Option<usize>) -> anyhow::Result<PeerConfig> {
     let data_dir = absolute(&inst.data_dir());
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
