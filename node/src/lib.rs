@@ -1,1 +1,9 @@
-//! Node-side frontends and the CSI Node service (filled in by the ublk and CSI issues).
+//! Node-side frontends and the CSI Node service.
+//!
+//! - [`ublk`]: volumes as `/dev/ublkbN` block devices (libublk), served over xseg by vlmc,
+//!   surviving restarts of their server process (user recovery);
+//! - [`devices`]: the state file recording which device serves which volume.
+
+pub mod devices;
+pub mod nbd;
+pub mod ublk;

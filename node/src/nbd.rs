@@ -7,7 +7,9 @@
 //! `NBD_OPT_EXPORT_NAME`, `NBD_OPT_LIST`, `NBD_OPT_ABORT`; structured replies and TLS are
 //! refused, so every reply is a simple one) and the commands READ, WRITE, FLUSH, TRIM,
 //! WRITE_ZEROES and DISC. Each connection reads requests in order but runs them concurrently
-//! (up to a queue depth) and answers by handle as they complete; any number of connections may
+//! (up to a queue depth) and answers by handle as they complete; contiguous READs or WRITEs that
+//! arrive together are merged into one volume call, since a client such as qemu does not merge
+//! them itself and each call crosses several peers; any number of connections may
 //! share an export, and because every connection goes through the same vlmc, FLUSH on one is
 //! visible on all (`NBD_FLAG_CAN_MULTI_CONN`).
 //!
@@ -69,6 +71,9 @@ pub struct NbdConfig {
     pub max_io: u32,
     /// Requests of one connection in flight at once; the connection stops reading beyond it.
     pub queue_depth: usize,
+    /// Contiguous READs (or WRITEs) that arrive together are merged into one volume call of at
+    /// most this many bytes (0: never merge). Each still gets its own reply.
+    pub merge_limit: u32,
     /// Bytes of READ and WRITE data in flight across all connections: bounds memory and the
     /// segment buffers this server can hold.
     pub inflight_bytes: u32,
@@ -97,6 +102,7 @@ impl NbdConfig {
             tcp: None,
             max_io: 32 << 20,
             queue_depth: 128,
+            merge_limit: 256 << 10,
             inflight_bytes: 128 << 20,
             max_connections: 64,
             handshake_timeout: Duration::from_secs(30),
@@ -126,6 +132,12 @@ impl NbdConfig {
             return bad(format!(
                 "inflight_bytes {} is below max_io {}: a largest request could never run",
                 self.inflight_bytes, self.max_io
+            ));
+        }
+        if self.merge_limit > self.max_io {
+            return bad(format!(
+                "merge_limit {} is above max_io {}",
+                self.merge_limit, self.max_io
             ));
         }
         if self.queue_depth == 0 || self.queue_depth > 4096 {
@@ -181,6 +193,8 @@ pub struct Stats {
     pub write_zeroes: AtomicU64,
     pub bytes_read: AtomicU64,
     pub bytes_written: AtomicU64,
+    /// Requests merged into the volume call of the request before them.
+    pub merged: AtomicU64,
     /// Requests refused before any work (range, flags, unknown command).
     pub refused: AtomicU64,
     /// Requests that failed in the volume layer.
@@ -205,6 +219,7 @@ impl Stats {
             "write_zeroes": g(&self.write_zeroes),
             "bytes_read": g(&self.bytes_read),
             "bytes_written": g(&self.bytes_written),
+            "merged": g(&self.merged),
             "refused": g(&self.refused),
             "failed": g(&self.failed),
         })
@@ -402,10 +417,11 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 
 /// One connection: handshake, then transmission. Protocol violations end it and are counted;
 /// they never reach the server loop.
-async fn serve_connection<S>(stream: S, shared: Arc<Shared>, mut stop: watch::Receiver<bool>)
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
+async fn serve_connection<S: transmission::IntoHalves>(
+    stream: S,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut stream = stream;
     let negotiated = tokio::select! {
         _ = stopped(&mut stop) => return,

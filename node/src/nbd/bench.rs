@@ -82,8 +82,17 @@ impl std::fmt::Debug for ScratchPeerSet {
 
 impl ScratchPeerSet {
     /// Starts the peers with the given segment layout (`dynamic_start` is forced to the port
-    /// plan's).
-    pub fn start(tag: &str, mut xseg: xseg::Config) -> Result<ScratchPeerSet, NbdError> {
+    /// plan's) and the default number of workers per peer.
+    pub fn start(tag: &str, xseg: xseg::Config) -> Result<ScratchPeerSet, NbdError> {
+        Self::start_with(tag, xseg, None)
+    }
+
+    /// As [`start`](Self::start), with `workers` tokio threads per peer if given.
+    pub fn start_with(
+        tag: &str,
+        mut xseg: xseg::Config,
+        workers: Option<usize>,
+    ) -> Result<ScratchPeerSet, NbdError> {
         let dir = ScratchDir::new(tag)?;
         let segment = PathBuf::from("/dev/shm").join(unique_name("xseg", tag));
         xseg.dynamic_start = Ports::DYNAMIC_START;
@@ -93,6 +102,9 @@ impl ScratchPeerSet {
             "node-scratch",
         );
         config.xseg = xseg;
+        if let Some(w) = workers {
+            config.workers = w;
+        }
         let set = PeerSet::start(&config).map_err(|e| NbdError::Bench(format!("peer set: {e}")));
         let set = match set {
             Ok(s) => s,
@@ -146,6 +158,12 @@ pub struct BenchOptions {
     /// Distance between consecutive requests' offsets (qemu-img bench walks sequentially and
     /// wraps at the end of the image; it has no random mode).
     pub step: u64,
+    /// Rounds, each on a fresh clone and a fresh overlay; the median of each phase is
+    /// reported (single runs on a small machine vary by a third).
+    pub rounds: usize,
+    /// Tokio threads per peer; by default one per two CPUs (at least one), since on a small
+    /// machine more threads than cores only add context switches.
+    pub peer_workers: Option<usize>,
 }
 
 impl Default for BenchOptions {
@@ -156,6 +174,8 @@ impl Default for BenchOptions {
             depth: 32,
             buffer: 4096,
             step: 4096,
+            rounds: 3,
+            peer_workers: None,
         }
     }
 }
@@ -259,10 +279,35 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> NbdError {
     move |source| NbdError::Io { what, source }
 }
 
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Starts `qemu-nbd` on `overlay` at `socket` and waits until it accepts connections.
+fn start_qemu_nbd(overlay: &Path, socket: &Path) -> Result<KillOnDrop, NbdError> {
+    let mut child = KillOnDrop(
+        Command::new("qemu-nbd")
+            .args(["--persistent", "--format=qcow2", "--cache=writeback"])
+            .arg(format!("--socket={}", socket.display()))
+            .arg(overlay)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(io_err("starting qemu-nbd"))?,
+    );
+    wait_for_socket(socket, &mut child.0)?;
+    Ok(child)
+}
+
+/// The phases of a round: name and whether it writes.
+const PHASES: [(&str, bool); 3] = [("read", false), ("write", true), ("reread", false)];
+
 /// Runs the comparison and returns its figures as JSON (one object). Builds its own tokio
 /// runtime; call it from synchronous code (`archip bench nbd`).
 pub fn bench(o: BenchOptions) -> Result<String, NbdError> {
-    if o.buffer == 0 || o.count == 0 || o.depth == 0 || o.size < o.buffer {
+    if o.buffer == 0 || o.count == 0 || o.depth == 0 || o.rounds == 0 || o.size < o.buffer {
         return Err(NbdError::Config(format!("bad benchmark options {o:?}")));
     }
     let qemu_version = run_command(Command::new("qemu-img").arg("--version"))?
@@ -270,19 +315,21 @@ pub fn bench(o: BenchOptions) -> Result<String, NbdError> {
         .next()
         .unwrap_or_default()
         .to_string();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let peer_workers = o.peer_workers.unwrap_or((cpus / 2).max(1));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("nbd-bench")
         .enable_all()
         .build()
         .map_err(io_err("tokio runtime"))?;
-    let peers = ScratchPeerSet::start("nbd-bench", xseg::Config::default())?;
+    let peers =
+        ScratchPeerSet::start_with("nbd-bench", xseg::Config::default(), Some(peer_workers))?;
     let dir = peers.dir().to_path_buf();
     let client = Arc::new(peers.client()?);
 
     // The source: a volume and a raw file with the same content.
     let base_raw = dir.join("base.raw");
-    let overlay = dir.join("overlay.qcow2");
     rt.block_on(async {
         client.create("base", o.size, None).await?;
         let mut file = std::fs::File::create(&base_raw).map_err(io_err("base.raw"))?;
@@ -295,75 +342,90 @@ pub fn bench(o: BenchOptions) -> Result<String, NbdError> {
             std::io::Write::write_all(&mut file, &buf[..n]).map_err(io_err("base.raw"))?;
             at += n as u64;
         }
+        file.sync_all().map_err(io_err("base.raw"))?;
         client.flush("base").await?;
-        client.clone_volume("base", "clone", None).await?;
         Ok::<_, NbdError>(())
     })?;
-    run_command(
-        Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-b"])
-            .arg(&base_raw)
-            .args(["-F", "raw"])
-            .arg(&overlay),
-    )?;
 
-    // Both servers, on unix sockets in the scratch directory.
+    // Our server exports every volume, so each round's clone is reached by name.
     let ours_sock = dir.join("archip.sock");
-    let theirs_sock = dir.join("qemu.sock");
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let mut config = NbdConfig::volume("clone");
+    let mut config = NbdConfig::all();
     config.unix_socket = Some(ours_sock.clone());
     let server = rt.block_on(async { NbdServer::bind(client.clone(), config) })?;
     let stats = server.stats();
     let served = rt.spawn(server.run(async {
         let _ = stop_rx.await;
     }));
-    let mut qemu_nbd = KillOnDrop(
-        Command::new("qemu-nbd")
-            .args(["--persistent", "--format=qcow2", "--cache=writeback"])
-            .arg(format!("--socket={}", theirs_sock.display()))
-            .arg(&overlay)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(io_err("starting qemu-nbd"))?,
-    );
-    wait_for_socket(&theirs_sock, &mut qemu_nbd.0)?;
-    let ours_url = format!("nbd+unix:///clone?socket={}", ours_sock.display());
-    let theirs_url = format!("nbd+unix:///?socket={}", theirs_sock.display());
 
-    let mut phases = Vec::new();
-    let mut log_sum = 0.0;
-    for (phase, write) in [("read", false), ("write", true), ("reread", false)] {
-        let ours = qemu_img_bench(&o, &ours_url, write)?;
-        let theirs = qemu_img_bench(&o, &theirs_url, write)?;
-        let ratio = ours / theirs;
-        log_sum += ratio.ln();
-        phases.push(serde_json::json!({
-            "phase": phase,
-            "archip_nbd_ops_per_sec": ours.round(),
-            "qemu_nbd_qcow2_ops_per_sec": theirs.round(),
-            "ratio": (ratio * 1000.0).round() / 1000.0,
-        }));
+    let mut samples: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); PHASES.len()];
+    for round in 0..o.rounds {
+        let clone = format!("clone-{round}");
+        rt.block_on(client.clone_volume("base", &clone, None))?;
+        let overlay = dir.join(format!("overlay-{round}.qcow2"));
+        run_command(
+            Command::new("qemu-img")
+                .args(["create", "-q", "-f", "qcow2", "-b"])
+                .arg(&base_raw)
+                .args(["-F", "raw"])
+                .arg(&overlay),
+        )?;
+        let theirs_sock = dir.join(format!("qemu-{round}.sock"));
+        let qemu_nbd = start_qemu_nbd(&overlay, &theirs_sock)?;
+        let ours_url = format!("nbd+unix:///{clone}?socket={}", ours_sock.display());
+        let theirs_url = format!("nbd+unix:///?socket={}", theirs_sock.display());
+        for (i, &(_, write)) in PHASES.iter().enumerate() {
+            // Alternate which side goes first, so neither always meets a warmer page cache.
+            let (ours, theirs) = if round % 2 == 0 {
+                let a = qemu_img_bench(&o, &ours_url, write)?;
+                (a, qemu_img_bench(&o, &theirs_url, write)?)
+            } else {
+                let b = qemu_img_bench(&o, &theirs_url, write)?;
+                (qemu_img_bench(&o, &ours_url, write)?, b)
+            };
+            samples[i].0.push(ours);
+            samples[i].1.push(theirs);
+        }
+        drop(qemu_nbd);
     }
-    let geomean = (log_sum / phases.len() as f64).exp();
 
     let _ = stop_tx.send(());
     rt.block_on(served)
         .map_err(|e| NbdError::Bench(format!("server task: {e}")))??;
-    drop(qemu_nbd);
 
+    let mut phases = Vec::new();
+    let mut log_sum = 0.0;
+    for ((name, _), (ours, theirs)) in PHASES.iter().zip(samples) {
+        let round = |v: &[f64]| v.iter().map(|x| x.round()).collect::<Vec<_>>();
+        let (all_ours, all_theirs) = (round(&ours), round(&theirs));
+        let (ours, theirs) = (median(ours), median(theirs));
+        let ratio = ours / theirs;
+        log_sum += ratio.ln();
+        phases.push(serde_json::json!({
+            "phase": name,
+            "archip_nbd_ops_per_sec": ours.round(),
+            "qemu_nbd_qcow2_ops_per_sec": theirs.round(),
+            "ratio": (ratio * 1000.0).round() / 1000.0,
+            "archip_runs": all_ours,
+            "qemu_nbd_runs": all_theirs,
+        }));
+    }
+    let geomean = (log_sum / phases.len() as f64).exp();
+    let env = |k: &str| std::env::var(k).ok();
     let report = serde_json::json!({
         "benchmark": "nbd",
-        "what": "qemu-img bench over NBD (unix socket): archip export of a clone volume vs qemu-nbd serving a qcow2 overlay on a raw base",
+        "what": "qemu-img bench over NBD (unix socket): archip export of a fresh clone volume vs qemu-nbd serving a fresh qcow2 overlay on a raw base; median of rounds",
         "qemu": qemu_version,
-        "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "cpus": cpus,
+        "peer_workers": peer_workers,
+        "xseg_spin_ns": env("ARCHIP_XSEG_SPIN_NS"),
+        "xseg_busy_ns": env("ARCHIP_XSEG_BUSY_NS"),
         "image_bytes": o.size,
         "requests": o.count,
         "depth": o.depth,
         "buffer_bytes": o.buffer,
         "step_bytes": o.step,
+        "rounds": o.rounds,
         "phases": phases,
         "ratio_geomean": (geomean * 1000.0).round() / 1000.0,
         "target_ratio": 1.0,

@@ -18,7 +18,9 @@ use std::sync::atomic::{AtomicBool, Ordering::*};
 use std::time::Duration;
 
 use peers::client::{ClientError, VolumeClient};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{
+    AsyncBufRead, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter,
+};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 use super::handshake::Export;
@@ -34,10 +36,35 @@ const POOL_RETRIES: u32 = 200;
 struct Reply {
     handle: u64,
     error: u32,
-    data: Option<Vec<u8>>,
+    /// READ data: this reply's range of its batch's buffer.
+    data: Option<(Arc<Vec<u8>>, std::ops::Range<usize>)>,
     /// Held until the reply is written, so that READ data counts against the budget while it
     /// sits in memory.
-    _bytes: Option<OwnedSemaphorePermit>,
+    _bytes: Option<Arc<OwnedSemaphorePermit>>,
+}
+
+/// Streams that split into independent owned halves (no lock shared between reading and
+/// writing, unlike `tokio::io::split`).
+pub(super) trait IntoHalves: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    type Read: AsyncRead + Unpin + Send + 'static;
+    type Write: AsyncWrite + Unpin + Send + 'static;
+    fn into_halves(self) -> (Self::Read, Self::Write);
+}
+
+impl IntoHalves for tokio::net::UnixStream {
+    type Read = tokio::net::unix::OwnedReadHalf;
+    type Write = tokio::net::unix::OwnedWriteHalf;
+    fn into_halves(self) -> (Self::Read, Self::Write) {
+        self.into_split()
+    }
+}
+
+impl IntoHalves for tokio::net::TcpStream {
+    type Read = tokio::net::tcp::OwnedReadHalf;
+    type Write = tokio::net::tcp::OwnedWriteHalf;
+    fn into_halves(self) -> (Self::Read, Self::Write) {
+        self.into_split()
+    }
 }
 
 /// Why the reader stopped.
@@ -60,15 +87,13 @@ struct Conn {
 }
 
 /// Runs the transmission phase until the session ends; never panics on client input.
-pub(super) async fn run<S>(
+pub(super) async fn run<S: IntoHalves>(
     stream: S,
     export: Export,
     shared: Arc<Shared>,
     stop: watch::Receiver<bool>,
-) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let (rd, wr) = tokio::io::split(stream);
+) {
+    let (rd, wr) = stream.into_halves();
     let depth = shared.config.queue_depth;
     let (tx, rx) = mpsc::channel::<Reply>(depth + 1);
     let writer = tokio::spawn(write_replies(wr, rx));
@@ -174,8 +199,8 @@ where
                     return End::Shutdown;
                 };
                 let payload = if let Op::Write { .. } = op {
-                    let mut data = vec![0u8; len as usize];
-                    if let Err(e) = rd.read_exact(&mut data).await {
+                    let mut data = Vec::with_capacity(len as usize);
+                    if let Err(e) = read_payload(&mut rd, &mut data, len).await {
                         return End::Io(e);
                     }
                     Some(data)
@@ -186,28 +211,166 @@ where
             }
             _ => (None, None),
         };
+        let mut batch = Batch {
+            op,
+            pieces: vec![(header.handle, len_of(&op))],
+            payload,
+            slots: vec![slot],
+            bytes,
+        };
+        let merging = merge_buffered(
+            &mut rd,
+            &mut batch,
+            &limits,
+            shared.config.merge_limit,
+            &shared.budget,
+            slots,
+            &conn.stats,
+        );
+        if let Err(e) = merging.await {
+            return End::Io(e);
+        }
         let conn = conn.clone();
         let tx = tx.clone();
-        let handle = header.handle;
         tokio::spawn(async move {
-            let (error, data) = match execute(&conn, op, payload).await {
-                Ok(data) => (0, data),
-                Err(e) => {
-                    Stats::bump(&conn.stats.failed, 1);
-                    tracing::debug!(export = %conn.export.name, ?op, error = %e, "nbd: request failed");
-                    (errno_of(&e, &op), None)
-                }
+            let Batch {
+                op,
+                pieces,
+                payload,
+                slots,
+                bytes,
+            } = batch;
+            let result = execute(&conn, op, pieces.len() as u64, payload).await;
+            if let Err(e) = &result {
+                Stats::bump(&conn.stats.failed, pieces.len() as u64);
+                tracing::debug!(export = %conn.export.name, ?op, error = %e, "nbd: request failed");
+            }
+            let (error, data) = match result {
+                Ok(data) => (0, data.map(Arc::new)),
+                Err(e) => (errno_of(&e, &op), None),
             };
-            let _ = tx
-                .send(Reply {
-                    handle,
-                    error,
-                    data,
-                    _bytes: bytes,
-                })
-                .await;
-            drop(slot);
+            let bytes = bytes.map(Arc::new);
+            let mut at = 0usize;
+            for (handle, len) in pieces {
+                let range = at..at + len as usize;
+                at += len as usize;
+                let _ = tx
+                    .send(Reply {
+                        handle,
+                        error,
+                        data: data.as_ref().map(|d| (d.clone(), range)),
+                        _bytes: bytes.clone(),
+                    })
+                    .await;
+            }
+            drop(slots);
         });
+    }
+}
+
+/// Requests run as one call to the volume: a single request, or contiguous READs (or WRITEs)
+/// that arrived together and were merged.
+struct Batch {
+    op: Op,
+    /// Handle and length of each merged request, in offset order.
+    pieces: Vec<(u64, u32)>,
+    /// WRITE data of all pieces, back to back.
+    payload: Option<Vec<u8>>,
+    slots: Vec<OwnedSemaphorePermit>,
+    bytes: Option<OwnedSemaphorePermit>,
+}
+
+fn len_of(op: &Op) -> u32 {
+    match *op {
+        Op::Read { len, .. }
+        | Op::Write { len, .. }
+        | Op::Trim { len, .. }
+        | Op::WriteZeroes { len, .. } => len,
+        Op::Flush | Op::Disc => 0,
+    }
+}
+
+async fn read_payload<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    into: &mut Vec<u8>,
+    len: u32,
+) -> std::io::Result<()> {
+    let from = into.len();
+    into.resize(from + len as usize, 0);
+    rd.read_exact(&mut into[from..]).await.map(drop)
+}
+
+/// Merges into `batch` the requests already waiting in the read buffer that continue it: same
+/// kind (READ or WRITE), starting where it ends, up to `merge_limit` bytes in all. Requests
+/// then cost the volume layer one call instead of one each, as a block layer's merging does
+/// for a kernel device. Never waits for the client: only what is buffered is looked at (a
+/// merged WRITE's payload follows its header, so reading it does not wait on the client's
+/// choice). Stops at the first request that does not fit, leaving it for the main loop.
+async fn merge_buffered<R: AsyncRead + Unpin>(
+    rd: &mut BufReader<R>,
+    batch: &mut Batch,
+    limits: &Limits,
+    merge_limit: u32,
+    budget: &Arc<Semaphore>,
+    slots: &Arc<Semaphore>,
+    stats: &Stats,
+) -> std::io::Result<()> {
+    let limit = u64::from(merge_limit);
+    loop {
+        let Some(raw) = rd.buffer().get(..proto::REQUEST_HEADER_LEN) else {
+            return Ok(());
+        };
+        let raw: &[u8; proto::REQUEST_HEADER_LEN] = raw.try_into().expect("sliced to size");
+        let Ok(next) = RequestHeader::parse(raw) else {
+            return Ok(());
+        };
+        let Ok(op) = next.validate(limits) else {
+            return Ok(());
+        };
+        let merged = match (batch.op, op) {
+            (Op::Read { offset, len }, Op::Read { offset: o, len: l })
+                if offset + u64::from(len) == o && u64::from(len) + u64::from(l) <= limit =>
+            {
+                Op::Read {
+                    offset,
+                    len: len + l,
+                }
+            }
+            (
+                Op::Write { offset, len, fua },
+                Op::Write {
+                    offset: o,
+                    len: l,
+                    fua: f,
+                },
+            ) if offset + u64::from(len) == o && u64::from(len) + u64::from(l) <= limit => {
+                Op::Write {
+                    offset,
+                    len: len + l,
+                    fua: fua || f,
+                }
+            }
+            _ => return Ok(()),
+        };
+        // Only with a free queue slot and budget at hand: merging must never wait.
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            return Ok(());
+        };
+        let Ok(more) = budget.clone().try_acquire_many_owned(len_of(&op).max(1)) else {
+            return Ok(());
+        };
+        std::pin::Pin::new(&mut *rd).consume(proto::REQUEST_HEADER_LEN);
+        if let (Op::Write { len, .. }, Some(data)) = (op, batch.payload.as_mut()) {
+            read_payload(rd, data, len).await?;
+        }
+        Stats::bump(&stats.merged, 1);
+        batch.op = merged;
+        batch.pieces.push((next.handle, len_of(&op)));
+        batch.slots.push(slot);
+        match batch.bytes.as_mut() {
+            Some(b) => b.merge(more),
+            None => batch.bytes = Some(more),
+        }
     }
 }
 
@@ -274,10 +437,11 @@ async fn flush(conn: &Conn) -> Result<(), ClientError> {
     r
 }
 
-/// Runs one validated request; returns READ data.
+/// Runs one validated request (or `n` merged ones); returns READ data.
 async fn execute(
     conn: &Conn,
     op: Op,
+    n: u64,
     payload: Option<Vec<u8>>,
 ) -> Result<Option<Vec<u8>>, ClientError> {
     let c = &conn.client;
@@ -285,7 +449,7 @@ async fn execute(
     let stats = &conn.stats;
     match op {
         Op::Read { offset, len } => {
-            Stats::bump(&stats.reads, 1);
+            Stats::bump(&stats.reads, n);
             let mut buf = vec![0u8; len as usize];
             if len > 0 {
                 let mut attempt = 0;
@@ -304,7 +468,7 @@ async fn execute(
             Ok(Some(buf))
         }
         Op::Write { offset, len, fua } => {
-            Stats::bump(&stats.writes, 1);
+            Stats::bump(&stats.writes, n);
             let data = payload.unwrap_or_default();
             debug_assert_eq!(data.len(), len as usize);
             if len > 0 {
@@ -375,8 +539,8 @@ where
             while let Some(r) = next {
                 out.write_all(&proto::simple_reply(r.error, r.handle))
                     .await?;
-                if let Some(d) = &r.data {
-                    out.write_all(d).await?;
+                if let Some((d, range)) = &r.data {
+                    out.write_all(&d[range.clone()]).await?;
                 }
                 next = rx.try_recv().ok();
             }
@@ -389,5 +553,127 @@ where
         // The client went away; the reader notices on its side. Drain so senders never block.
         tracing::debug!(error = %e, "nbd: writing replies failed");
         while rx.recv().await.is_some() {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::proto::cmd;
+    use super::*;
+
+    fn header(kind: u16, handle: u64, offset: u64, len: u32) -> Vec<u8> {
+        let mut b = proto::REQUEST_MAGIC.to_be_bytes().to_vec();
+        b.extend_from_slice(&0u16.to_be_bytes());
+        b.extend_from_slice(&kind.to_be_bytes());
+        b.extend_from_slice(&handle.to_be_bytes());
+        b.extend_from_slice(&offset.to_be_bytes());
+        b.extend_from_slice(&len.to_be_bytes());
+        b
+    }
+
+    const LIMITS: Limits = Limits {
+        size: 1 << 20,
+        read_only: false,
+        max_io: 1 << 20,
+    };
+
+    /// Parses the first request off `wire` and merges what follows, as the reader does.
+    async fn first_batch(wire: &[u8], merge_limit: u32, depth: usize) -> (Batch, Vec<u8>) {
+        let mut rd = BufReader::new(wire);
+        let mut raw = [0u8; proto::REQUEST_HEADER_LEN];
+        rd.read_exact(&mut raw).await.unwrap();
+        let h = RequestHeader::parse(&raw).unwrap();
+        let op = h.validate(&LIMITS).unwrap();
+        let slots = Arc::new(Semaphore::new(depth));
+        let budget = Arc::new(Semaphore::new(1 << 20));
+        let payload = match op {
+            Op::Write { len, .. } => {
+                let mut d = Vec::new();
+                read_payload(&mut rd, &mut d, len).await.unwrap();
+                Some(d)
+            }
+            _ => None,
+        };
+        let mut batch = Batch {
+            op,
+            pieces: vec![(h.handle, len_of(&op))],
+            payload,
+            slots: vec![slots.clone().try_acquire_owned().unwrap()],
+            bytes: Some(budget.clone().try_acquire_many_owned(len_of(&op)).unwrap()),
+        };
+        let stats = Stats::default();
+        merge_buffered(
+            &mut rd,
+            &mut batch,
+            &LIMITS,
+            merge_limit,
+            &budget,
+            &slots,
+            &stats,
+        )
+        .await
+        .unwrap();
+        assert_eq!(stats.merged.load(Relaxed) as usize, batch.pieces.len() - 1);
+        assert_eq!(batch.slots.len(), batch.pieces.len());
+        let mut rest = Vec::new();
+        rd.read_to_end(&mut rest).await.unwrap();
+        (batch, rest)
+    }
+
+    #[tokio::test]
+    async fn contiguous_reads_merge_until_a_gap_or_the_limit() {
+        let mut wire = Vec::new();
+        for (h, off) in [(1, 0), (2, 4096), (3, 8192), (4, 20480)] {
+            wire.extend(header(cmd::READ, h, off, 4096));
+        }
+        let (b, rest) = first_batch(&wire, 1 << 20, 8).await;
+        assert_eq!(
+            b.op,
+            Op::Read {
+                offset: 0,
+                len: 12288
+            }
+        );
+        assert_eq!(b.pieces, [(1, 4096), (2, 4096), (3, 4096)]);
+        // The non-contiguous request is left for the main loop, intact.
+        assert_eq!(rest, header(cmd::READ, 4, 20480, 4096));
+        // The merge limit and the queue depth bound a batch.
+        let (b, _) = first_batch(&wire, 8192, 8).await;
+        assert_eq!(b.pieces.len(), 2);
+        let (b, _) = first_batch(&wire, 1 << 20, 1).await;
+        assert_eq!(b.pieces.len(), 1);
+        let (b, _) = first_batch(&wire, 0, 8).await;
+        assert_eq!(b.pieces.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn contiguous_writes_merge_with_their_payloads_and_fua() {
+        let mut wire = header(cmd::WRITE, 1, 100, 3);
+        wire.extend_from_slice(b"abc");
+        let mut h = header(cmd::WRITE, 2, 103, 2);
+        h[5] = 1; // FUA
+        wire.extend(h);
+        wire.extend_from_slice(b"de");
+        // A READ after them is not merged into writes.
+        wire.extend(header(cmd::READ, 3, 105, 1));
+        let (b, rest) = first_batch(&wire, 1 << 20, 8).await;
+        assert_eq!(
+            b.op,
+            Op::Write {
+                offset: 100,
+                len: 5,
+                fua: true
+            }
+        );
+        assert_eq!(b.payload.as_deref(), Some(&b"abcde"[..]));
+        assert_eq!(b.pieces, [(1, 3), (2, 2)]);
+        assert_eq!(rest, header(cmd::READ, 3, 105, 1));
+        // Invalid or garbage requests are never merged: they are the main loop's to refuse.
+        let mut wire = header(cmd::READ, 1, 0, 4096);
+        wire.extend(header(cmd::READ, 2, 4096, 2 << 20));
+        assert_eq!(first_batch(&wire, 1 << 20, 8).await.0.pieces.len(), 1);
+        let mut wire = header(cmd::READ, 1, 0, 4096);
+        wire.extend_from_slice(&[0xff; 28]);
+        assert_eq!(first_batch(&wire, 1 << 20, 8).await.0.pieces.len(), 1);
     }
 }
