@@ -106,7 +106,13 @@ impl FileBlocker {
             root,
             dir,
             fds: Mutex::new(HashMap::new()),
-            dirty: Mutex::new(Dirty::default()),
+            // Writes of an earlier process on this directory (a blocker that crashed or was
+            // restarted) may still be only in the page cache, and no list of them survived:
+            // the first flush syncs the whole filesystem.
+            dirty: Mutex::new(Dirty {
+                names: HashSet::new(),
+                overflow: true,
+            }),
             tmp_counter: AtomicU64::new(0),
         };
         blocker.remove_stale_temporaries(STALE_TMP_AGE)?;
