@@ -15,6 +15,9 @@ use crate::owner::{ProcessId, pid_alive};
 use crate::protocol::Status;
 use crate::ring::{HoleWatch, Pop, Ring};
 
+/// `owner` of a free request: matches no port.
+const NO_OWNER: u64 = u64::MAX;
+
 /// Which of a port's two rings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RingKind {
@@ -195,7 +198,12 @@ impl Segment {
             self.ring(p, RingKind::Requests).init();
             self.ring(p, RingKind::Replies).init();
         }
-        // The file is fresh (zero-filled), so requests are FREE and buffers unowned already.
+        // The file is fresh (zero-filled), so requests are FREE and buffers unowned already;
+        // only the owner field needs a value that names no port.
+        for r in 0..l.config.nr_requests {
+            self.req(r).owner.store(NO_OWNER, Relaxed);
+            self.req(r).holder.store(u32::MAX, Relaxed);
+        }
         let base = self.map.as_mut_ptr();
         // SAFETY: the header lies at the start of the mapping, which nobody else uses yet
         // because the magic is written last.
@@ -362,6 +370,10 @@ impl Segment {
         }
         q.path_len.store(0, Relaxed);
         q.data_len.store(0, Relaxed);
+        // A reaper that reads `owner` between a new allocation's state change and its owner
+        // store must not see the previous owner (a dead port) and free the new request.
+        q.owner.store(NO_OWNER, Relaxed);
+        q.holder.store(u32::MAX, Relaxed);
         q.state.store(REQ_FREE, Release);
     }
 
@@ -502,8 +514,10 @@ impl Segment {
                 _ => {}
             }
         }
-        requests.init();
-        replies.init();
+        // No re-initialisation of the rings: a sender that checked the port just before it was
+        // taken over may still push, and wiping the ring would lose that request. Whatever
+        // arrives late is drained by the next reap of the now free port, or served by the next
+        // peer that binds it.
     }
 
     /// A reply reached a port whose owner died: free it if that port sent it, else pass the
