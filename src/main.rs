@@ -65,6 +65,8 @@ enum Command {
     Status,
     /// Serve the CSI Identity, Controller and GroupController services over this node's peers.
     Controller(cli::csi::ControllerArgs),
+    /// Serve volumes of the running peer set over NBD (qemu-img, qemu-io, nbd-client).
+    ExportNbd(cli::nbd::ExportNbdArgs),
     /// Measure a part of the system against a baseline in the same run; prints JSON.
     Bench {
         #[command(subcommand)]
@@ -92,6 +94,15 @@ enum Bench {
         #[arg(long)]
         dir: Option<std::path::PathBuf>,
     },
+    /// qemu-img bench on our NBD export of a clone vs qemu-nbd on a qcow2 overlay.
+    Nbd {
+        /// Requests per qemu-img bench run.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Rounds (the median is reported).
+        #[arg(long)]
+        rounds: Option<u32>,
+    },
     /// CreateVolume-from-snapshot latency over gRPC (1 GiB and 1 TiB), 100 concurrent clones.
     Csi {
         /// Parent of the scratch directory (the filesystem to measure).
@@ -118,6 +129,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Lock { cmd } => cli::admin::lock(&ctx, cmd),
         Command::Status => cli::admin::status(&ctx),
         Command::Controller(args) => cli::csi::controller(&ctx.instance, &args),
+        Command::ExportNbd(args) => cli::nbd::export_nbd(&ctx.instance, &args),
         Command::Bench { what } => match what {
             Bench::Xseg { requests } => {
                 println!("{}", xseg::bench::run(requests));
@@ -136,6 +148,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(())
             }
             Bench::Csi { dir } => cli::csi::bench(dir),
+            Bench::Nbd { count, rounds } => cli::nbd::bench(count, rounds),
         },
     }
 }
@@ -144,7 +157,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The long-running commands log at info; the others only say what went wrong.
     let default_level = match cli.command {
-        Command::Up(_) | Command::Peer(_) | Command::Controller(_) => "info",
+        Command::Up(_) | Command::Peer(_) | Command::Controller(_) | Command::ExportNbd(_) => {
+            "info"
+        }
         _ => "warn",
     };
     tracing_subscriber::fmt()

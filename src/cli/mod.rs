@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod csi;
 pub mod image;
+pub mod nbd;
 pub mod up;
 pub mod volume;
 
