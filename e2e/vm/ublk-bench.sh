@@ -9,7 +9,8 @@
 # read/write (io_uring, O_DIRECT) on /dev/ublkbN and on a loop device over a file on the same
 # tmpfs that holds the volume's objects. Prints one JSON object with both sides and the
 # ublk/loop ratios on stdout. TCG numbers are slow in absolute terms; the ratio is the figure.
-# ARCHIP_BENCH_SIZE_MIB (default 128) and ARCHIP_BENCH_RUNTIME (s per job, default 6).
+# ARCHIP_BENCH_SIZE_MIB (default 128), ARCHIP_BENCH_RUNTIME (s per job, default 6);
+# ARCHIP_XSEG_BUSY_NS / ARCHIP_XSEG_SPIN_NS are passed to the guest when set.
 set -euo pipefail
 
 case "${1:-}" in -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;; esac
@@ -17,11 +18,16 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 SUITE=${1:-bookworm-backports}
 (cd "$ROOT" && cargo build --release -q -p node --bin archip-ublk-test)
+# The xseg wait policy (spin before sleeping) can be tuned for the run.
+ENVS=()
+for v in ARCHIP_XSEG_BUSY_NS ARCHIP_XSEG_SPIN_NS; do
+  [ -z "${!v:-}" ] || ENVS+=(--env "$v=${!v}")
+done
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
 rc=0
 "$HERE/run-in-vm.sh" --suite "$SUITE" --cpus "${ARCHIP_BENCH_CPUS:-1}" --mem 2G --timeout 900 \
-  --bin "$ROOT/target/release/archip-ublk-test" --file "$HERE/suites/ublk-bench-guest.sh" \
+  "${ENVS[@]}" --bin "$ROOT/target/release/archip-ublk-test" --file "$HERE/suites/ublk-bench-guest.sh" \
   -- sh /root/ublk-bench-guest.sh "${ARCHIP_BENCH_SIZE_MIB:-128}" "${ARCHIP_BENCH_RUNTIME:-6}" \
   >"$out" 2>&1 || rc=$?
 tr -d '\r' <"$out" | grep '^ublk-bench:' >&2 || true
