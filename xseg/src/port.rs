@@ -272,7 +272,9 @@ impl Sender {
         drop(req);
     }
 
-    fn push(&self, req: &Request, dst: u32) -> Result<()> {
+    /// Queues `req` to `dst`. On failure the request is back in `state`, the state it was in
+    /// here (ALLOCATED for a sender, SERVING for a forwarder), held by this port.
+    fn push(&self, req: &Request, dst: u32, state: u32) -> Result<()> {
         let q = self.seg.req(req.index);
         q.holder.store(dst, Relaxed);
         q.dst_port.store(dst, Relaxed);
@@ -286,7 +288,7 @@ impl Sender {
             }
             Err(e) => {
                 q.holder.store(self.no, Relaxed);
-                q.state.store(REQ_ALLOCATED, Release);
+                q.state.store(state, Release);
                 Err(match e {
                     PushError::Full => Error::QueueFull(dst),
                     PushError::Corrupt => Error::QueueCorrupt(dst),
@@ -315,7 +317,7 @@ impl Sender {
         let q = self.seg.req(req.index);
         q.path[0].store(self.hop, Relaxed);
         q.path_len.store(1, Relaxed);
-        match self.push(&req, dst) {
+        match self.push(&req, dst, REQ_ALLOCATED) {
             Ok(()) => {
                 std::mem::forget(req);
                 Ok(())
@@ -336,7 +338,8 @@ impl Sender {
         }
         q.path[len].store(self.hop, Relaxed);
         q.path_len.store(len as u32 + 1, Relaxed);
-        match self.push(&req, dst) {
+        // Still ours to answer if it cannot be sent: a drop then fails it back to its sender.
+        match self.push(&req, dst, REQ_SERVING) {
             Ok(()) => {
                 std::mem::forget(req);
                 Ok(())
@@ -438,9 +441,18 @@ impl Port {
             match ring.pop(&mut self.rep_watch) {
                 Pop::Item(r) if r < seg.config().nr_requests => {
                     let q = seg.req(r);
+                    // A reply to a request this port sent is ours again (ALLOCATED). A reply to
+                    // one it forwarded still belongs to the sender further back: it is SERVING
+                    // here again, so that dropping it, or dying with it, fails it back to that
+                    // sender instead of freeing a request someone still waits for.
+                    let back = if q.owner.load(Acquire) == self.tx.hop {
+                        REQ_ALLOCATED
+                    } else {
+                        REQ_SERVING
+                    };
                     if q.holder.load(Acquire) == self.tx.no
                         && q.state
-                            .compare_exchange(REQ_REPLIED, REQ_ALLOCATED, AcqRel, Relaxed)
+                            .compare_exchange(REQ_REPLIED, back, AcqRel, Relaxed)
                             .is_ok()
                     {
                         stats.received.fetch_add(1, Relaxed);
