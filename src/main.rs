@@ -65,6 +65,20 @@ enum Command {
     Status,
     /// Serve the CSI Identity, Controller and GroupController services over this node's peers.
     Controller(cli::csi::ControllerArgs),
+    /// Map a volume as a /dev/ublkbN block device (starts its device server).
+    Map(cli::ublk::MapArgs),
+    /// Remove a mapped device.
+    Unmap(cli::ublk::UnmapArgs),
+    /// List mapped devices and whether their servers are alive.
+    Showmapped(cli::ublk::DeviceArgs),
+    /// Restart the servers of mapped devices whose server died; their I/O resumes.
+    Recover(cli::ublk::DeviceArgs),
+    /// Internal: the device server `map` starts.
+    #[command(name = "__ublk-serve", hide = true)]
+    UblkServe {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Serve volumes of the running peer set over NBD (qemu-img, qemu-io, nbd-client).
     ExportNbd(cli::nbd::ExportNbdArgs),
     /// Measure a part of the system against a baseline in the same run; prints JSON.
@@ -130,6 +144,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status => cli::admin::status(&ctx),
         Command::Controller(args) => cli::csi::controller(&ctx.instance, &args),
         Command::ExportNbd(args) => cli::nbd::export_nbd(&ctx.instance, &args),
+        Command::Map(args) => cli::ublk::map(&ctx.instance, &args),
+        Command::Unmap(args) => cli::ublk::unmap(&args),
+        Command::Showmapped(args) => cli::ublk::showmapped(&args, ctx.json),
+        Command::Recover(args) => cli::ublk::recover(&args),
+        Command::UblkServe { args } => cli::ublk::serve(&args),
         Command::Bench { what } => match what {
             Bench::Xseg { requests } => {
                 println!("{}", xseg::bench::run(requests));

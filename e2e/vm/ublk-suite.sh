@@ -28,7 +28,7 @@ secs() { local d=$(( $(now) - $1 )); printf '%d.%02d' $((d / 1000000)) $((d % 10
 
 t=$(now)
 echo "=== ublk suite: building (release)" >&2
-(cd "$ROOT" && cargo build --release -q -p node --bin archip-ublk-test)
+(cd "$ROOT" && cargo build --release -q -p node --bin archip-ublk-test && cargo build --release -q -p archipelago --bin archip)
 TESTBIN=$(cd "$ROOT" && cargo test --release -q -p node --test ublk_device --no-run --message-format=json 2>/dev/null |
   grep '"name":"ublk_device"' | grep '"kind":\["test"\]' | grep -o '"executable":"[^"]*"' | sed 's/"executable":"\(.*\)"/\1/' | tail -n 1)
 [ -x "$TESTBIN" ] || { echo "ublk-suite: no ublk_device test binary" >&2; exit 1; }
@@ -36,16 +36,21 @@ echo "=== ublk suite: built in $(secs "$t")s" >&2
 
 summary=() failed=0
 for suite in "$@"; do
-  for part in guest tests; do
+  for part in guest tests cli; do
     echo "=== ublk suite: $suite: $part" >&2
     t=$(now) rc=0
     if [ "$part" = guest ]; then
       "$HERE/run-in-vm.sh" "${EXTRA[@]}" --suite "$suite" --cpus 2 --mem 2G --timeout 900 \
         --bin "$ROOT/target/release/archip-ublk-test" --file "$HERE/suites/ublk-guest.sh" \
         -- sh /root/ublk-guest.sh || rc=$?
-    else
+    elif [ "$part" = tests ]; then
       "$HERE/run-in-vm.sh" "${EXTRA[@]}" --suite "$suite" --cpus 2 --mem 2G --timeout 600 \
         --no-tools --runner "$TESTBIN" --test-threads=1 || rc=$?
+    else
+      # 3. the `archip` CLI itself: up, map, I/O, kill -9 + recover, unmap.
+      "$HERE/run-in-vm.sh" "${EXTRA[@]}" --suite "$suite" --cpus 2 --mem 2G --timeout 600 \
+        --bin "$ROOT/target/release/archip" --file "$HERE/suites/archip-cli-guest.sh" \
+        -- sh /root/archip-cli-guest.sh || rc=$?
     fi
     if [ "$rc" = 0 ]; then r=PASS; else r="FAIL (status $rc)"; failed=1; fi
     summary+=("$suite $part: $r, wall $(secs "$t")s")

@@ -1,0 +1,124 @@
+//! `archip map | unmap | showmapped | recover`: volumes as /dev/ublkbN block devices.
+//!
+//! `map` starts one device server process per volume (this same binary, hidden subcommand
+//! `__ublk-serve`), so that a server can be killed and recovered without touching the others
+//! or the peers: the device stays, its I/O waits, and `archip recover` re-attaches it.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use node::devices::DeviceTable;
+use node::ublk::{self, Launcher, MapRequest, UblkConfig};
+
+use super::Instance;
+
+/// The hidden subcommand `map` launches as the device server.
+pub const SERVE_SUBCOMMAND: &str = "__ublk-serve";
+
+#[derive(Args, Debug)]
+pub struct MapArgs {
+    /// Volume (or snapshot, read-only) to map.
+    pub volume: String,
+    /// Hardware queues (capped by the kernel at the number of CPUs).
+    #[arg(long, default_value_t = 2)]
+    pub queues: u16,
+    /// Requests in flight per queue.
+    #[arg(long, default_value_t = 64)]
+    pub depth: u16,
+    /// Logical block size: 512 or 4096.
+    #[arg(long, default_value_t = 512)]
+    pub block_size: u32,
+    /// Copy through a bounce buffer even when the kernel offers UBLK_F_USER_COPY.
+    #[arg(long)]
+    pub no_user_copy: bool,
+    /// Ask for a specific /dev/ublkbN number.
+    #[arg(long)]
+    pub dev_id: Option<u32>,
+    /// Device state file (default /run/archip/ublk-devices.json).
+    #[arg(long, env = "ARCHIP_UBLK_STATE")]
+    pub state: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct DeviceArgs {
+    /// Device state file (default /run/archip/ublk-devices.json).
+    #[arg(long, env = "ARCHIP_UBLK_STATE")]
+    pub state: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct UnmapArgs {
+    /// /dev/ublkbN, ublkbN, N or the volume name.
+    pub target: String,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+fn table(state: &Option<PathBuf>) -> DeviceTable {
+    DeviceTable::new(state.clone().unwrap_or_else(DeviceTable::default_path))
+}
+
+fn launcher() -> anyhow::Result<Launcher> {
+    Ok(Launcher::current_exe(&[SERVE_SUBCOMMAND])?)
+}
+
+pub fn map(inst: &Instance, args: &MapArgs) -> anyhow::Result<()> {
+    let req = MapRequest {
+        volume: args.volume.clone(),
+        segment: inst.segment(),
+        config: UblkConfig {
+            queues: args.queues,
+            depth: args.depth,
+            logical_block_size: args.block_size,
+            user_copy: !args.no_user_copy,
+            ..UblkConfig::default()
+        },
+        table: table(&args.state),
+        dev_id: args.dev_id,
+        log: None,
+    };
+    let rec = ublk::map(&req, &launcher()?)?;
+    println!("{}", rec.block_device().display());
+    Ok(())
+}
+
+pub fn unmap(args: &UnmapArgs) -> anyhow::Result<()> {
+    match ublk::unmap(&table(&args.device.state), &args.target)? {
+        Some(rec) => println!("unmapped {} ({})", rec.block_device().display(), rec.volume),
+        None => println!("unmapped {}", args.target),
+    }
+    Ok(())
+}
+
+pub fn showmapped(args: &DeviceArgs, json: bool) -> anyhow::Result<()> {
+    let devices = ublk::showmapped(&table(&args.state))?;
+    if json {
+        println!("{}", serde_json::to_string(&devices)?);
+        return Ok(());
+    }
+    for d in devices {
+        println!("{}", serde_json::to_string(&d)?);
+    }
+    Ok(())
+}
+
+pub fn recover(args: &DeviceArgs) -> anyhow::Result<()> {
+    let mut failed = 0;
+    for r in ublk::recover(&table(&args.state), &launcher()?, &UblkConfig::default())? {
+        match r {
+            Ok(rec) => println!("recovered {}", rec.block_device().display()),
+            Err(e) => {
+                eprintln!("archip: recover: {e}");
+                failed += 1;
+            }
+        }
+    }
+    if failed > 0 {
+        anyhow::bail!("{failed} device(s) could not be recovered");
+    }
+    Ok(())
+}
+
+pub fn serve(args: &[String]) -> ! {
+    std::process::exit(ublk::serve_main(args))
+}
