@@ -64,9 +64,27 @@ async fn write_read_copy_delete(b: &dyn Blocker) {
     b.read(&src, 0, &mut one).await.unwrap();
     assert_eq!(one, [1]);
 
-    // Copying a missing object leaves a missing (all-zero) destination.
+    // Copying a missing object leaves an empty or missing (all-zero) destination.
     b.copy(&n("nothing-here"), &dst).await.unwrap();
-    assert!(b.info(&dst).await.unwrap().is_none());
+    assert!(b.info(&dst).await.unwrap().is_none_or(|i| i.size == 0));
+    b.read(&dst, 0, &mut buf).await.unwrap();
+    assert!(buf.iter().all(|&x| x == 0));
+
+    // Truncating empties in place; a missing object stays missing.
+    b.write(&dst, 0, &[7u8; 5000]).await.unwrap();
+    assert!(b.truncate(&dst).await.unwrap());
+    assert_eq!(b.info(&dst).await.unwrap().unwrap().size, 0);
+    b.read(&dst, 0, &mut buf).await.unwrap();
+    assert!(
+        buf.iter().all(|&x| x == 0),
+        "truncated objects read as zeros"
+    );
+    b.write(&dst, 100, b"y").await.unwrap();
+    b.read(&dst, 0, &mut buf).await.unwrap();
+    assert!(buf[..100].iter().all(|&x| x == 0) && buf[100] == b'y');
+    assert!(buf[101..].iter().all(|&x| x == 0), "no old data comes back");
+    assert!(!b.truncate(&n("nothing-here")).await.unwrap());
+    assert!(b.info(&n("nothing-here")).await.unwrap().is_none());
 
     assert!(b.delete(&src).await.unwrap());
     assert!(!b.delete(&src).await.unwrap(), "delete is idempotent");

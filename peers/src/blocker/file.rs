@@ -3,6 +3,14 @@
 //! - Data objects are plain sparse files, written in place with pwrite; `flush` fsyncs the
 //!   files written since the last flush and then the directory (or `syncfs` when too many are
 //!   dirty to track).
+//! - Descriptors of data objects are cached per process, and several processes (blocker,
+//!   mapper) open the same directory, each with its own cache. A descriptor cached here stays
+//!   attached to its inode when another process unlinks the file, and a file re-created under
+//!   the name is a different inode this process never sees. Hence `truncate` empties an object
+//!   in place (same inode: every process's descriptor sees it), and `delete` is meant for
+//!   names that are never written again (GC); `copy` likewise never unlinks its destination.
+//!   Descriptors of files unlinked elsewhere are dropped by a periodic sweep, so they do not
+//!   pin the space GC freed.
 //! - Map objects are replaced whole: write a temporary file, fsync it, rename it over the old
 //!   one, fsync the directory. A reader therefore sees one complete version or the other. The
 //!   version lives in a small prefix of the file. The compare-and-swap runs under an `flock`,
@@ -24,7 +32,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::{
     Blocker, BlockerError, BlockerFuture, Expect, Fence, LockInfo, LockOwner, ObjectInfo,
@@ -33,6 +41,11 @@ use super::{
 
 /// Open descriptors kept for data objects; opening a file per I/O would triple the syscalls.
 const FD_CACHE_LIMIT: usize = 1024;
+/// How often the descriptor cache drops descriptors of files that another process (the
+/// mapper's GC) unlinked: an open descriptor keeps the inode, and so its space, allocated. An
+/// fstat of each cached descriptor every few seconds costs next to nothing; doing it on every
+/// I/O would cost a syscall each.
+const FD_SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 /// Written objects remembered for the next flush; past this, flush syncs the whole filesystem.
 const DIRTY_LIMIT: usize = 4096;
 /// Number of `flock` files per kind; unrelated objects may share one, which only serialises
@@ -53,11 +66,17 @@ struct Dirty {
     overflow: bool,
 }
 
+/// The per-process descriptor cache of data objects.
+struct FdCache {
+    files: HashMap<ObjectName, Arc<File>>,
+    swept: Instant,
+}
+
 /// A directory of objects.
 pub struct FileBlocker {
     root: PathBuf,
     dir: File,
-    fds: Mutex<HashMap<ObjectName, Arc<File>>>,
+    fds: Mutex<FdCache>,
     dirty: Mutex<Dirty>,
     tmp_counter: AtomicU64,
 }
@@ -105,7 +124,10 @@ impl FileBlocker {
         let blocker = FileBlocker {
             root,
             dir,
-            fds: Mutex::new(HashMap::new()),
+            fds: Mutex::new(FdCache {
+                files: HashMap::new(),
+                swept: Instant::now(),
+            }),
             // Writes of an earlier process on this directory (a blocker that crashed or was
             // restarted) may still be only in the page cache, and no list of them survived:
             // the first flush syncs the whole filesystem.
@@ -163,7 +185,11 @@ impl FileBlocker {
     /// Opening happens under the cache mutex so that a concurrent delete cannot leave a
     /// descriptor of an unlinked file in the cache.
     fn file(&self, name: &ObjectName, create: bool) -> Result<Option<Arc<File>>, BlockerError> {
-        let mut fds = lock(&self.fds);
+        let mut cache = lock(&self.fds);
+        if cache.swept.elapsed() >= FD_SWEEP_INTERVAL {
+            Self::sweep(&mut cache);
+        }
+        let fds = &mut cache.files;
         if let Some(f) = fds.get(name) {
             return Ok(Some(f.clone()));
         }
@@ -184,6 +210,22 @@ impl FileBlocker {
         }
         fds.insert(name.clone(), file.clone());
         Ok(Some(file))
+    }
+
+    /// Drop cached descriptors of files that are no longer linked (deleted by another
+    /// process), so that their space is freed. Names are not reused after a delete, so such a
+    /// descriptor is never needed again; if one were, the next I/O simply reopens the path.
+    fn sweep(cache: &mut FdCache) {
+        use std::os::unix::fs::MetadataExt;
+        let before = cache.files.len();
+        cache
+            .files
+            .retain(|_, f| f.metadata().is_ok_and(|m| m.nlink() > 0));
+        cache.swept = Instant::now();
+        let dropped = before - cache.files.len();
+        if dropped > 0 {
+            tracing::debug!(dropped, "dropped descriptors of objects deleted elsewhere");
+        }
     }
 
     fn mark_dirty(&self, name: &ObjectName) {
@@ -257,7 +299,7 @@ impl FileBlocker {
     fn delete_sync(&self, name: &ObjectName) -> Result<bool, BlockerError> {
         let removed = {
             let mut fds = lock(&self.fds);
-            fds.remove(name);
+            fds.files.remove(name);
             match fs::remove_file(self.path(name)) {
                 Ok(()) => true,
                 Err(e) if is_not_found(&e) => false,
@@ -271,6 +313,22 @@ impl FileBlocker {
         Ok(removed)
     }
 
+    /// Empty an object in place. Truncating keeps the inode, so the descriptors that other
+    /// processes cached stay attached to the live object: unlinking instead would leave them
+    /// writing into a deleted file once the name is written again.
+    fn truncate_sync(&self, name: &ObjectName) -> Result<bool, BlockerError> {
+        let file = match OpenOptions::new().write(true).open(self.path(name)) {
+            Ok(f) => f,
+            Err(e) if is_not_found(&e) => return Ok(false),
+            Err(e) => return Err(BlockerError::io(name, e)),
+        };
+        file.set_len(0).map_err(|e| BlockerError::io(name, e))?;
+        // Durable now, like a delete: the mapper persists map entries relying on it, and a
+        // truncation undone by a crash would bring discarded data back.
+        file.sync_all().map_err(|e| BlockerError::io(name, e))?;
+        Ok(true)
+    }
+
     fn copy_sync(&self, src: &ObjectName, dst: &ObjectName) -> Result<(), BlockerError> {
         // Under the descriptor-cache mutex, like open and delete, so that the destination's
         // identity cannot change under a cached descriptor.
@@ -279,7 +337,8 @@ impl FileBlocker {
             Ok(f) => f,
             Err(e) if is_not_found(&e) => {
                 drop(fds);
-                self.delete_sync(dst)?;
+                // Emptied in place rather than deleted: `dst` is about to be written.
+                self.truncate_sync(dst)?;
                 return Ok(());
             }
             Err(e) => return Err(BlockerError::io(src, e)),
@@ -656,6 +715,10 @@ impl Blocker for FileBlocker {
         run(move || self.delete_sync(object))
     }
 
+    fn truncate<'a>(&'a self, object: &'a ObjectName) -> BlockerFuture<'a, bool> {
+        run(move || self.truncate_sync(object))
+    }
+
     fn copy<'a>(&'a self, src: &'a ObjectName, dst: &'a ObjectName) -> BlockerFuture<'a, ()> {
         run(move || self.copy_sync(src, dst))
     }
@@ -796,6 +859,64 @@ mod tests {
         fs::write(&path, bytes).unwrap();
         let err = b.lock_info(&l).await.unwrap_err();
         assert!(matches!(err, BlockerError::Corrupt { .. }), "{err}");
+    }
+
+    /// Two blockers on one directory stand for two processes (the blocker peer, which caches
+    /// descriptors, and the mapper). Truncation by one is seen through the other's cached
+    /// descriptor, and a later write through that descriptor reaches the file that stays.
+    #[tokio::test]
+    async fn truncate_reaches_descriptors_cached_by_another_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let peer = FileBlocker::open(dir.path()).unwrap();
+        let mapper = FileBlocker::open(dir.path()).unwrap();
+        let o = ObjectName::new("ob.x").unwrap();
+        peer.write(&o, 0, &[0xaa; 4096]).await.unwrap();
+        assert!(mapper.truncate(&o).await.unwrap());
+        peer.write(&o, 10, b"new").await.unwrap();
+        peer.flush().await.unwrap();
+        for (who, b) in [
+            ("cached", &peer),
+            ("fresh", &FileBlocker::open(dir.path()).unwrap()),
+        ] {
+            let mut buf = [0xeeu8; 4096];
+            b.read(&o, 0, &mut buf).await.unwrap();
+            assert_eq!(&buf[10..13], b"new", "{who}");
+            assert!(buf[..10].iter().chain(&buf[13..]).all(|&x| x == 0), "{who}");
+        }
+        // Copying a missing source empties the destination in place as well.
+        mapper
+            .copy(&ObjectName::new("ob.none").unwrap(), &o)
+            .await
+            .unwrap();
+        peer.write(&o, 0, b"z").await.unwrap();
+        let mut buf = [0xeeu8; 16];
+        FileBlocker::open(dir.path())
+            .unwrap()
+            .read(&o, 0, &mut buf)
+            .await
+            .unwrap();
+        assert_eq!(buf, *b"z\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0");
+    }
+
+    /// A descriptor of a file another process deleted (GC) pins its space until dropped.
+    #[tokio::test]
+    async fn sweep_drops_descriptors_of_files_deleted_elsewhere() {
+        let dir = tempfile::tempdir().unwrap();
+        let peer = FileBlocker::open(dir.path()).unwrap();
+        let gc = FileBlocker::open(dir.path()).unwrap();
+        let (gone, kept) = (
+            ObjectName::new("ob.gone").unwrap(),
+            ObjectName::new("ob.kept").unwrap(),
+        );
+        peer.write(&gone, 0, b"x").await.unwrap();
+        peer.write(&kept, 0, b"y").await.unwrap();
+        assert!(gc.delete(&gone).await.unwrap());
+        assert_eq!(lock(&peer.fds).files.len(), 2);
+        lock(&peer.fds).swept -= FD_SWEEP_INTERVAL;
+        let mut one = [0u8; 1];
+        peer.read(&kept, 0, &mut one).await.unwrap();
+        let cache = lock(&peer.fds);
+        assert!(cache.files.contains_key(&kept) && !cache.files.contains_key(&gone));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -154,6 +154,19 @@ impl Blocker for MemoryBlocker {
         ready(Ok(self.lock().objects.remove(object).is_some()))
     }
 
+    fn truncate<'a>(&'a self, object: &'a ObjectName) -> BlockerFuture<'a, bool> {
+        let mut state = self.lock();
+        let existed = match state.objects.get_mut(object) {
+            Some(o) => {
+                o.data.clear();
+                o.modified = SystemTime::now();
+                true
+            }
+            None => false,
+        };
+        ready(Ok(existed))
+    }
+
     fn copy<'a>(&'a self, src: &'a ObjectName, dst: &'a ObjectName) -> BlockerFuture<'a, ()> {
         let mut state = self.lock();
         match state.objects.get(src).map(|o| o.data.clone()) {

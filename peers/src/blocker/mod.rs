@@ -304,11 +304,25 @@ pub trait Blocker: Send + Sync + fmt::Debug {
     fn flush(&self) -> BlockerFuture<'_, ()>;
 
     /// Remove an object. Returns whether it existed; deleting a missing object is not an error.
+    ///
+    /// Only for objects whose name will never be written again (GC): a backend may keep
+    /// handles to objects open across calls and processes (the file blocker caches
+    /// descriptors), and a write through such a handle after the name was deleted and
+    /// re-created would land in the deleted object. To empty an object that may be written
+    /// again under the same name, use [`Blocker::truncate`].
     fn delete<'a>(&'a self, object: &'a ObjectName) -> BlockerFuture<'a, bool>;
+
+    /// Empty an object in place: afterwards it reads as all zeros, like a missing object, but
+    /// it keeps its identity (the file blocker keeps the inode), so every process that holds a
+    /// handle to it sees the change and later writes through any handle land in the one live
+    /// object. A missing object stays missing. Returns whether it existed. Durable when it
+    /// returns, like `delete`.
+    fn truncate<'a>(&'a self, object: &'a ObjectName) -> BlockerFuture<'a, bool>;
 
     /// Replace `dst` with the content of `src`, server-side (reflink or in-kernel copy for
     /// files, copy-from for RADOS): data never travels through the caller. A missing `src` leaves
-    /// `dst` missing too, which reads the same (all zeros).
+    /// `dst` empty or missing, which reads the same (all zeros); like `truncate`, it never
+    /// deletes `dst` out from under a handle another process holds.
     fn copy<'a>(&'a self, src: &'a ObjectName, dst: &'a ObjectName) -> BlockerFuture<'a, ()>;
 
     /// Size and modification time, or `None` if the object does not exist.

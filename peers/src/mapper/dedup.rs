@@ -67,7 +67,9 @@ impl Mapper {
                 }
             }
             tracing::warn!(object = %object, "content object does not match its name; rewriting");
-            self.data.delete(&object).await.ctx(volume)?;
+            // In place: the blocker peer may hold a descriptor of this object open, and reads
+            // through it must see the rewrite, not a deleted file's bad content.
+            self.data.truncate(&object).await.ctx(volume)?;
         }
         self.data.write(&object, 0, data).await.ctx(volume)?;
         Ok(true)
@@ -208,8 +210,10 @@ impl Mapper {
         self.data.flush().await.ctx(&name)?;
         let r = self.persist_pages(&vol, uuid, pages, &fence).await;
         vol.observe(r)?;
+        // Truncated, not deleted: a later write to the block makes it OWNED again under the
+        // same name (this epoch), as after a discard (see `io.rs`).
         for obj in doomed {
-            self.data.delete(&obj).await.ctx(&name)?;
+            self.data.truncate(&obj).await.ctx(&name)?;
         }
         Ok(report)
     }

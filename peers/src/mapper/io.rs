@@ -1,13 +1,22 @@
 //! MAPR, MAPW and discard: volume byte ranges to object extents.
 //!
 //! MAPW makes every block of the range OWNED before answering:
-//! - ZERO → OWNED: nothing to copy; for a partial write any stale object left under the new
-//!   name by a crash is removed first, so the unwritten part reads as zeros;
+//! - ZERO → OWNED: nothing to copy; any object still under the new name (emptied by a discard,
+//!   or left with data by a crash) is truncated first, so the unwritten part reads as zeros;
 //! - SHARED/CONTENT → OWNED, partial write: the old object is copied server-side first;
 //! - SHARED/CONTENT → OWNED, whole block: no copy, the caller's write replaces it all.
 //!
 //! The new entries are persisted (one page write per touched page) before the extents are
 //! returned. Blocks already OWNED are answered from the cached map without any I/O.
+//!
+//! An owned object's name (uuid + epoch + block) comes back within the epoch whenever its block
+//! is discarded and written again, so a discard *truncates* the object instead of deleting it.
+//! The data is written by another process (the blocker peer), whose file blocker caches open
+//! descriptors: had the discard unlinked the file, the next write would go through that cached
+//! descriptor into the unlinked file (lost at the blocker's next restart) while its reads
+//! showed the pre-discard data where zeros belong. Truncation keeps the inode, so every cached
+//! descriptor sees the emptied object. The empty file costs an inode until the epoch moves on
+//! and GC reclaims it; objects are deleted only once their name can never be written again.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -211,10 +220,12 @@ impl Mapper {
         };
         for (piece, state, old, new) in &todo {
             match (state, piece.whole) {
-                (_, true) => {}
-                (BlockState::Zero, false) => {
-                    self.data.delete(new).await.ctx(name)?;
+                // Even a whole-block write truncates: if the write never happens (the writer
+                // dies after MAPW), the block must read as zeros, not as the stale object.
+                (BlockState::Zero, _) => {
+                    self.data.truncate(new).await.ctx(name)?;
                 }
+                (_, true) => {}
                 (_, false) => {
                     let old = old.as_ref().expect("non-zero blocks have an object");
                     self.data.copy(old, new).await.ctx(name)?;
@@ -260,8 +271,9 @@ impl Mapper {
     }
 
     /// Discard (or write zeroes to) a range: whole blocks become ZERO entries and their owned
-    /// objects are deleted; partial blocks that hold data come back as writable extents for the
-    /// caller to fill with zeros.
+    /// objects are truncated (never deleted: the name comes back at the block's next write, see
+    /// the module documentation); partial blocks that hold data come back as writable extents
+    /// for the caller to fill with zeros.
     pub async fn discard(
         &self,
         name: &str,
@@ -307,9 +319,10 @@ impl Mapper {
             let r = self.persist_pages(&vol, uuid, pages, &fence).await;
             vol.observe(r)?;
             // Only now that no entry names them: an owned object is referenced by this map
-            // alone, so it is garbage the moment its entry is ZERO.
+            // alone, so its data is garbage the moment its entry is ZERO. Truncated, not
+            // deleted: the name is reused by the block's next write in this epoch.
             for obj in doomed {
-                self.data.delete(&obj).await.ctx(&vname)?;
+                self.data.truncate(&obj).await.ctx(&vname)?;
             }
         }
         for p in partial {

@@ -68,6 +68,10 @@ impl Blocker for Counting {
         bump(&self.deletes);
         self.inner.delete(o)
     }
+    fn truncate<'a>(&'a self, o: &'a ObjectName) -> BlockerFuture<'a, bool> {
+        bump(&self.deletes);
+        self.inner.truncate(o)
+    }
     fn copy<'a>(&'a self, s: &'a ObjectName, d: &'a ObjectName) -> BlockerFuture<'a, ()> {
         bump(&self.copies);
         self.inner.copy(s, d)
@@ -686,4 +690,86 @@ fn mapper_futures_are_send(m: &Mapper) {
     send(m.gc(GcOptions::default()));
     fn shared<T: Send + Sync>() {}
     shared::<Mapper>();
+}
+
+/// MAPW then a write of each extent through `via`: what vlmc does, with `via` playing the
+/// blocker peer (another process, with its own file blocker and descriptor cache).
+async fn write_via(m: &Mapper, via: &dyn Blocker, vol: &str, offset: u64, data: &[u8]) {
+    for e in m.map_write(vol, offset, data.len() as u64).await.unwrap() {
+        let at = (e.volume_offset - offset) as usize;
+        let obj = e.object().expect("MAPW never returns ZERO");
+        via.write(obj, e.object_offset, &data[at..at + e.length as usize])
+            .await
+            .unwrap();
+    }
+}
+
+/// A read of `[offset, offset + len)` through `via`.
+async fn read_via(m: &Mapper, via: &dyn Blocker, vol: &str, offset: u64, len: usize) -> Vec<u8> {
+    let mut out = vec![0xeeu8; len];
+    for e in m.map_read(vol, offset, len as u64).await.unwrap() {
+        let at = (e.volume_offset - offset) as usize;
+        let buf = &mut out[at..at + e.length as usize];
+        match e.object() {
+            None => buf.fill(0),
+            Some(o) => via.read(o, e.object_offset, buf).await.unwrap(),
+        }
+    }
+    out
+}
+
+/// Regression (crash test, seeds 7875364916446958601, 1858425474528266864, 18019545492771167138):
+/// the mapper and the blocker peer each open the object directory with their own file blocker.
+/// A discard (or an import over an owned block) used to delete the owned object through the
+/// mapper's blocker while the blocker peer kept a cached descriptor of it; the block's next
+/// write reuses the name within the epoch, so it went through that descriptor into the deleted
+/// file: invisible after the blocker restarted, and meanwhile its reads showed the discarded
+/// data where zeros belong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discarded_block_rewritten_through_another_processs_cached_descriptor_survives() {
+    let dir = tempfile::tempdir().unwrap();
+    let mapper_side: Arc<dyn Blocker> =
+        Arc::new(crate::blocker::FileBlocker::open(dir.path()).unwrap());
+    let blocker_peer = crate::blocker::FileBlocker::open(dir.path()).unwrap();
+    let m = Mapper::new(mapper_side, LockOwner::new("node-a").unwrap());
+    m.create("v", 4 * BSU, opts()).await.unwrap();
+    let bs = BSU as usize;
+
+    // Block 0: written whole, discarded, then written partially.
+    write_via(&m, &blocker_peer, "v", 0, &vec![0xaa; bs]).await;
+    assert_eq!(m.discard("v", 0, BSU).await.unwrap().zeroed_blocks, 1);
+    write_via(&m, &blocker_peer, "v", 100, &[0xbb; 100]).await;
+    // Block 1: written, replaced by imported content, then written partially (copy-on-write
+    // of the content object into the owned name the import had freed).
+    write_via(&m, &blocker_peer, "v", BSU, &vec![0xcc; bs]).await;
+    m.import("v", BSU, &vec![0xdd; bs]).await.unwrap();
+    write_via(&m, &blocker_peer, "v", BSU + 10, &[0xee; 10]).await;
+    blocker_peer.flush().await.unwrap();
+
+    let mut want = vec![0u8; 2 * bs];
+    want[100..200].fill(0xbb);
+    want[bs..2 * bs].fill(0xdd);
+    want[bs + 10..bs + 20].fill(0xee);
+    let mut wrong = Vec::new();
+    let mut check = |got: Vec<u8>, who: &str| {
+        for (block, (g, w)) in got.chunks(bs).zip(want.chunks(bs)).enumerate() {
+            if let Some(i) = g.iter().zip(w).position(|(g, w)| g != w) {
+                wrong.push(format!(
+                    "{who}: block {block} byte {i}: read {:#04x}, expected {:#04x}",
+                    g[i], w[i]
+                ));
+            }
+        }
+    };
+    check(
+        read_via(&m, &blocker_peer, "v", 0, 2 * bs).await,
+        "the blocker peer, through its cached descriptors",
+    );
+    // A restarted blocker peer opens the files afresh.
+    let restarted = crate::blocker::FileBlocker::open(dir.path()).unwrap();
+    check(
+        read_via(&m, &restarted, "v", 0, 2 * bs).await,
+        "a restarted blocker peer",
+    );
+    assert!(wrong.is_empty(), "{wrong:#?}");
 }

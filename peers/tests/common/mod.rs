@@ -100,6 +100,9 @@ impl Blocker for Yielding {
     fn delete<'a>(&'a self, o: &'a ObjectName) -> BlockerFuture<'a, bool> {
         yielding!(self.delete(o))
     }
+    fn truncate<'a>(&'a self, o: &'a ObjectName) -> BlockerFuture<'a, bool> {
+        yielding!(self.truncate(o))
+    }
     fn copy<'a>(&'a self, s: &'a ObjectName, d: &'a ObjectName) -> BlockerFuture<'a, ()> {
         yielding!(self.copy(s, d))
     }
