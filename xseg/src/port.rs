@@ -276,8 +276,11 @@ impl Sender {
     /// here (ALLOCATED for a sender, SERVING for a forwarder), held by this port.
     fn push(&self, req: &Request, dst: u32, state: u32) -> Result<()> {
         let q = self.seg.req(req.index);
-        q.holder.store(dst, Relaxed);
+        // dst_port before holder: the reaper takes `holder != p && dst_port == p` on a SERVING
+        // request for "p died answering it" (see `Segment::recover_port`), which a forward
+        // must never look like.
         q.dst_port.store(dst, Relaxed);
+        q.holder.store(dst, Relaxed);
         q.submit_ns.store(now_ns(), Relaxed);
         q.state.store(REQ_QUEUED, Release);
         match self.seg.ring(dst, RingKind::Requests).push(req.index) {
@@ -288,6 +291,7 @@ impl Sender {
             }
             Err(e) => {
                 q.holder.store(self.no, Relaxed);
+                q.dst_port.store(self.no, Relaxed);
                 q.state.store(state, Release);
                 Err(match e {
                     PushError::Full => Error::QueueFull(dst),
@@ -450,7 +454,13 @@ impl Port {
                     } else {
                         REQ_SERVING
                     };
-                    if q.holder.load(Acquire) == self.tx.no
+                    let mine = q.holder.load(Acquire) == self.tx.no
+                        && q.state.load(Acquire) == REQ_REPLIED;
+                    if mine && back == REQ_SERVING {
+                        // Served here again: the port that answered is done with it.
+                        q.dst_port.store(self.tx.no, Relaxed);
+                    }
+                    if mine
                         && q.state
                             .compare_exchange(REQ_REPLIED, back, AcqRel, Relaxed)
                             .is_ok()

@@ -507,10 +507,26 @@ impl Segment {
             let state = q.state.load(Acquire);
             let owner = q.owner.load(Acquire);
             let holder = q.holder.load(Acquire);
+            let server = q.dst_port.load(Acquire);
             match state {
                 REQ_SERVING if holder == p => self.fail_back(r),
                 REQ_ALLOCATED if owner as u32 == p => self.free_request(r),
                 REQ_REPLIED if holder == p => self.reply_to_dead(r, me_hop),
+                // `p` died inside `respond_raw`, after choosing the port the reply goes to
+                // (`holder`) but before it was queued there: nobody else would ever pass it
+                // on, and the sender would wait forever. Finish the hand-off. A reply that was
+                // queued already gets a second ring entry, which its receiver drops (it takes
+                // a request only in the REPLIED state, once).
+                REQ_SERVING
+                    if holder != p
+                        && server == p
+                        && q.state
+                            .compare_exchange(REQ_SERVING, REQ_REPLIED, AcqRel, Relaxed)
+                            .is_ok() =>
+                {
+                    self.requeue_reply(r, holder)
+                }
+                REQ_REPLIED if holder != p && server == p => self.requeue_reply(r, holder),
                 _ => {}
             }
         }
@@ -518,6 +534,18 @@ impl Segment {
         // taken over may still push, and wiping the ring would lose that request. Whatever
         // arrives late is drained by the next reap of the now free port, or served by the next
         // peer that binds it.
+    }
+
+    /// Queues reply `r` (again) to port `to`, for a responder that died before queueing it.
+    fn requeue_reply(&self, r: u32, to: u32) {
+        if !self.valid_port(to) {
+            self.free_request(r);
+            return;
+        }
+        tracing::debug!(request = r, port = to, "finishing a dead peer's reply");
+        if self.ring(to, RingKind::Replies).push(r).is_ok() {
+            self.wake(to);
+        }
     }
 
     /// A reply reached a port whose owner died: free it if that port sent it, else pass the
@@ -600,4 +628,60 @@ pub(crate) fn now_ns() -> u64 {
     // SAFETY: clock_gettime writes only into the timespec we pass.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::Op;
+
+    /// A responder killed inside `respond_raw`, after it stored the reply's destination but
+    /// before the reply was queued there: the reaper must finish the hand-off.
+    #[test]
+    fn reply_cut_short_by_the_responders_death_still_arrives() {
+        let path = std::path::PathBuf::from(format!(
+            "/dev/shm/xseg-unit-respond-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        let config = Config {
+            nr_ports: 8,
+            dynamic_start: 4,
+            nr_requests: 16,
+            buffer_classes: vec![(4096, 4)],
+        };
+        let seg = Segment::create(&path, &config).unwrap();
+        let _ = std::fs::remove_file(&path);
+        let mut client = seg.bind(4, "client").unwrap();
+        let mut server = seg.bind(1, "server").unwrap();
+        for cut_after_state in [false, true] {
+            let req = client.alloc(Op::Write, b"v", 0).unwrap();
+            let index = req.index();
+            client.submit(req, 1).map_err(|(e, _)| e).unwrap();
+            let req = server.accept().expect("request");
+            assert_eq!(req.index(), index);
+            // What respond_raw stores before its push, then the process dies.
+            let q = seg.req(index);
+            q.path_len.store(0, Release);
+            q.holder.store(4, Release);
+            if cut_after_state {
+                q.state.store(REQ_REPLIED, Release);
+            }
+            std::mem::forget(req);
+            assert!(client.receive().is_none());
+            // The server dies: its start time no longer matches.
+            seg.port(1).owner_start.store(1, Release);
+            assert_eq!(seg.reap(), 1);
+            let rep = client
+                .receive()
+                .expect("the reply was lost with the responder");
+            assert_eq!(rep.index(), index);
+            client.free(rep);
+            assert_eq!(seg.requests_in_use(), 0);
+            // Rebind the port for the next round (the old handle's drop finds it taken).
+            std::mem::forget(server);
+            server = seg.bind(1, "server").unwrap();
+        }
+        drop(server);
+    }
 }
