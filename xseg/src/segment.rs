@@ -527,6 +527,18 @@ impl Segment {
                     self.requeue_reply(r, holder)
                 }
                 REQ_REPLIED if holder != p && server == p => self.requeue_reply(r, holder),
+                // `p` sent or forwarded it (it is the last hop of the path) and died inside
+                // the ring push: a claimed but never published slot, which the consumer skips
+                // after a while. Queue it again; a duplicate entry of a request that did
+                // arrive is dropped by the consumer, which takes it only while QUEUED.
+                REQ_QUEUED
+                    if holder != p
+                        && self.last_hop(r) == Some(p)
+                        && self.valid_port(holder)
+                        && self.ring(holder, RingKind::Requests).push(r).is_ok() =>
+                {
+                    self.wake(holder)
+                }
                 _ => {}
             }
         }
@@ -534,6 +546,15 @@ impl Segment {
         // taken over may still push, and wiping the ring would lose that request. Whatever
         // arrives late is drained by the next reap of the now free port, or served by the next
         // peer that binds it.
+    }
+
+    /// The port of the last hop on `r`'s return path: the port that sent it on last.
+    fn last_hop(&self, r: u32) -> Option<u32> {
+        let q = self.req(r);
+        let len = q.path_len.load(Acquire) as usize;
+        (1..=MAX_HOPS)
+            .contains(&len)
+            .then(|| q.path[len - 1].load(Acquire) as u32)
     }
 
     /// Queues reply `r` (again) to port `to`, for a responder that died before queueing it.
@@ -683,5 +704,50 @@ mod tests {
             server = seg.bind(1, "server").unwrap();
         }
         drop(server);
+    }
+
+    /// A forwarder killed inside the ring push (slot claimed, never published): the request
+    /// is QUEUED to a live peer but not on its ring. The reaper queues it again.
+    #[test]
+    fn request_cut_short_by_the_forwarders_death_still_arrives() {
+        let path = std::path::PathBuf::from(format!(
+            "/dev/shm/xseg-unit-forward-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        let config = Config {
+            nr_ports: 8,
+            dynamic_start: 4,
+            nr_requests: 16,
+            buffer_classes: vec![(4096, 4)],
+        };
+        let seg = Segment::create(&path, &config).unwrap();
+        let _ = std::fs::remove_file(&path);
+        let client = seg.bind(4, "client").unwrap();
+        let mut forwarder = seg.bind(1, "forwarder").unwrap();
+        let mut server = seg.bind(2, "server").unwrap();
+        let req = client.alloc(Op::Write, b"v", 0).unwrap();
+        let index = req.index();
+        client.submit(req, 1).map_err(|(e, _)| e).unwrap();
+        let req = forwarder.accept().expect("request");
+        // What forward stores before the ring push, then the process dies.
+        let q = seg.req(index);
+        let len = q.path_len.load(Acquire) as usize;
+        let hop = u64::from(seg.port(1).generation.load(Acquire)) << 32 | 1;
+        q.path[len].store(hop, Release);
+        q.path_len.store(len as u32 + 1, Release);
+        q.dst_port.store(2, Release);
+        q.holder.store(2, Release);
+        q.state.store(REQ_QUEUED, Release);
+        std::mem::forget(req);
+        assert!(server.accept().is_none());
+        seg.port(1).owner_start.store(1, Release);
+        assert_eq!(seg.reap(), 1);
+        let req = server
+            .accept()
+            .expect("the request was lost with the forwarder");
+        assert_eq!(req.index(), index);
+        drop(req);
+        std::mem::forget(forwarder);
     }
 }
