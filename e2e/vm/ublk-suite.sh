@@ -20,6 +20,7 @@ set -euo pipefail
 case "${1:-}" in -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;; esac
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 [ $# -gt 0 ] || set -- bookworm-backports trixie-backports
 read -r -a EXTRA <<<"${ARCHIP_VM_SUITE_ARGS:-}"
 
@@ -41,7 +42,7 @@ for suite in "$@"; do
     t=$(now) rc=0
     if [ "$part" = guest ]; then
       "$HERE/run-in-vm.sh" "${EXTRA[@]}" --suite "$suite" --cpus 2 --mem 2G --timeout 900 \
-        --bin "$ROOT/target/release/archip-ublk-test" --file "$HERE/suites/ublk-guest.sh" \
+        --bin "$TARGET/release/archip-ublk-test" --file "$HERE/suites/ublk-guest.sh" \
         -- sh /root/ublk-guest.sh || rc=$?
     elif [ "$part" = tests ]; then
       "$HERE/run-in-vm.sh" "${EXTRA[@]}" --suite "$suite" --cpus 2 --mem 2G --timeout 600 \
@@ -49,7 +50,7 @@ for suite in "$@"; do
     else
       # 3. the `archip` CLI itself: up, map, I/O, kill -9 + recover, unmap.
       "$HERE/run-in-vm.sh" "${EXTRA[@]}" --suite "$suite" --cpus 2 --mem 2G --timeout 600 \
-        --bin "$ROOT/target/release/archip" --file "$HERE/suites/archip-cli-guest.sh" \
+        --bin "$TARGET/release/archip" --file "$HERE/suites/archip-cli-guest.sh" \
         -- sh /root/archip-cli-guest.sh || rc=$?
     fi
     if [ "$rc" = 0 ]; then r=PASS; else r="FAIL (status $rc)"; failed=1; fi
