@@ -65,6 +65,8 @@ enum Command {
     Status,
     /// Serve the CSI Identity, Controller and GroupController services over this node's peers.
     Controller(cli::csi::ControllerArgs),
+    /// Serve the CSI Identity and Node services: stage volumes as ublk devices, mount, publish.
+    Node(cli::node::NodeArgs),
     /// Map a volume as a /dev/ublkbN block device (starts its device server).
     Map(cli::ublk::MapArgs),
     /// Remove a mapped device.
@@ -143,6 +145,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Lock { cmd } => cli::admin::lock(&ctx, cmd),
         Command::Status => cli::admin::status(&ctx),
         Command::Controller(args) => cli::csi::controller(&ctx.instance, &args),
+        Command::Node(args) => cli::node::node(&ctx.instance, &args),
         Command::ExportNbd(args) => cli::nbd::export_nbd(&ctx.instance, &args),
         Command::Map(args) => cli::ublk::map(&ctx.instance, &args),
         Command::Unmap(args) => cli::ublk::unmap(&args),

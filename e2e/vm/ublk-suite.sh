@@ -33,6 +33,9 @@ echo "=== ublk suite: building (release)" >&2
 TESTBIN=$(cd "$ROOT" && cargo test --release -q -p node --test ublk_device --no-run --message-format=json 2>/dev/null |
   grep '"name":"ublk_device"' | grep '"kind":\["test"\]' | grep -o '"executable":"[^"]*"' | sed 's/"executable":"\(.*\)"/\1/' | tail -n 1)
 [ -x "$TESTBIN" ] || { echo "ublk-suite: no ublk_device test binary" >&2; exit 1; }
+CSIBIN=$(cd "$ROOT" && cargo test --release -q -p node --test csi_node --no-run --message-format=json 2>/dev/null |
+  grep '"name":"csi_node"' | grep '"kind":\["test"\]' | grep -o '"executable":"[^"]*"' | sed 's/"executable":"\(.*\)"/\1/' | tail -n 1)
+[ -x "$CSIBIN" ] || { echo "ublk-suite: no csi_node test binary" >&2; exit 1; }
 echo "=== ublk suite: built in $(secs "$t")s" >&2
 
 summary=() failed=0
@@ -47,6 +50,10 @@ for suite in "$@"; do
     elif [ "$part" = tests ]; then
       "$HERE/run-in-vm.sh" "${EXTRA[@]}" --suite "$suite" --cpus 2 --mem 2G --timeout 600 \
         --no-tools --runner "$TESTBIN" --test-threads=1 || rc=$?
+      # and the CSI Node service (stage/publish over gRPC; device servers: archip-ublk-test).
+      "$HERE/run-in-vm.sh" "${EXTRA[@]}" --suite "$suite" --cpus 2 --mem 2G --timeout 600 \
+        --bin "$ROOT/target/release/archip-ublk-test" --bin "$(command -v resize2fs)" \
+        --bin "$(command -v xfs_growfs)" --runner "$CSIBIN" --test-threads=1 || rc=$?
     else
       # 3. the `archip` CLI itself: up, map, I/O, kill -9 + recover, unmap.
       "$HERE/run-in-vm.sh" "${EXTRA[@]}" --suite "$suite" --cpus 2 --mem 2G --timeout 600 \

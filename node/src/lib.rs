@@ -4,6 +4,7 @@
 //!   surviving restarts of their server process (user recovery);
 //! - [`devices`]: the state file recording which device serves which volume.
 
+pub mod csi_node;
 pub mod devices;
 pub mod nbd;
 pub mod ublk;

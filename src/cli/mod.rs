@@ -8,6 +8,7 @@ pub mod admin;
 pub mod csi;
 pub mod image;
 pub mod nbd;
+pub mod node;
 pub mod ublk;
 pub mod up;
 pub mod volume;

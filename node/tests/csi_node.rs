@@ -1,0 +1,615 @@
+//! The CSI Node service over gRPC on a unix socket, staging real ublk devices over an
+//! in-process peer set (file backend): mount mode (ext4) and block mode, idempotency, the
+//! "never format a device with data" rule, stats, expansion, and the request errors.
+//!
+//! The request checks run everywhere; the staging tests need root and the ublk driver and
+//! return early (saying so) without `/dev/ublk-control`. The VM runs them for real:
+//! `e2e/vm/run-in-vm.sh --cpus 2 --mem 2G --bin target/release/archip-ublk-test --runner TESTBIN`
+//! (`e2e/vm/ublk-suite.sh` does). Device servers are `archip-ublk-test serve` processes.
+
+use std::collections::HashMap;
+use std::fs::OpenOptions;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use csi::pb::node_client::NodeClient;
+use csi::pb::volume_capability::access_mode::Mode;
+use csi::pb::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
+use csi::pb::volume_usage::Unit;
+use csi::pb::*;
+use node::csi_node::{self, NodeOptions, NodeService};
+use node::devices::DeviceTable;
+use node::ublk::{self, Launcher, UblkConfig};
+use peers::client::VolumeClient;
+use peers::peerset::{PeerConfig, PeerSet};
+use tonic::Code;
+use tonic::transport::Channel;
+
+const NODE: &str = "node-csi-test";
+
+fn skip() -> bool {
+    if !ublk::available() {
+        eprintln!("skipping: no /dev/ublk-control here (the VM suite runs this for real)");
+        return true;
+    }
+    false
+}
+
+fn server_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("ARCHIP_UBLK_SERVER") {
+        return p.into();
+    }
+    let built = PathBuf::from(env!("CARGO_BIN_EXE_archip-ublk-test"));
+    if built.exists() {
+        return built;
+    }
+    PathBuf::from("/usr/local/bin/archip-ublk-test")
+}
+
+struct Env {
+    dir: tempfile::TempDir,
+    set: Option<PeerSet>,
+    client: VolumeClient,
+    node: NodeClient<Channel>,
+    table: DeviceTable,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Env {
+    fn new() -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let seg = dir.path().join("seg").display().to_string();
+        let set = PeerSet::start(&PeerConfig::new(dir.path().join("data"), &seg, NODE)).unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let table = DeviceTable::new(dir.path().join("devices.json"));
+        let opts = NodeOptions {
+            node_id: NODE.into(),
+            segment: seg,
+            table: table.clone(),
+            launcher: Launcher {
+                program: server_binary(),
+                args: vec!["serve".into()],
+            },
+            ublk: UblkConfig::default(),
+            max_volumes_per_node: 7,
+        };
+        let svc = NodeService::new(
+            opts,
+            Some(Arc::new(VolumeClient::connect(set.segment()).unwrap())),
+        );
+        let sock = dir.path().join("csi.sock");
+        let endpoint =
+            csi::server::UnixEndpoint::parse(&format!("unix://{}", sock.display())).unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let bound = {
+            let _g = rt.enter();
+            endpoint.bind().unwrap()
+        };
+        rt.spawn(
+            bound.serve(svc.routes(csi::identity::AlwaysHealthy), async {
+                let _ = rx.await;
+            }),
+        );
+        let node = NodeClient::new(rt.block_on(csi::dial::connect(&sock)).unwrap());
+        let client = VolumeClient::connect(set.segment()).unwrap();
+        Env {
+            dir,
+            set: Some(set),
+            client,
+            node,
+            table,
+            stop: Some(tx),
+            rt,
+        }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn create(&self, name: &str, size: u64) {
+        self.rt
+            .block_on(self.client.create(name, size, Some(1 << 20)))
+            .unwrap();
+    }
+
+    fn stage(&self, id: &str, staging: &Path, cap: VolumeCapability) -> Result<(), tonic::Status> {
+        let mut n = self.node.clone();
+        self.rt
+            .block_on(n.node_stage_volume(NodeStageVolumeRequest {
+                volume_id: id.into(),
+                staging_target_path: staging.display().to_string(),
+                volume_capability: Some(cap),
+                ..Default::default()
+            }))
+            .map(drop)
+    }
+
+    fn unstage(&self, id: &str, staging: &Path) -> Result<(), tonic::Status> {
+        let mut n = self.node.clone();
+        self.rt
+            .block_on(n.node_unstage_volume(NodeUnstageVolumeRequest {
+                volume_id: id.into(),
+                staging_target_path: staging.display().to_string(),
+            }))
+            .map(drop)
+    }
+
+    fn publish(
+        &self,
+        id: &str,
+        staging: &Path,
+        target: &Path,
+        cap: VolumeCapability,
+        readonly: bool,
+    ) -> Result<(), tonic::Status> {
+        let mut n = self.node.clone();
+        self.rt
+            .block_on(n.node_publish_volume(NodePublishVolumeRequest {
+                volume_id: id.into(),
+                staging_target_path: staging.display().to_string(),
+                target_path: target.display().to_string(),
+                volume_capability: Some(cap),
+                readonly,
+                ..Default::default()
+            }))
+            .map(drop)
+    }
+
+    fn unpublish(&self, id: &str, target: &Path) -> Result<(), tonic::Status> {
+        let mut n = self.node.clone();
+        self.rt
+            .block_on(n.node_unpublish_volume(NodeUnpublishVolumeRequest {
+                volume_id: id.into(),
+                target_path: target.display().to_string(),
+            }))
+            .map(drop)
+    }
+
+    fn stats(&self, id: &str, path: &Path) -> Result<NodeGetVolumeStatsResponse, tonic::Status> {
+        let mut n = self.node.clone();
+        self.rt
+            .block_on(n.node_get_volume_stats(NodeGetVolumeStatsRequest {
+                volume_id: id.into(),
+                volume_path: path.display().to_string(),
+                staging_target_path: String::new(),
+            }))
+            .map(|r| r.into_inner())
+    }
+
+    fn expand(&self, id: &str, path: &Path, bytes: i64) -> Result<i64, tonic::Status> {
+        let mut n = self.node.clone();
+        self.rt
+            .block_on(n.node_expand_volume(NodeExpandVolumeRequest {
+                volume_id: id.into(),
+                volume_path: path.display().to_string(),
+                capacity_range: Some(CapacityRange {
+                    required_bytes: bytes,
+                    limit_bytes: 0,
+                }),
+                ..Default::default()
+            }))
+            .map(|r| r.into_inner().capacity_bytes)
+    }
+
+    fn mapped(&self, volume: &str) -> Option<node::devices::DeviceRecord> {
+        self.table
+            .load()
+            .unwrap()
+            .into_iter()
+            .find(|r| r.volume == volume)
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        // Leave nothing mounted or mapped behind, even when a test failed half-way.
+        let base = self.dir.path().to_owned();
+        for m in mounts().into_iter().rev() {
+            if m.mount_point.starts_with(&base) {
+                let _ = std::process::Command::new("umount")
+                    .arg(&m.mount_point)
+                    .status();
+                if let Some(lo) = m.root.strip_prefix("/loop") {
+                    let _ = std::process::Command::new("losetup")
+                        .arg("-d")
+                        .arg(format!("/dev/loop{lo}"))
+                        .status();
+                }
+            }
+        }
+        if ublk::available() {
+            for r in self.table.load().unwrap_or_default() {
+                let _ = ublk::unmap(&self.table, &r.dev_id.to_string());
+            }
+        }
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(set) = self.set.take() {
+            set.stop();
+        }
+    }
+}
+
+fn mounts() -> Vec<csi_node::MountInfo> {
+    csi_node::parse_mountinfo(&std::fs::read_to_string("/proc/self/mountinfo").unwrap())
+}
+
+fn mount_at(p: &Path) -> Option<csi_node::MountInfo> {
+    mounts().into_iter().rev().find(|m| m.mount_point == p)
+}
+
+fn cap(kind: AccessType, mode: Mode) -> VolumeCapability {
+    VolumeCapability {
+        access_type: Some(kind),
+        access_mode: Some(AccessMode { mode: mode as i32 }),
+    }
+}
+
+fn fs(fs_type: &str) -> VolumeCapability {
+    cap(
+        AccessType::Mount(MountVolume {
+            fs_type: fs_type.into(),
+            mount_flags: vec!["noatime".into()],
+            ..Default::default()
+        }),
+        Mode::SingleNodeWriter,
+    )
+}
+
+fn block(mode: Mode) -> VolumeCapability {
+    cap(AccessType::Block(BlockVolume {}), mode)
+}
+
+fn code(r: Result<impl std::fmt::Debug, tonic::Status>) -> Code {
+    match r {
+        Ok(v) => panic!("expected an error, got {v:?}"),
+        Err(s) => s.code(),
+    }
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1)
+        .collect()
+}
+
+fn usage(r: &NodeGetVolumeStatsResponse, unit: Unit) -> VolumeUsage {
+    *r.usage
+        .iter()
+        .find(|u| u.unit == unit as i32)
+        .unwrap_or_else(|| panic!("no {unit:?} usage in {r:?}"))
+}
+
+fn condition_ok(r: &NodeGetVolumeStatsResponse) {
+    let c = r.volume_condition.as_ref().expect("a volume condition");
+    assert!(!c.abnormal, "abnormal: {}", c.message);
+}
+
+#[test]
+fn info_capabilities_and_request_errors() {
+    let env = Env::new();
+    let mut n = env.node.clone();
+    let info = env
+        .rt
+        .block_on(n.node_get_info(NodeGetInfoRequest {}))
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.node_id, NODE);
+    assert_eq!(info.max_volumes_per_node, 7);
+    assert_eq!(
+        info.accessible_topology.unwrap().segments,
+        HashMap::from([("topology.archipelago.io/node".to_owned(), NODE.to_owned())])
+    );
+    let caps = env
+        .rt
+        .block_on(n.node_get_capabilities(NodeGetCapabilitiesRequest {}))
+        .unwrap()
+        .into_inner()
+        .capabilities;
+    assert_eq!(caps, csi_node::capabilities());
+    assert_eq!(caps.len(), 5);
+
+    let st = env.path("st");
+    let tgt = env.path("tgt");
+    // Stage: each required field.
+    assert_eq!(code(env.stage("", &st, fs("ext4"))), Code::InvalidArgument);
+    assert_eq!(
+        code(env.stage("v", Path::new(""), fs("ext4"))),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(env.stage("v", Path::new("relative"), fs("ext4"))),
+        Code::InvalidArgument
+    );
+    let mut r = env.node.clone();
+    let no_cap = env.rt.block_on(r.node_stage_volume(NodeStageVolumeRequest {
+        volume_id: "v".into(),
+        staging_target_path: st.display().to_string(),
+        ..Default::default()
+    }));
+    assert_eq!(code(no_cap), Code::InvalidArgument);
+    let no_mode = VolumeCapability {
+        access_type: Some(AccessType::Block(BlockVolume {})),
+        access_mode: None,
+    };
+    assert_eq!(code(env.stage("v", &st, no_mode)), Code::InvalidArgument);
+    // Unsupported capabilities.
+    assert_eq!(
+        code(env.stage("v", &st, fs("btrfs"))),
+        Code::FailedPrecondition
+    );
+    let rwx_fs = cap(
+        AccessType::Mount(MountVolume::default()),
+        Mode::MultiNodeMultiWriter,
+    );
+    assert_eq!(code(env.stage("v", &st, rwx_fs)), Code::FailedPrecondition);
+    // A volume that does not exist, and an id that cannot be ours.
+    assert_eq!(code(env.stage("nope", &st, fs("ext4"))), Code::NotFound);
+    assert_eq!(code(env.stage("a/b", &st, fs("ext4"))), Code::NotFound);
+    assert_eq!(
+        code(env.stage(&"v".repeat(129), &st, fs("ext4"))),
+        Code::InvalidArgument
+    );
+
+    // Publish.
+    assert_eq!(
+        code(env.publish("v", &st, Path::new(""), fs("ext4"), false)),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(env.publish("v", Path::new(""), &tgt, fs("ext4"), false)),
+        Code::FailedPrecondition
+    );
+    env.create("v", 16 << 20);
+    assert_eq!(
+        code(env.publish("v", &st, &tgt, fs("ext4"), false)),
+        Code::FailedPrecondition,
+        "not staged"
+    );
+    // Unpublish / unstage of what was never there: success.
+    env.unpublish("v", &tgt).unwrap();
+    env.unstage("v", &st).unwrap();
+    assert_eq!(code(env.unpublish("", &tgt)), Code::InvalidArgument);
+    assert_eq!(code(env.unstage("v", Path::new(""))), Code::InvalidArgument);
+    // Stats and expand.
+    assert_eq!(code(env.stats("v", &env.path("missing"))), Code::NotFound);
+    assert_eq!(code(env.stats("v", Path::new(""))), Code::InvalidArgument);
+    assert_eq!(code(env.stats("", &st)), Code::InvalidArgument);
+    assert_eq!(
+        code(env.expand("v", Path::new(""), 0)),
+        Code::InvalidArgument
+    );
+    assert_eq!(code(env.expand("v", &st, -1)), Code::OutOfRange);
+    assert_eq!(
+        code(env.expand("v", &env.path("missing"), 0)),
+        Code::NotFound
+    );
+}
+
+#[test]
+fn mount_mode_ext4_stage_publish_unpublish_unstage() {
+    if skip() {
+        return;
+    }
+    let env = Env::new();
+    env.create("fsvol", 64 << 20);
+    let st = env.path("staging/fsvol");
+    let rw = env.path("pods/a/volumes/fsvol");
+    let ro = env.path("pods/b/volumes/fsvol");
+
+    env.stage("fsvol", &st, fs("ext4")).unwrap();
+    let rec = env.mapped("fsvol").expect("mapped");
+    let dev = rec.block_device();
+    let m = mount_at(&st).expect("staging mounted");
+    assert_eq!(m.fstype, "ext4");
+    assert_eq!(Path::new(&m.source), dev);
+    assert!(m.options.split(',').any(|o| o == "noatime"), "{m:?}");
+    // Idempotent: same device, still one mount.
+    env.stage("fsvol", &st, fs("ext4")).unwrap();
+    env.stage("fsvol", &st, fs("")).unwrap();
+    assert_eq!(env.mapped("fsvol"), Some(rec.clone()));
+    assert_eq!(mounts().iter().filter(|m| m.mount_point == st).count(), 1);
+    assert_eq!(
+        code(env.stage("fsvol", &st, fs("xfs"))),
+        Code::AlreadyExists
+    );
+
+    env.publish("fsvol", &st, &rw, fs("ext4"), false).unwrap();
+    env.publish("fsvol", &st, &rw, fs("ext4"), false).unwrap();
+    assert_eq!(mounts().iter().filter(|m| m.mount_point == rw).count(), 1);
+    assert_eq!(
+        code(env.publish("fsvol", &st, &rw, fs("ext4"), true)),
+        Code::AlreadyExists,
+        "same target, other read-only flag"
+    );
+    let data = pattern(7, 3 << 20);
+    std::fs::write(rw.join("hello.bin"), &data).unwrap();
+    std::fs::File::open(rw.join("hello.bin"))
+        .unwrap()
+        .sync_all()
+        .unwrap();
+    env.publish("fsvol", &st, &ro, fs("ext4"), true).unwrap();
+    assert!(mount_at(&ro).unwrap().read_only());
+    assert_eq!(std::fs::read(ro.join("hello.bin")).unwrap(), data);
+    let err = std::fs::write(ro.join("nope"), b"x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+
+    let s = env.stats("fsvol", &rw).unwrap();
+    condition_ok(&s);
+    let bytes = usage(&s, Unit::Bytes);
+    assert!(
+        bytes.total > 50 << 20 && bytes.total <= 64 << 20,
+        "{bytes:?}"
+    );
+    assert!(bytes.used >= 3 << 20, "{bytes:?}");
+    assert!(bytes.available > 0 && bytes.available < bytes.total);
+    let inodes = usage(&s, Unit::Inodes);
+    assert!(inodes.total > 1000 && inodes.used >= 12, "{inodes:?}");
+
+    // Unstage refuses while published; unpublish twice; then unstage twice.
+    assert_eq!(code(env.unstage("fsvol", &st)), Code::FailedPrecondition);
+    for t in [&rw, &ro] {
+        env.unpublish("fsvol", t).unwrap();
+        assert!(!t.exists(), "{} left behind", t.display());
+        env.unpublish("fsvol", t).unwrap();
+    }
+    assert_eq!(code(env.stats("fsvol", &rw)), Code::NotFound);
+    env.unstage("fsvol", &st).unwrap();
+    assert!(mount_at(&st).is_none());
+    assert!(env.mapped("fsvol").is_none(), "device still recorded");
+    assert!(!dev.exists() || env.table.load().unwrap().is_empty());
+    env.unstage("fsvol", &st).unwrap();
+
+    // Another filesystem type is refused, not formatted over.
+    assert_eq!(
+        code(env.stage("fsvol", &st, fs("xfs"))),
+        Code::FailedPrecondition
+    );
+    assert!(mount_at(&st).is_none());
+    // Re-staged: the file written before is still there (no reformat).
+    env.stage("fsvol", &st, fs("ext4")).unwrap();
+    env.publish("fsvol", &st, &rw, fs("ext4"), false).unwrap();
+    assert_eq!(std::fs::read(rw.join("hello.bin")).unwrap(), data);
+
+    // Expansion: the volume grows, then the device and filesystem where the kernel can.
+    env.rt
+        .block_on(env.client.resize("fsvol", 128 << 20))
+        .unwrap();
+    let online = ublk::feature_names(ublk::features().unwrap()).contains(&"UPDATE_SIZE");
+    match env.expand("fsvol", &rw, 128 << 20) {
+        Ok(cap) => {
+            assert!(online, "expanded without UPDATE_SIZE");
+            assert_eq!(cap, 128 << 20);
+            let total = usage(&env.stats("fsvol", &rw).unwrap(), Unit::Bytes).total;
+            assert!(total > 100 << 20, "filesystem did not grow: {total}");
+        }
+        Err(e) => {
+            assert!(!online, "kernel has UPDATE_SIZE but expand failed: {e:?}");
+            assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        }
+    }
+    assert_eq!(
+        code(env.expand("fsvol", &rw, 1 << 30)),
+        Code::FailedPrecondition,
+        "more than the volume has"
+    );
+    env.unpublish("fsvol", &rw).unwrap();
+    env.unstage("fsvol", &st).unwrap();
+    assert!(env.table.load().unwrap().is_empty());
+}
+
+#[test]
+fn a_device_with_data_is_never_formatted() {
+    if skip() {
+        return;
+    }
+    let env = Env::new();
+    env.create("raw", 32 << 20);
+    let junk = pattern(3, 8192);
+    env.rt.block_on(env.client.write("raw", 0, &junk)).unwrap();
+    let st = env.path("staging/raw");
+    assert_eq!(
+        code(env.stage("raw", &st, fs(""))),
+        Code::FailedPrecondition
+    );
+    assert!(mount_at(&st).is_none());
+    let mut back = vec![0u8; junk.len()];
+    env.rt
+        .block_on(env.client.read("raw", 0, &mut back))
+        .unwrap();
+    assert_eq!(back, junk, "the data was touched");
+    env.unstage("raw", &st).unwrap();
+    assert!(env.table.load().unwrap().is_empty());
+}
+
+#[test]
+fn block_mode_stage_publish_unpublish_unstage() {
+    if skip() {
+        return;
+    }
+    let env = Env::new();
+    env.create("blk", 32 << 20);
+    let first = pattern(1, 1 << 20);
+    env.rt
+        .block_on(env.client.write("blk", 1 << 20, &first))
+        .unwrap();
+    let st = env.path("staging/blk");
+    let rw = env.path("pods/c/dev/blk");
+    let ro = env.path("pods/d/dev/blk");
+    let mode = Mode::MultiNodeMultiWriter;
+
+    env.stage("blk", &st, block(mode)).unwrap();
+    env.stage("blk", &st, block(mode)).unwrap();
+    let rec = env.mapped("blk").expect("mapped");
+    assert!(mount_at(&st).is_none(), "block staging mounts nothing");
+    assert_eq!(code(env.stage("blk", &st, fs("ext4"))), Code::AlreadyExists);
+
+    env.publish("blk", &st, &rw, block(mode), false).unwrap();
+    env.publish("blk", &st, &rw, block(mode), false).unwrap();
+    assert!(
+        std::fs::metadata(&rw)
+            .unwrap()
+            .file_type()
+            .is_block_device()
+    );
+    let mut f = OpenOptions::new().read(true).write(true).open(&rw).unwrap();
+    let mut back = vec![0u8; first.len()];
+    f.seek(SeekFrom::Start(1 << 20)).unwrap();
+    f.read_exact(&mut back).unwrap();
+    assert!(back == first, "published device does not show the volume");
+    let second = pattern(2, 1 << 20);
+    f.seek(SeekFrom::Start(4 << 20)).unwrap();
+    f.write_all(&second).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let mut via = vec![0u8; second.len()];
+    env.rt
+        .block_on(env.client.read("blk", 4 << 20, &mut via))
+        .unwrap();
+    assert!(
+        via == second,
+        "write through the published device is not in the volume"
+    );
+
+    env.publish("blk", &st, &ro, block(mode), true).unwrap();
+    // Read-only: a write through the published node fails (at open or at write).
+    let wrote = OpenOptions::new()
+        .write(true)
+        .open(&ro)
+        .and_then(|mut w| w.write_all(&first).and_then(|()| w.sync_all()));
+    assert!(
+        wrote.is_err(),
+        "a write through the read-only publication succeeded"
+    );
+    let mut r = std::fs::File::open(&ro).unwrap();
+    r.seek(SeekFrom::Start(4 << 20)).unwrap();
+    r.read_exact(&mut via).unwrap();
+    assert!(via == second);
+    drop(r);
+
+    let s = env.stats("blk", &rw).unwrap();
+    condition_ok(&s);
+    assert_eq!(usage(&s, Unit::Bytes).total, 32 << 20);
+
+    assert_eq!(code(env.unstage("blk", &st)), Code::FailedPrecondition);
+    assert!(env.mapped("blk").is_some());
+    for t in [&rw, &ro] {
+        env.unpublish("blk", t).unwrap();
+        assert!(!t.exists());
+        env.unpublish("blk", t).unwrap();
+    }
+    env.unstage("blk", &st).unwrap();
+    env.unstage("blk", &st).unwrap();
+    assert!(env.mapped("blk").is_none());
+    assert!(!rec.block_device().exists(), "device still present");
+    assert!(!st.join(csi_node::BLOCK_DEVICE_FILE).exists());
+}
