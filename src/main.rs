@@ -179,9 +179,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The long-running commands log at info; the others only say what went wrong.
     let default_level = match cli.command {
-        Command::Up(_) | Command::Peer(_) | Command::Controller(_) | Command::ExportNbd(_) => {
-            "info"
-        }
+        Command::Up(_)
+        | Command::Peer(_)
+        | Command::Controller(_)
+        | Command::Node(_)
+        | Command::ExportNbd(_) => "info",
         _ => "warn",
     };
     tracing_subscriber::fmt()

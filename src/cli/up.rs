@@ -35,6 +35,36 @@ pub struct UpArgs {
     /// Tokio worker threads per peer (default: the number of CPUs, 2 to 8).
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
+    /// Also serve every CSI service (Identity, Controller, GroupController, Node) on this
+    /// endpoint, e.g. unix:///run/archip/csi.sock: single-machine use.
+    #[arg(long, env = "ARCHIP_CSI_ENDPOINT", value_name = "ENDPOINT")]
+    pub csi_endpoint: Option<String>,
+}
+
+/// Identity, Controller, GroupController and Node on one router, over this process's peers.
+fn csi_routes(
+    inst: &Instance,
+    config: &PeerConfig,
+    set: &PeerSet,
+) -> anyhow::Result<tonic::service::Routes> {
+    let controller =
+        csi::ControllerPlugin::open(set.segment(), &config.node, config.data_dir.clone())
+            .context("opening the CSI controller")?;
+    let client = Arc::new(VolumeClient::connect(set.segment()).context("connecting to vlmc")?);
+    let node = node::csi_node::NodeService::new(
+        node::csi_node::NodeOptions {
+            node_id: config.node.clone(),
+            segment: inst.segment(),
+            table: node::devices::DeviceTable::new(node::devices::DeviceTable::default_path()),
+            launcher: node::ublk::Launcher::current_exe(&[super::ublk::SERVE_SUBCOMMAND])?,
+            ublk: node::ublk::UblkConfig::default(),
+            max_volumes_per_node: 256,
+        },
+        Some(client),
+    );
+    Ok(controller
+        .routes(csi::health::PeerSetHealth::new(set.segment().clone()))
+        .add_service(node.into_server()))
 }
 
 #[derive(Args, Debug)]
@@ -125,6 +155,21 @@ pub fn up(inst: &Instance, args: &UpArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the control runtime")?;
+    let (csi_stop, csi_stopped) = tokio::sync::watch::channel(false);
+    let csi_task = match &args.csi_endpoint {
+        Some(endpoint) => {
+            let routes = csi_routes(inst, &config, &set)?;
+            let endpoint = endpoint.clone();
+            let mut stopped = csi_stopped.clone();
+            Some(rt.spawn(async move {
+                csi::server::serve(&endpoint, routes, async move {
+                    let _ = stopped.changed().await;
+                })
+                .await
+            }))
+        }
+        None => None,
+    };
     let served = rt.block_on(async {
         let listener = tokio::net::UnixListener::bind(&control)
             .with_context(|| format!("binding the control socket {}", control.display()))?;
@@ -154,6 +199,14 @@ pub fn up(inst: &Instance, args: &UpArgs) -> anyhow::Result<()> {
             tracing::info!(signal = which, "stopping");
         })
         .await;
+        let _ = csi_stop.send(true);
+        if let Some(task) = csi_task {
+            match task.await {
+                Ok(Err(e)) => tracing::warn!(error = %e, "CSI server"),
+                Err(e) => tracing::warn!(error = %e, "CSI server task"),
+                Ok(Ok(())) => {}
+            }
+        }
         anyhow::Ok(())
     });
     // Connection tasks hold the server; end them before the peers go.
