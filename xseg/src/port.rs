@@ -406,66 +406,71 @@ impl Port {
 
     /// Takes the next request sent to this port, if any.
     pub fn accept(&mut self) -> Option<Request> {
+        let no = self.tx.no;
         let seg = &self.tx.seg;
-        let ring = seg.ring(self.tx.no, RingKind::Requests);
-        let stats = &seg.port(self.tx.no).stats;
-        for _ in 0..64 {
-            match ring.pop(&mut self.req_watch) {
-                Pop::Item(r) if r < seg.config().nr_requests => {
-                    let q = seg.req(r);
-                    if q.holder.load(Acquire) == self.tx.no
-                        && q.state
-                            .compare_exchange(REQ_QUEUED, REQ_SERVING, AcqRel, Relaxed)
-                            .is_ok()
-                    {
-                        q.accept_ns.store(now_ns(), Relaxed);
-                        stats.accepted.fetch_add(1, Relaxed);
-                        return Some(Request {
-                            seg: seg.clone(),
-                            index: r,
-                        });
-                    }
-                    stats.dropped.fetch_add(1, Relaxed);
-                }
-                Pop::Item(_) | Pop::Corrupt => {
-                    stats.dropped.fetch_add(1, Relaxed);
-                }
-                Pop::Empty | Pop::Pending => return None,
+        let taken = Self::take(seg, no, RingKind::Requests, &mut self.req_watch, |q| {
+            if q.holder.load(Acquire) != no
+                || q.state
+                    .compare_exchange(REQ_QUEUED, REQ_SERVING, AcqRel, Relaxed)
+                    .is_err()
+            {
+                return false;
             }
+            q.accept_ns.store(now_ns(), Relaxed);
+            true
+        });
+        if taken.is_some() {
+            seg.port(no).stats.accepted.fetch_add(1, Relaxed);
         }
-        None
+        taken
     }
 
     /// Takes the next reply that came back to this port, if any.
     pub fn receive(&mut self) -> Option<Request> {
+        let (no, hop) = (self.tx.no, self.tx.hop);
         let seg = &self.tx.seg;
-        let ring = seg.ring(self.tx.no, RingKind::Replies);
-        let stats = &seg.port(self.tx.no).stats;
+        let taken = Self::take(seg, no, RingKind::Replies, &mut self.rep_watch, |q| {
+            // A reply to a request this port sent is ours again (ALLOCATED). A reply to one it
+            // forwarded still belongs to the sender further back: it is SERVING here again, so
+            // that dropping it, or dying with it, fails it back to that sender instead of
+            // freeing a request someone still waits for.
+            let back = if q.owner.load(Acquire) == hop {
+                REQ_ALLOCATED
+            } else {
+                REQ_SERVING
+            };
+            let mine = q.holder.load(Acquire) == no && q.state.load(Acquire) == REQ_REPLIED;
+            if mine && back == REQ_SERVING {
+                // Served here again: the port that answered is done with it.
+                q.dst_port.store(no, Relaxed);
+            }
+            mine && q
+                .state
+                .compare_exchange(REQ_REPLIED, back, AcqRel, Relaxed)
+                .is_ok()
+        });
+        if taken.is_some() {
+            seg.port(no).stats.received.fetch_add(1, Relaxed);
+        }
+        taken
+    }
+
+    /// Pops entries of one of this port's rings until `claim` accepts one; entries that are out
+    /// of range, corrupt or not in the expected state are dropped and counted. Bounded, so
+    /// garbage in the ring cannot keep the caller here.
+    fn take(
+        seg: &Arc<Segment>,
+        no: u32,
+        kind: RingKind,
+        watch: &mut HoleWatch,
+        claim: impl Fn(&RequestShm) -> bool,
+    ) -> Option<Request> {
+        let ring = seg.ring(no, kind);
+        let stats = &seg.port(no).stats;
         for _ in 0..64 {
-            match ring.pop(&mut self.rep_watch) {
+            match ring.pop(watch) {
                 Pop::Item(r) if r < seg.config().nr_requests => {
-                    let q = seg.req(r);
-                    // A reply to a request this port sent is ours again (ALLOCATED). A reply to
-                    // one it forwarded still belongs to the sender further back: it is SERVING
-                    // here again, so that dropping it, or dying with it, fails it back to that
-                    // sender instead of freeing a request someone still waits for.
-                    let back = if q.owner.load(Acquire) == self.tx.hop {
-                        REQ_ALLOCATED
-                    } else {
-                        REQ_SERVING
-                    };
-                    let mine = q.holder.load(Acquire) == self.tx.no
-                        && q.state.load(Acquire) == REQ_REPLIED;
-                    if mine && back == REQ_SERVING {
-                        // Served here again: the port that answered is done with it.
-                        q.dst_port.store(self.tx.no, Relaxed);
-                    }
-                    if mine
-                        && q.state
-                            .compare_exchange(REQ_REPLIED, back, AcqRel, Relaxed)
-                            .is_ok()
-                    {
-                        stats.received.fetch_add(1, Relaxed);
+                    if claim(seg.req(r)) {
                         return Some(Request {
                             seg: seg.clone(),
                             index: r,
