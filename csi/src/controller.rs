@@ -1245,7 +1245,7 @@ pub fn controller_capabilities() -> Vec<ControllerServiceCapability> {
 
 /// Runs one RPC body and turns its error into a status; logs failures
 /// (never the request: it may carry secrets, and `Debug` hides them anyway).
-async fn answer<T>(
+pub(crate) async fn answer<T>(
     rpc: &'static str,
     f: impl std::future::Future<Output = CsiResult<T>>,
 ) -> Result<Response<T>, Status> {

@@ -11,6 +11,7 @@
 //!
 //! Consistency: all members are cut under one barrier; see [`cut_members`].
 
+use crate::controller::answer;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
@@ -317,19 +318,6 @@ impl GroupControllerService {
         Ok(GetVolumeGroupSnapshotResponse {
             group_snapshot: Some(self.response(gid, &record).await?),
         })
-    }
-}
-
-async fn answer<T>(
-    rpc: &'static str,
-    f: impl std::future::Future<Output = CsiResult<T>>,
-) -> Result<Response<T>, Status> {
-    match f.await {
-        Ok(r) => Ok(Response::new(r)),
-        Err(e) => {
-            tracing::debug!(rpc, code = ?e.code(), error = %e, "rpc failed");
-            Err(e.into())
-        }
     }
 }
 
