@@ -12,5 +12,6 @@ pub mod map;
 pub mod mapper;
 pub mod mapper_peer;
 pub mod peerset;
+pub mod registry;
 pub mod vlmc;
 pub mod wire;

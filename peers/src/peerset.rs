@@ -8,6 +8,10 @@
 //!
 //! The file backend keeps its objects under `DATA_DIR/objects`. Every peer process opens the
 //! directory itself: the file blocker is safe across processes (atomic renames, flocks).
+//!
+//! A [`PeerSet`] over the file backend records itself in the host's
+//! [registry](crate::registry) under its mapper's lock owner while it runs, so that another
+//! process (the CSI controller) can forward an operation on a volume this mapper holds.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -20,6 +24,7 @@ use crate::blocker::{Blocker, BlockerError, FileBlocker, LockOwner};
 use crate::blocker_peer::BlockerPeer;
 use crate::mapper::Mapper;
 use crate::mapper_peer::MapperPeer;
+use crate::registry::{PeerSetEntry, Registration, Registry};
 use crate::vlmc::{Vlmc, VlmcConfig};
 
 /// The fixed port plan of a segment. Clients bind dynamic ports from [`Ports::DYNAMIC_START`].
@@ -65,6 +70,9 @@ pub struct PeerConfig {
     pub workers: usize,
     /// Limit on each call vlmc makes to the mapper or blocker.
     pub timeout: Duration,
+    /// The peer-set registry directory [`PeerSet::start`] records itself in (`None`: not
+    /// recorded). Defaults to [`Registry::default_dir`].
+    pub registry: Option<PathBuf>,
 }
 
 impl PeerConfig {
@@ -80,6 +88,7 @@ impl PeerConfig {
             xseg: xseg::Config::default(),
             workers: std::thread::available_parallelism().map_or(4, |n| n.get().clamp(2, 8)),
             timeout: Duration::from_secs(600),
+            registry: Some(Registry::default_dir()),
         }
     }
 
@@ -333,6 +342,8 @@ pub struct PeerSet {
     segment: Arc<Segment>,
     config: PeerConfig,
     peers: Vec<RunningPeer>,
+    /// This peer set's registry entry, removed before the peers stop.
+    registration: Option<Registration>,
 }
 
 impl std::fmt::Debug for PeerSet {
@@ -346,11 +357,46 @@ impl std::fmt::Debug for PeerSet {
 
 impl PeerSet {
     /// Creates or attaches the segment and starts blocker, mapper and vlmc. The blocker and
-    /// the mapper share one file blocker instance (one descriptor cache).
+    /// the mapper share one file blocker instance (one descriptor cache). Once they run, the
+    /// peer set is recorded in the registry (`config.registry`); a registry that cannot be
+    /// written costs only the forwarding of operations to this peer set, so that is a warning.
     pub fn start(config: &PeerConfig) -> Result<PeerSet, PeerSetError> {
         let segment = config.open_segment()?;
         let blocker: Arc<dyn Blocker> = Arc::new(FileBlocker::open(config.objects_dir())?);
-        Self::start_with(config, segment, blocker)
+        let mut set = Self::start_with(config, segment, blocker)?;
+        set.registration = set.register();
+        Ok(set)
+    }
+
+    fn register(&self) -> Option<Registration> {
+        let dir = self.config.registry.as_ref()?;
+        let registry = Registry::new(dir);
+        let entry = match PeerSetEntry::current(
+            &self.config.node,
+            self.segment.path(),
+            &self.config.objects_dir(),
+        ) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(error = %e, "this peer set cannot be registered");
+                return None;
+            }
+        };
+        match registry.register(entry) {
+            Ok(r) => {
+                tracing::info!(owner = %self.config.node, segment = %self.segment.path().display(), registry = %dir.display(), "peer set registered");
+                Some(r)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, registry = %dir.display(), "peer set not registered: operations on volumes it locks cannot be forwarded to it");
+                None
+            }
+        }
+    }
+
+    /// This peer set's registry entry, if it has one.
+    pub fn registration(&self) -> Option<&Registration> {
+        self.registration.as_ref()
     }
 
     /// Starts the peers over a given segment and backend (tests use a memory blocker).
@@ -368,6 +414,7 @@ impl PeerSet {
             segment,
             config: config.clone(),
             peers,
+            registration: None,
         })
     }
 
@@ -384,9 +431,14 @@ impl PeerSet {
         probe_segment(&self.segment, Duration::from_secs(2))
     }
 
-    /// Stops vlmc first (no new I/O), then the mapper (which releases its locks), then the
-    /// blocker.
+    /// Unregisters (nothing new is forwarded here), then stops vlmc (no new I/O), the
+    /// mapper (which releases its locks), and the blocker.
     pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        drop(self.registration.take());
         while let Some(p) = self.peers.pop() {
             p.stop();
         }
@@ -395,8 +447,6 @@ impl PeerSet {
 
 impl Drop for PeerSet {
     fn drop(&mut self) {
-        while let Some(p) = self.peers.pop() {
-            p.stop();
-        }
+        self.shutdown();
     }
 }
