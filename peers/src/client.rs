@@ -444,6 +444,22 @@ impl VolumeClient {
         Self::info_of(&rep)
     }
 
+    /// Opens a volume *shared*, for a live-migration handover between nodes that both have it
+    /// attached: no lock until this node's first write (which takes it over from the other
+    /// node), and no mapping cached unless this node holds the lock. Only safe when the
+    /// writers take turns (a migrating VM's QEMU does); two concurrent writers would keep
+    /// taking the lock from each other.
+    pub async fn open_shared(&self, name: &str) -> Result<VolumeInfo> {
+        let rep = self
+            .send(self.opts.port, self.opts.timeout, || {
+                let mut req = self.build(Op::Open, name, 0, 0, &[], CONTROL_BUF)?;
+                req.set_flags(flags::SHARED);
+                Ok(req)
+            })
+            .await?;
+        Self::info_of(&rep)
+    }
+
     /// Waits for in-flight I/O, drops cached mappings and releases the lock.
     pub async fn close(&self, name: &str) -> Result<()> {
         self.control(Op::Close, name, 0, 0, &[], false).await?;

@@ -215,6 +215,10 @@ async fn serve(mapper: &Arc<Mapper>, req: &mut Request) -> Result<(), Failure> {
             let info = mapper.clone_volume(&name, &p.name, size).await?;
             info_reply(req, info);
         }
+        Op::Open if req.flags() & flags::SHARED != 0 => {
+            let info = mapper.open_shared(&name_of(req)?).await?;
+            info_reply(req, info);
+        }
         Op::Open | Op::Acquire => {
             let info = mapper.open(&name_of(req)?).await?;
             info_reply(req, info);

@@ -20,15 +20,20 @@
 //!   the mapper, drops the volume's cache and lets I/O resume. So no write ever lands in an
 //!   object that a snapshot has just started to share.
 //!
+//! A volume opened *shared* (`flags::SHARED`: attached on two nodes for a live-migration
+//! handover) is never cached here: another node may move its blocks at any moment, so every
+//! I/O asks the mapper, which reads the map afresh unless this node holds the lock.
+//!
 //! FLUSH waits for the writes of that volume issued before it, then flushes the blocker.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::runtime::Handle;
 use tokio::sync::{Notify, RwLock, oneshot};
-use xseg::protocol::{MapReply, extent};
+use xseg::protocol::{MapReply, extent, flags};
 use xseg::{AsyncClient, Op, Peer, Request, Sender, Status};
 
 use crate::wire::{self, DiscardReply, ErrorReply, VolumeInfo};
@@ -93,6 +98,8 @@ struct Vol {
     cache: Mutex<Cache>,
     writes: Mutex<Writes>,
     writes_done: Notify,
+    /// Opened shared: no mapping is cached (see the module documentation).
+    shared: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -324,6 +331,7 @@ impl Inner {
             | Op::Import
             | Op::Dedup
             | Op::Release => self.barrier(&name, req).await,
+            Op::Open if req.flags() & flags::SHARED != 0 => self.open_shared(&name, req).await,
             Op::Create
             | Op::Info
             | Op::List
@@ -390,10 +398,25 @@ impl Inner {
     async fn barrier(&self, name: &str, req: Request) -> Outcome {
         let vol = self.vol(name);
         let _exclusive = vol.gate.write().await;
+        let closing = req.op() == Op::Close;
         let port = self.config.mapper_port;
         let r = self.forward(req, port).await;
+        if closing && matches!(&r, Ok(Some(rep)) if rep.status() == Status::Ok) {
+            vol.shared.store(false, Ordering::Release);
+        }
         vol.clear();
         r
+    }
+
+    /// OPEN shared: from now on nothing of this volume is cached here. Under the drain
+    /// barrier, so no I/O planned from the cache is still in flight when the mode changes.
+    async fn open_shared(&self, name: &str, req: Request) -> Outcome {
+        let vol = self.vol(name);
+        let _exclusive = vol.gate.write().await;
+        vol.shared.store(true, Ordering::Release);
+        vol.clear();
+        let port = self.config.mapper_port;
+        self.forward(req, port).await
     }
 
     /// A group snapshot: holds the drain barrier of every member at once (in-flight I/O to
@@ -529,7 +552,10 @@ impl Inner {
         pieces: &[Piece],
         write: bool,
     ) -> Result<Vec<Mapping>, Failure> {
-        let mut out: Vec<Option<Mapping>> = {
+        let shared = vol.shared.load(Ordering::Acquire);
+        let mut out: Vec<Option<Mapping>> = if shared {
+            vec![None; pieces.len()]
+        } else {
             let c = lock(&vol.cache);
             pieces
                 .iter()
@@ -562,7 +588,14 @@ impl Inner {
         };
         let rep = self.call_again(self.config.mapper_port, make).await?;
         let reply = MapReply::decode(rep.data()?)?;
-        let fresh = self.install(vol, &reply, start, bs, generation, write)?;
+        let fresh = self.install(
+            vol,
+            &reply,
+            start,
+            bs,
+            (!shared).then_some(generation),
+            write,
+        )?;
         for (slot, p) in out.iter_mut().zip(pieces) {
             if slot.is_none() {
                 *slot = fresh.get(&p.block).cloned();
@@ -576,14 +609,15 @@ impl Inner {
     }
 
     /// Records a map reply for `[start, ..)` in the cache (by the rules in the module docs) and
-    /// returns the mappings it carried, per block.
+    /// returns the mappings it carried, per block. `generation` is the cache generation when
+    /// the request was sent, or `None` for a shared volume, whose mappings are never cached.
     fn install(
         &self,
         vol: &Vol,
         reply: &MapReply,
         start: u64,
         bs: u64,
-        generation: u64,
+        generation: Option<u64>,
         authoritative: bool,
     ) -> Result<HashMap<u64, Mapping>, Failure> {
         let mut fresh = HashMap::with_capacity(reply.extents.len());
@@ -610,7 +644,7 @@ impl Inner {
             pos += e.len;
         }
         let mut c = lock(&vol.cache);
-        if c.generation == generation {
+        if generation == Some(c.generation) {
             if c.blocks.len() + fresh.len() > MAX_CACHED_BLOCKS {
                 c.blocks.clear();
             }

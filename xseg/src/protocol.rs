@@ -128,6 +128,10 @@ pub mod flags {
     pub const FORCE: u32 = 4;
     /// Open or map read-only.
     pub const READONLY: u32 = 8;
+    /// OPEN shared: the live-migration mode of a volume attached on two nodes. No lock until
+    /// the first write here (which takes it over), and no mapping served from a cache unless
+    /// this node holds the lock.
+    pub const SHARED: u32 = 16;
 }
 
 /// Result codes: 0 is success, the rest are errno values so they print meaningfully.

@@ -125,7 +125,8 @@ fn extents(map: &VolumeMap, offset: u64, length: u64) -> Vec<Extent> {
 impl Mapper {
     /// The objects holding `[offset, offset + length)`; ZERO extents need no I/O. Served from
     /// the cache when the volume is open here, else from a fresh read of the map (never from a
-    /// stale cache of a volume someone else may be writing).
+    /// stale cache of a volume someone else may be writing). A shared volume is served from the
+    /// cache only while this node still holds its lock.
     pub async fn map_read(
         &self,
         name: &str,
@@ -133,27 +134,43 @@ impl Mapper {
         length: u64,
     ) -> Result<Vec<Extent>, MapperError> {
         let name = VolumeName::new(name)?;
-        if let Some(vol) = self.lookup(&name) {
+        let cached = if self.is_shared(&name) {
+            self.held_shared(&name).await?
+        } else {
+            self.lookup(&name)
+        };
+        if let Some(vol) = cached {
             vol.check_usable()?;
             let map = vol.map();
             check_range(&map, offset, length)?;
             return Ok(extents(&map, offset, length));
         }
-        let map = VolumeMap::load(self.maps.as_ref(), &name).await?;
+        // Only the pages the range touches: a shared volume pays this on every read.
+        let map = VolumeMap::load_window(self.maps.as_ref(), &name, offset, length).await?;
         check_range(&map, offset, length)?;
         Ok(extents(&map, offset, length))
     }
 
-    /// The open, writable volume `name`, opening it (and taking its lock) on first use.
+    /// The open, writable volume `name`, opening it (and taking its lock) on first use. A
+    /// shared volume takes the lock over from another node (the handover).
     pub(crate) async fn writable_volume(
         &self,
         name: &VolumeName,
     ) -> Result<Arc<OpenVolume>, MapperError> {
-        let vol = match self.lookup(name) {
+        let shared = self.is_shared(name);
+        let found = if shared {
+            self.held_shared(name).await?
+        } else {
+            self.lookup(name)
+        };
+        let vol = match found {
             Some(v) => v,
             None => {
                 let _ns = self.namespace.lock().await;
-                self.open_locked(name).await?
+                match self.lookup(name) {
+                    Some(v) => v,
+                    None => self.open_locked(name, shared).await?,
+                }
             }
         };
         vol.writable()?;

@@ -97,7 +97,7 @@ impl Mapper {
         name: &VolumeName,
     ) -> Result<(Arc<OpenVolume>, bool), MapperError> {
         let temporary = self.lookup(name).is_none();
-        let vol = self.open_locked(name).await?;
+        let vol = self.open_locked(name, false).await?;
         if vol.fence.is_none() {
             if temporary {
                 self.close_locked(name).await?;

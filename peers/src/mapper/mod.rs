@@ -31,7 +31,7 @@ pub use io::{DiscardOutcome, Extent, Target};
 pub use lifecycle::CreateOptions;
 pub use volume::BlockState;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -245,6 +245,8 @@ pub struct Mapper {
     data: Arc<dyn Blocker>,
     owner: LockOwner,
     open: RwLock<HashMap<VolumeName, Arc<OpenVolume>>>,
+    /// Volumes opened shared (see [`Mapper::open_shared`]).
+    shared: RwLock<HashSet<VolumeName>>,
     namespace: tokio::sync::Mutex<()>,
     gate: tokio::sync::RwLock<()>,
     content: tokio::sync::Mutex<()>,
@@ -262,6 +264,7 @@ impl Mapper {
             data,
             owner,
             open: RwLock::new(HashMap::new()),
+            shared: RwLock::new(HashSet::new()),
             namespace: tokio::sync::Mutex::new(()),
             gate: tokio::sync::RwLock::new(()),
             content: tokio::sync::Mutex::new(()),
@@ -294,11 +297,18 @@ impl Mapper {
     pub async fn open(&self, name: &str) -> Result<VolumeInfo, MapperError> {
         let name = VolumeName::new(name)?;
         let _ns = self.namespace.lock().await;
-        let vol = self.open_locked(&name).await?;
+        let vol = self.open_locked(&name, false).await?;
         Ok(VolumeInfo::from(&vol.map().header))
     }
 
-    async fn open_locked(&self, name: &VolumeName) -> Result<Arc<OpenVolume>, MapperError> {
+    /// Open a volume or snapshot, caching its map. A writable volume is locked as this node;
+    /// with `takeover`, a lock held by another node is broken first (the shared-mode handover,
+    /// logged), otherwise it is refused with `Locked`.
+    async fn open_locked(
+        &self,
+        name: &VolumeName,
+        takeover: bool,
+    ) -> Result<Arc<OpenVolume>, MapperError> {
         if let Some(v) = self.lookup(name) {
             return Ok(v);
         }
@@ -315,6 +325,8 @@ impl Mapper {
             .unwrap_or(false);
         let fence = if read_only {
             None
+        } else if takeover {
+            Some(self.take_over(name).await?)
         } else {
             Some(self.acquire(name).await?)
         };
@@ -366,10 +378,110 @@ impl Mapper {
             .ctx(name)
     }
 
+    /// Take the lock even from another holder: the handover of a shared volume to the node
+    /// that writes it now. The former holder's fence goes stale, so its map writes are refused
+    /// and its next request reads the map afresh.
+    async fn take_over(&self, name: &VolumeName) -> Result<Fence, MapperError> {
+        let lock = lock_object(name);
+        match self.maps.lock_acquire(&lock, &self.owner).await {
+            Err(BlockerError::Locked { holder, .. }) => {
+                let before = self.maps.lock_break(&lock).await.ctx(name)?;
+                tracing::warn!(
+                    volume = %name,
+                    from = %holder,
+                    generation = before.generation,
+                    to = %self.owner,
+                    "shared volume: lock handed over to this node (first write here)"
+                );
+                self.acquire(name).await
+            }
+            r => r.ctx(name),
+        }
+    }
+
+    /// Open a volume *shared*, for the live-migration handover of a multi-node block volume:
+    /// no lock is taken and nothing is cached until this node writes. Reads are answered from
+    /// the map as it is in storage at that moment (another node may be writing it); the first
+    /// write takes the lock over from whoever holds it; while this node holds the lock its
+    /// cache is used, after checking on each request that the lock has not moved on. So both
+    /// nodes can have the volume attached, one writes at a time, and neither ever serves a
+    /// stale mapping. A snapshot opens as usual (read-only, nothing to hand over).
+    pub async fn open_shared(&self, name: &str) -> Result<VolumeInfo, MapperError> {
+        let name = VolumeName::new(name)?;
+        let _ns = self.namespace.lock().await;
+        if let Some(v) = self.lookup(&name) {
+            let info = VolumeInfo::from(&v.map().header);
+            if !info.snapshot {
+                self.mark_shared(&name);
+            }
+            return Ok(info);
+        }
+        let header = self.read_header(&name).await?;
+        if header.read_only() {
+            let vol = self.open_locked(&name, false).await?;
+            return Ok(VolumeInfo::from(&vol.map().header));
+        }
+        self.mark_shared(&name);
+        tracing::info!(volume = %name, "opened shared (no lock until the first write here)");
+        Ok(VolumeInfo::from(&header))
+    }
+
+    fn mark_shared(&self, name: &VolumeName) {
+        self.shared
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.clone());
+    }
+
+    pub(crate) fn is_shared(&self, name: &VolumeName) -> bool {
+        self.shared
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(name)
+    }
+
+    /// For a shared volume: the open volume if this node still holds its lock. A volume whose
+    /// lock moved on is dropped from the cache (without releasing: the lock is not ours), so
+    /// the caller reads the map afresh or takes the lock back.
+    pub(crate) async fn held_shared(
+        &self,
+        name: &VolumeName,
+    ) -> Result<Option<Arc<OpenVolume>>, MapperError> {
+        let Some(vol) = self.lookup(name) else {
+            return Ok(None);
+        };
+        let Some(fence) = &vol.fence else {
+            return Ok(Some(vol));
+        };
+        let now = self.maps.lock_info(&fence.lock).await.ctx(name)?;
+        if vol.state.load(Ordering::Acquire) == OPEN
+            && now.generation == fence.generation
+            && now.holder.as_ref() == Some(&fence.owner)
+        {
+            return Ok(Some(vol));
+        }
+        let mut open = self.open.write().unwrap_or_else(|e| e.into_inner());
+        if open.get(name).is_some_and(|v| Arc::ptr_eq(v, &vol)) {
+            open.remove(name);
+            vol.state.store(FENCED, Ordering::Release);
+            tracing::info!(
+                volume = %name,
+                holder = now.holder.as_ref().map(|h| h.as_str()).unwrap_or("<none>"),
+                generation = now.generation,
+                "shared volume: the lock moved to another node; reading the map afresh"
+            );
+        }
+        Ok(None)
+    }
+
     /// Drop the cached map and release the lock. Closing what is not open is a no-op.
     pub async fn close(&self, name: &str) -> Result<(), MapperError> {
         let name = VolumeName::new(name)?;
         let _ns = self.namespace.lock().await;
+        self.shared
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&name);
         self.close_locked(&name).await
     }
 

@@ -136,6 +136,60 @@ impl VolumeMap {
 
     /// Read and verify a whole map from storage.
     pub async fn load(maps: &dyn Blocker, name: &VolumeName) -> Result<Self, MapperError> {
+        let (header, header_version) = Self::load_header(maps, name).await?;
+        let mut pages = Vec::with_capacity(header.page_count() as usize);
+        for p in 0..header.page_count() {
+            pages.push(Self::load_page(maps, name, &header, p).await?);
+        }
+        let map = VolumeMap {
+            header,
+            header_version,
+            pages,
+        };
+        map.check_invariants();
+        Ok(map)
+    }
+
+    /// The header and the pages covering bytes `[offset, offset + length)` only, fresh from
+    /// storage (the pages of the first block for an empty range): what a
+    /// mapper that does not hold the volume's lock reads per request (another node is writing
+    /// it, so nothing may be cached). The other pages are left empty, so the result answers
+    /// questions about that block range and nothing else; it is never installed as a cache.
+    pub async fn load_window(
+        maps: &dyn Blocker,
+        name: &VolumeName,
+        offset: u64,
+        length: u64,
+    ) -> Result<Self, MapperError> {
+        let (header, header_version) = Self::load_header(maps, name).await?;
+        let bs = u64::from(header.block_size);
+        let last_block = header.block_count().saturating_sub(1);
+        let first = (offset / bs).min(last_block);
+        let last = (offset.saturating_add(length.saturating_sub(1)) / bs).min(last_block);
+        let per_page = u64::from(header.page_entries);
+        let window = (first / per_page)..=(last / per_page);
+        let mut pages = Vec::with_capacity(header.page_count() as usize);
+        for p in 0..header.page_count() {
+            if window.contains(&u64::from(p)) {
+                pages.push(Self::load_page(maps, name, &header, p).await?);
+            } else {
+                pages.push(PageSlot {
+                    page: MapPage::zero(0),
+                    version: None,
+                });
+            }
+        }
+        Ok(VolumeMap {
+            header,
+            header_version,
+            pages,
+        })
+    }
+
+    async fn load_header(
+        maps: &dyn Blocker,
+        name: &VolumeName,
+    ) -> Result<(MapHeader, u64), MapperError> {
         let object = header_object(name);
         let raw = maps
             .read_map(&object)
@@ -151,33 +205,31 @@ impl VolumeMap {
                 MapFormatError::Invalid(format!("header names volume {}", header.name)),
             ));
         }
-        let mut pages = Vec::with_capacity(header.page_count() as usize);
-        for p in 0..header.page_count() {
-            let object = page_object(header.uuid, p);
-            let slot = match maps.read_map(&object).await.ctx(name)? {
-                None => PageSlot {
-                    page: MapPage::zero(header.page_entries),
-                    version: None,
-                },
-                Some(v) => {
-                    let page = MapPage::decode(&v.data, header.uuid, p, header.page_entries)
-                        .map_err(|e| corrupt(&object, e))?;
-                    check_page(&header, p, &page).map_err(|e| corrupt(&object, e))?;
-                    PageSlot {
-                        page,
-                        version: Some(v.version),
-                    }
+        Ok((header, raw.version))
+    }
+
+    async fn load_page(
+        maps: &dyn Blocker,
+        name: &VolumeName,
+        header: &MapHeader,
+        p: u32,
+    ) -> Result<PageSlot, MapperError> {
+        let object = page_object(header.uuid, p);
+        Ok(match maps.read_map(&object).await.ctx(name)? {
+            None => PageSlot {
+                page: MapPage::zero(header.page_entries),
+                version: None,
+            },
+            Some(v) => {
+                let page = MapPage::decode(&v.data, header.uuid, p, header.page_entries)
+                    .map_err(|e| corrupt(&object, e))?;
+                check_page(header, p, &page).map_err(|e| corrupt(&object, e))?;
+                PageSlot {
+                    page,
+                    version: Some(v.version),
                 }
-            };
-            pages.push(slot);
-        }
-        let map = VolumeMap {
-            header,
-            header_version: raw.version,
-            pages,
-        };
-        map.check_invariants();
-        Ok(map)
+            }
+        })
     }
 
     /// Internal consistency that no input can break: a failure here is a bug in the mapper.
