@@ -59,6 +59,10 @@ pub struct DeviceRecord {
     pub user_copy: bool,
     /// Device size in bytes when it was recorded (online resize updates it).
     pub size: u64,
+    /// Opened shared (multi-node block, live migration); records from before this field
+    /// existed were exclusive.
+    #[serde(default)]
+    pub shared: bool,
 }
 
 impl DeviceRecord {
@@ -270,6 +274,7 @@ mod tests {
             logical_block_size: 512,
             user_copy: true,
             size: 1 << 30,
+            shared: false,
         }
     }
 

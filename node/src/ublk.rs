@@ -106,6 +106,9 @@ pub struct UblkConfig {
     pub peer_wait: Duration,
     /// vlmc's port.
     pub vlmc_port: u32,
+    /// Open the volume shared: the live-migration mode of a multi-node block volume (attached
+    /// on two nodes, no lock until this node writes, never a stale mapping).
+    pub shared: bool,
 }
 
 impl Default for UblkConfig {
@@ -120,6 +123,7 @@ impl Default for UblkConfig {
             user_copy: true,
             peer_wait: Duration::from_secs(300),
             vlmc_port: peers::peerset::Ports::VLMC,
+            shared: false,
         }
     }
 }
@@ -263,6 +267,8 @@ impl ServeRequest {
             c.peer_wait.as_millis().to_string(),
             "--vlmc-port".into(),
             c.vlmc_port.to_string(),
+            "--shared".into(),
+            c.shared.to_string(),
         ];
         match self.mode {
             ServeMode::Add { dev_id: Some(id) } => a.extend(["--dev-id".into(), id.to_string()]),
@@ -301,6 +307,7 @@ impl ServeRequest {
                 "--user-copy" => c.user_copy = num(k, v)?,
                 "--peer-wait-ms" => c.peer_wait = Duration::from_millis(num(k, v)?),
                 "--vlmc-port" => c.vlmc_port = num(k, v)?,
+                "--shared" => c.shared = num(k, v)?,
                 "--dev-id" => {
                     mode = ServeMode::Add {
                         dev_id: Some(num(k, v)?),
@@ -334,10 +341,15 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .map_err(io_err("tokio runtime"))
 }
 
-/// Opens the volume at vlmc (taking its lock), returning its size.
-fn open_volume(segment: &Arc<Segment>, volume: &str) -> Result<u64> {
+/// Opens the volume at vlmc (taking its lock, unless shared), returning its size.
+fn open_volume(segment: &Arc<Segment>, volume: &str, shared: bool) -> Result<u64> {
     let client = VolumeClient::connect(segment)?;
-    let info = runtime()?.block_on(client.open(volume))?;
+    let rt = runtime()?;
+    let info = if shared {
+        rt.block_on(client.open_shared(volume))?
+    } else {
+        rt.block_on(client.open(volume))?
+    };
     Ok(info.size)
 }
 
@@ -369,7 +381,7 @@ pub fn serve(
     cfg.validate()?;
     let features = features()?;
     let segment = attach(&req.segment)?;
-    let vol_size = open_volume(&segment, &req.volume)?;
+    let vol_size = open_volume(&segment, &req.volume, cfg.shared)?;
     let lbs = u64::from(cfg.logical_block_size);
     let size = vol_size / lbs * lbs;
     if size == 0 {
@@ -510,6 +522,7 @@ pub fn serve(
         let table = req.table.clone();
         let volume = req.volume.clone();
         let segment = req.segment.clone();
+        let shared = cfg.shared;
         move |ctrl: &UblkCtrl| {
             let info = ctrl.dev_info();
             let pid = std::process::id();
@@ -524,6 +537,7 @@ pub fn serve(
                 logical_block_size: 1 << shift_of(lbs),
                 user_copy: info.flags & u64::from(sys::UBLK_F_USER_COPY) != 0,
                 size,
+                shared,
             };
             if let Err(e) = table.insert(rec.clone()) {
                 // The device works; only a later recover cannot find it. Say so loudly.
@@ -867,6 +881,7 @@ pub fn recover(
                 depth: r.depth,
                 logical_block_size: r.logical_block_size,
                 user_copy: r.user_copy,
+                shared: r.shared,
                 ..config.clone()
             },
             mode: ServeMode::Recover { dev_id: r.dev_id },
@@ -925,6 +940,7 @@ mod tests {
                 user_copy: false,
                 peer_wait: Duration::from_millis(1500),
                 vlmc_port: 9,
+                shared: true,
             },
             mode: ServeMode::Recover { dev_id: 7 },
             table: DeviceTable::new("/tmp/x.json"),

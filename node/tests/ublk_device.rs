@@ -198,3 +198,133 @@ fn serve_fails_cleanly_for_a_missing_volume() {
         "unexpected error {err}"
     );
 }
+
+/// One shared device per node over one backend: what a KubeVirt live migration does with a
+/// multi-node block volume. The target reads the source's writes through its own device (no
+/// stale mapping), its first write takes the lock over, and the source then reads the
+/// target's data. Both devices are O_DIRECT, like QEMU's cache=none.
+#[test]
+fn live_migration_handover_between_two_devices() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let start = |node: &str| {
+        let seg = dir.path().join(format!("seg-{node}")).display().to_string();
+        let set = PeerSet::start(&PeerConfig::new(&data, &seg, node)).unwrap();
+        (set, seg)
+    };
+    let (set_a, seg_a) = start("node-a");
+    let (set_b, seg_b) = start("node-b");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let ca = VolumeClient::connect(set_a.segment()).unwrap();
+    let cb = VolumeClient::connect(set_b.segment()).unwrap();
+    rt.block_on(ca.create("vm-disk", 16 << 20, Some(1 << 20)))
+        .unwrap();
+
+    let table = DeviceTable::new(dir.path().join("state.json"));
+    let serve = |seg: &str| {
+        let req = ServeRequest {
+            volume: "vm-disk".into(),
+            segment: seg.to_string(),
+            config: UblkConfig {
+                shared: true,
+                ..UblkConfig::default()
+            },
+            mode: ServeMode::Add { dev_id: None },
+            table: table.clone(),
+        };
+        let (tx, rx) = mpsc::channel::<DeviceRecord>();
+        let server =
+            std::thread::spawn(move || ublk::serve(&req, move |r| tx.send(r.clone()).unwrap()));
+        let rec = rx.recv().expect("device came up");
+        assert!(
+            rec.shared,
+            "recorded as shared, so recovery reopens it shared"
+        );
+        (rec, server)
+    };
+    let (rec_a, server_a) = serve(&seg_a);
+    let (rec_b, server_b) = serve(&seg_b);
+    assert_ne!(rec_a.dev_id, rec_b.dev_id);
+    let open = |rec: &DeviceRecord| {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(rec.block_device())
+            .unwrap()
+    };
+    let (mut dev_a, mut dev_b) = (open(&rec_a), open(&rec_b));
+    let holder = |c: &VolumeClient| rt.block_on(c.lock_info("vm-disk")).unwrap().holder;
+    assert_eq!(
+        holder(&ca),
+        None,
+        "attached on both nodes, nobody writes yet"
+    );
+
+    let io = |dev: &mut std::fs::File, at: u64, write: Option<u64>, len: usize| -> Vec<u8> {
+        let mut b = Aligned::new(len);
+        dev.seek(SeekFrom::Start(at)).unwrap();
+        match write {
+            Some(seed) => {
+                pattern(seed, b.buf());
+                dev.write_all(b.buf()).unwrap();
+                dev.sync_all().unwrap();
+            }
+            None => dev.read_exact(b.buf()).unwrap(),
+        }
+        b.buf().to_vec()
+    };
+    // The target reads a still-empty region first (a caching node would keep the zeros).
+    assert!(
+        io(&mut dev_b, 5 << 20, None, 1 << 20)
+            .iter()
+            .all(|&x| x == 0)
+    );
+    // The source VM runs.
+    let a1 = io(&mut dev_a, (5 << 20) - 4096, Some(11), 2 << 20);
+    assert_eq!(holder(&ca).as_deref(), Some("node-a"));
+    assert!(
+        io(&mut dev_b, (5 << 20) - 4096, None, 2 << 20) == a1,
+        "target sees source data"
+    );
+    // Switch-over: the target writes; the lock moves; the source sees the target's data.
+    let b1 = io(&mut dev_b, 5 << 20, Some(22), 64 << 10);
+    assert_eq!(holder(&cb).as_deref(), Some("node-b"));
+    assert!(
+        io(&mut dev_a, 5 << 20, None, 64 << 10) == b1,
+        "source sees target data"
+    );
+    let mut want = a1.clone();
+    want[4096..4096 + b1.len()].copy_from_slice(&b1);
+    assert!(io(&mut dev_a, (5 << 20) - 4096, None, 2 << 20) == want);
+    assert!(io(&mut dev_b, (5 << 20) - 4096, None, 2 << 20) == want);
+    rt.block_on(cb.verify("vm-disk")).unwrap();
+
+    // The source detaches (its pod ends); the target keeps the lock and the data.
+    drop(dev_a);
+    ublk::unmap(&table, &rec_a.dev_id.to_string()).unwrap();
+    server_a.join().unwrap().unwrap();
+    assert_eq!(holder(&cb).as_deref(), Some("node-b"));
+    let b2 = io(&mut dev_b, 12 << 20, Some(33), 1 << 20);
+    assert!(io(&mut dev_b, 12 << 20, None, 1 << 20) == b2);
+    drop(dev_b);
+    ublk::unmap(&table, &rec_b.dev_id.to_string()).unwrap();
+    server_b.join().unwrap().unwrap();
+    assert_eq!(
+        holder(&cb),
+        None,
+        "unmapping the last device releases the lock"
+    );
+    let mut back = vec![0u8; 1 << 20];
+    rt.block_on(ca.read("vm-disk", 12 << 20, &mut back))
+        .unwrap();
+    assert!(back == b2);
+    set_b.stop();
+    set_a.stop();
+}

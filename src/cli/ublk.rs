@@ -34,6 +34,11 @@ pub struct MapArgs {
     /// Ask for a specific /dev/ublkbN number.
     #[arg(long)]
     pub dev_id: Option<u32>,
+    /// Open shared, for a live-migration handover: the volume may be mapped on another node
+    /// at the same time; this node takes its lock over at its first write. Only for a disk
+    /// whose writers take turns (a migrating VM's QEMU).
+    #[arg(long)]
+    pub shared: bool,
     /// Device state file (default /run/archip/ublk-devices.json).
     #[arg(long, env = "ARCHIP_UBLK_STATE")]
     pub state: Option<PathBuf>,
@@ -71,6 +76,7 @@ pub fn map(inst: &Instance, args: &MapArgs) -> anyhow::Result<()> {
             depth: args.depth,
             logical_block_size: args.block_size,
             user_copy: !args.no_user_copy,
+            shared: args.shared,
             ..UblkConfig::default()
         },
         table: table(&args.state),
