@@ -9,6 +9,8 @@
 //! - 1000 clones of one snapshot of a 10 GiB volume: total time and metadata bytes per clone.
 //! - The first 4 KiB write to a block after a clone (copy-on-write) against a 4 KiB write to a
 //!   block the volume already owns.
+//! - The same random I/O on the volume opened shared (the live-migration mode: no mapping
+//!   cached in vlmc, and the mapper checks the lock on every request) against exclusive.
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -211,6 +213,18 @@ async fn run_async(opts: &Options, c: Arc<VolumeClient>) -> String {
         "\"random_4k_qd32\":{{\"volume_read_iops\":{vr:.0},\"direct_pread_iops\":{dr:.0},\"ratio_read\":{:.2},\"volume_write_iops\":{vw:.0},\"direct_pwrite_iops\":{dw:.0},\"ratio_write\":{:.2}}}",
         vr / dr,
         vw / dw
+    ));
+
+    // The same I/O with the volume opened shared (this node holds the lock after its first
+    // write, so the mapper serves from its cache after one lock check per request).
+    c.open_shared("io").await.expect("open shared");
+    let sr = volume_iops(&c, "io", &offs, false).await;
+    let sw = volume_iops(&c, "io", &offs, true).await;
+    c.close("io").await.expect("close");
+    out.push(format!(
+        "\"shared_mode_random_4k_qd32\":{{\"shared_read_iops\":{sr:.0},\"exclusive_read_iops\":{vr:.0},\"ratio_read\":{:.2},\"shared_write_iops\":{sw:.0},\"exclusive_write_iops\":{vw:.0},\"ratio_write\":{:.2}}}",
+        sr / vr,
+        sw / vw
     ));
 
     // Snapshot and clone latency, 1 GiB vs 1 TiB.
