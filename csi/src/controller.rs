@@ -91,6 +91,9 @@ pub struct ControllerConfig {
     pub data_dir: PathBuf,
     /// Size of a volume whose request gives no capacity.
     pub default_capacity: u64,
+    /// The peer-set registry to find the holder of a volume's lock in, to forward an
+    /// operation to it ([`crate::delegate`]); `None` turns forwarding off.
+    pub peerset_registry: Option<PathBuf>,
 }
 
 impl ControllerConfig {
@@ -100,6 +103,7 @@ impl ControllerConfig {
             node_id: node_id.into(),
             data_dir: data_dir.into(),
             default_capacity: 1 << 30,
+            peerset_registry: Some(peers::registry::Registry::default_dir()),
         }
     }
 }
@@ -115,6 +119,7 @@ pub(crate) struct Core {
     pub(crate) meta: MetaStore,
     pub(crate) config: ControllerConfig,
     pub(crate) inflight: Arc<InFlight>,
+    pub(crate) delegation: crate::delegate::Delegation,
 }
 
 /// The controller: build it once, then take its gRPC services.
@@ -127,12 +132,18 @@ impl ControllerPlugin {
     /// A controller acting on the peer set behind `client`, keeping its
     /// records in `meta`.
     pub fn new(client: Arc<VolumeClient>, meta: MetaStore, config: ControllerConfig) -> Self {
+        let delegation = crate::delegate::Delegation::new(
+            config.peerset_registry.clone(),
+            config.data_dir.join("objects"),
+            client.segment().path(),
+        );
         Self {
             core: Arc::new(Core {
                 client,
                 meta,
                 config,
                 inflight: InFlight::new(),
+                delegation,
             }),
         }
     }
@@ -183,6 +194,9 @@ pub(crate) fn client_error(what: &str, e: ClientError) -> CsiError {
         | ClientError::Timeout(_)
         | ClientError::Transport(_)) => {
             CsiError::Unavailable(format!("{what}: the peer set did not answer: {e}"))
+        }
+        ClientError::Io(m) if crate::status::says_out_of_space(&m) => {
+            CsiError::ResourceExhausted(format!("{what}: the backend is out of space: {m}"))
         }
         ClientError::Io(m) => CsiError::Internal(format!("{what}: {m}")),
     }
@@ -623,10 +637,17 @@ impl Core {
                 true
             }
         };
+        let what = format!("creating volume {id}");
         let made = match &source {
-            None => self.client.create(&id, size, Some(block)).await,
+            None => (self.client.create(&id, size, Some(block)).await)
+                .map_err(|e| client_error(&what, e)),
+            // A live source volume may be locked by a node: its peer set clones it.
             Some(Source::Snapshot(src) | Source::Volume(src)) => {
-                VolumeClient::clone(&self.client, src, &id, Some(size)).await
+                let target = id.as_str();
+                self.on_holder("CreateVolume", src, &what, |c| async move {
+                    c.clone_volume(src, target, Some(size)).await
+                })
+                .await
             }
         };
         let info = match made {
@@ -635,7 +656,7 @@ impl Core {
                 if wrote_record && let Err(me) = self.meta.delete(RecordKind::Volume, &id).await {
                     tracing::warn!(volume = %id, error = %me, "removing the record of a failed create");
                 }
-                return Err(client_error(&format!("creating volume {id}"), e));
+                return Err(e);
             }
         };
         tracing::info!(volume = %id, name = %req.name, size, source = ?source, "volume created");
@@ -999,13 +1020,23 @@ impl Core {
                 .put(RecordKind::Snapshot, &id, &record, None)
                 .await?;
         }
-        let info = match self.client.snapshot(source, &id).await {
+        // A volume in use is locked by its node: that node's peer set cuts the snapshot.
+        let target = id.as_str();
+        let made = self
+            .on_holder(
+                "CreateSnapshot",
+                source,
+                &format!("snapshotting {source}"),
+                |c| async move { c.snapshot(source, target).await },
+            )
+            .await;
+        let info = match made {
             Ok(info) => info,
             Err(e) => {
                 if wrote_record && let Err(me) = self.meta.delete(RecordKind::Snapshot, &id).await {
                     tracing::warn!(snapshot = %id, error = %me, "removing the record of a failed snapshot");
                 }
-                return Err(client_error(&format!("snapshotting {source}"), e));
+                return Err(e);
             }
         };
         tracing::info!(snapshot = %id, name = %req.name, volume = %source, "snapshot created");
@@ -1147,10 +1178,15 @@ impl Core {
         let info = if size <= info.size {
             info
         } else {
-            self.client
-                .resize(&info.name, size)
-                .await
-                .map_err(|e| client_error(&format!("expanding {id}"), e))?
+            // A volume in use is locked by its node: that node's peer set grows it.
+            let name = info.name.as_str();
+            self.on_holder(
+                "ControllerExpandVolume",
+                id,
+                &format!("expanding {id}"),
+                |c| async move { c.resize(name, size).await },
+            )
+            .await?
         };
         // A block volume is ready once the device grows; a filesystem has
         // to be grown on the node. Without a capability, ask the node unless
@@ -1417,6 +1453,48 @@ mod tests {
     use super::*;
 
     const MI: u64 = 1 << 20;
+
+    /// A reply as a peer sends it for a blocker error, decoded as the client does.
+    fn reply_error(e: peers::blocker::BlockerError) -> ClientError {
+        let status = peers::blocker_peer::status_of(&e);
+        let reply = peers::wire::ErrorReply {
+            message: format!("mapper: {e}"),
+            holder: None,
+        };
+        let mut buf = [0u8; 512];
+        let n = reply.encode(&mut buf).unwrap();
+        ClientError::from_reply(status, &buf[..n])
+    }
+
+    #[test]
+    fn a_full_backend_is_resource_exhausted_not_internal() {
+        let io = |code| {
+            reply_error(peers::blocker::BlockerError::Io {
+                object: "v1.0001".into(),
+                source: std::io::Error::from_raw_os_error(code),
+            })
+        };
+        for code in [libc::ENOSPC, libc::EDQUOT] {
+            let e = client_error("snapshotting v1", io(code));
+            assert!(matches!(e, CsiError::ResourceExhausted(_)), "{e:?}");
+            assert_eq!(Status::from(e).code(), tonic::Code::ResourceExhausted);
+        }
+        // A bare NoSpace status, without a message.
+        let e = client_error("x", ClientError::from_reply(xseg::Status::NoSpace, &[]));
+        assert!(matches!(e, CsiError::ResourceExhausted(_)), "{e:?}");
+        // Other I/O errors stay INTERNAL.
+        let e = client_error("x", io(libc::EIO));
+        assert!(matches!(e, CsiError::Internal(_)), "{e:?}");
+        // The controller's own records on a full disk.
+        let meta = crate::meta::MetaError::Backend(peers::blocker::BlockerError::Io {
+            object: "volume-x".into(),
+            source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+        });
+        assert!(matches!(
+            CsiError::from(meta),
+            CsiError::ResourceExhausted(_)
+        ));
+    }
 
     fn range(required: i64, limit: i64) -> CapacityRange {
         CapacityRange {

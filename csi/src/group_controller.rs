@@ -68,16 +68,20 @@ fn now_secs() -> u64 {
 /// cuts, so the group is crash-consistent as a set, write-order consistent
 /// across volumes (if the application wrote X to one disk and then, after X
 /// completed, Y to another, a group holding Y holds X). This covers I/O
-/// that reaches the volumes through the vlmc of this peer set: the
-/// single-machine setup (`archip up`), and any node whose I/O goes through
-/// it. A node that writes through its own peer set holds the volume's lock,
-/// and the controller's mapper cannot snapshot a volume locked by another
-/// node (FAILED_PRECONDITION) rather than cut it inconsistently.
+/// that reaches the volumes through the vlmc that cuts them, so the cut
+/// happens on the peer set of the node holding the members' locks (the node
+/// the VM runs on; see [`crate::delegate`]), or on the controller's own if
+/// none is locked. Members locked by different nodes are refused
+/// (FAILED_PRECONDITION) rather than cut at different moments.
 async fn cut_members(core: &Core, members: &[(String, String)]) -> CsiResult<()> {
-    core.client
+    let volumes: Vec<String> = members.iter().map(|(v, _)| v.clone()).collect();
+    let (client, holder) = core
+        .group_target("CreateVolumeGroupSnapshot", &volumes)
+        .await?;
+    client
         .snapshot_group(members)
         .await
-        .map_err(|e| client_error("group snapshot", e))
+        .map_err(|e| core.holder_failed(holder.as_deref(), "group snapshot", e))
 }
 
 impl GroupControllerService {

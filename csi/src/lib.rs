@@ -13,6 +13,7 @@
 
 pub mod bench;
 pub mod controller;
+pub mod delegate;
 pub mod dial;
 pub mod group_controller;
 pub mod health;
@@ -93,14 +94,16 @@ impl ControllerPlugin {
         node_id: &str,
         data_dir: PathBuf,
     ) -> Result<Self, RunError> {
+        Self::open_with(segment, ControllerConfig::new(node_id, data_dir))
+    }
+
+    /// [`open`](Self::open) with a configuration of its own (another
+    /// peer-set registry, another default capacity).
+    pub fn open_with(segment: &Arc<Segment>, config: ControllerConfig) -> Result<Self, RunError> {
         let client = Arc::new(VolumeClient::connect(segment)?);
-        let records = FileBlocker::open(data_dir.join(RECORDS_DIR))?;
+        let records = FileBlocker::open(config.data_dir.join(RECORDS_DIR))?;
         let meta = meta::MetaStore::new(Arc::new(records));
-        Ok(ControllerPlugin::new(
-            client,
-            meta,
-            ControllerConfig::new(node_id, data_dir),
-        ))
+        Ok(ControllerPlugin::new(client, meta, config))
     }
 
     /// Identity + Controller + GroupController, ready to serve. Add the

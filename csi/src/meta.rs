@@ -167,6 +167,11 @@ impl From<MetaError> for CsiError {
             MetaError::Conflict { .. } => CsiError::Aborted(format!(
                 "{e}; another controller instance is working on it, retry"
             )),
+            MetaError::Backend(BlockerError::Io { ref source, .. })
+                if crate::status::is_out_of_space(source) =>
+            {
+                CsiError::ResourceExhausted(format!("controller metadata: {e}"))
+            }
             e => CsiError::Internal(format!("controller metadata: {e}")),
         }
     }

@@ -92,6 +92,21 @@ impl From<CsiError> for Status {
 /// Result type of the request checks.
 pub type CsiResult<T> = Result<T, CsiError>;
 
+/// Whether an errno means the backend is out of space (ENOSPC, or EDQUOT for a quota).
+pub fn is_out_of_space(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+}
+
+/// Whether a peer's error message says the backend is out of space. Peers pass backend
+/// failures on as text (an `std::io::Error` printed as "... (os error 28)") and a bare xseg
+/// `NoSpace` status as "no space", so that is what crosses into [`peers::client::ClientError`].
+pub fn says_out_of_space(message: &str) -> bool {
+    message == xseg::Status::NoSpace.to_string()
+        || [libc::ENOSPC, libc::EDQUOT]
+            .iter()
+            .any(|code| message.contains(&format!("(os error {code})")))
+}
+
 /// Checks a CO-chosen name (CreateVolume, CreateSnapshot, group snapshots):
 /// required, at most 128 bytes, and free of the control characters the
 /// spec bans (everything but common whitespace).
