@@ -337,3 +337,85 @@ async fn a_node_stopped_cleanly_leaves_no_entry() {
         .await
         .expect("an unlocked volume is snapshotted here");
 }
+
+/// A forwarded snapshot is one point in the node's stream of writes: the node writes regions
+/// one after another (each acknowledged before the next is sent) while the controller cuts a
+/// snapshot, and the snapshot holds a prefix of that stream that includes every write
+/// acknowledged before CreateSnapshot was sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_forwarded_snapshot_is_a_point_in_the_nodes_writes() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    const REGION: usize = 4096;
+    const REGIONS: usize = 2048;
+    let ctl = Controller::start("pit").await;
+    let mut c = ctl.controller();
+    let vol = c
+        .create_volume(create("pvc-stream", (REGION * REGIONS) as u64, None))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let node = NodeProcess::start(CHILD, ctl.data_dir(), NODE, &ctl.registry, "pit");
+    let n = node.client().clone();
+    n.open(&vol).await.unwrap();
+
+    let acked = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (started_tx, mut started_rx) = tokio::sync::watch::channel(0usize);
+    let writer = {
+        let (n, vol, acked, stop) = (n.clone(), vol.clone(), acked.clone(), stop.clone());
+        tokio::spawn(async move {
+            for k in 0..REGIONS {
+                if stop.load(Ordering::Acquire) {
+                    break;
+                }
+                let data = pattern(k as u8 | 1, REGION);
+                n.write(&vol, (k * REGION) as u64, &data).await.unwrap();
+                acked.store(k + 1, Ordering::Release);
+                let _ = started_tx.send(k + 1);
+            }
+        })
+    };
+    // Cut once the stream is under way.
+    started_rx.wait_for(|&k| k >= 16).await.unwrap();
+    let before = acked.load(Ordering::Acquire);
+    let snap = c
+        .create_snapshot(snap_req(&vol, "snap-stream"))
+        .await
+        .expect("snapshot while the node writes")
+        .into_inner()
+        .snapshot
+        .unwrap();
+    let after = acked.load(Ordering::Acquire) + 1; // at most one write was in flight
+    stop.store(true, Ordering::Release);
+    writer.await.unwrap();
+
+    let image = read(&ctl.volumes, &snap.snapshot_id, 0, REGION * REGIONS).await;
+    let present: Vec<bool> = (0..REGIONS)
+        .map(|k| {
+            let got = &image[k * REGION..(k + 1) * REGION];
+            if got == pattern(k as u8 | 1, REGION).as_slice() {
+                true
+            } else {
+                assert!(got.iter().all(|&b| b == 0), "region {k} is torn");
+                false
+            }
+        })
+        .collect();
+    let cut = present.iter().position(|p| !p).unwrap_or(REGIONS);
+    eprintln!(
+        "snapshot cut after {cut} of {REGIONS} writes ({before} acknowledged before the request)"
+    );
+    assert!(
+        present[cut..].iter().all(|p| !p),
+        "the snapshot holds writes after a missing one (cut at {cut})"
+    );
+    assert!(
+        cut >= before && cut <= after,
+        "cut at {cut}, outside [{before}, {after}]"
+    );
+}
