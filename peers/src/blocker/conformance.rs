@@ -12,7 +12,30 @@ pub(crate) async fn run(b: &dyn Blocker) {
     write_read_copy_delete(b).await;
     listing(b).await;
     map_objects(b).await;
+    map_batches(b).await;
     locks_and_fences(b).await;
+}
+
+async fn map_batches(b: &dyn Blocker) {
+    let batch: Vec<(ObjectName, Vec<u8>)> = (0..20u8)
+        .map(|i| (n(&format!("batch.{i:02}")), vec![i; 100 + i as usize]))
+        .collect();
+    let versions = b.create_maps(&batch).await.unwrap();
+    assert_eq!(versions.len(), batch.len());
+    for ((object, data), version) in batch.iter().zip(&versions) {
+        let got = b.read_map(object).await.unwrap().expect("created");
+        assert_eq!(&got.data, data, "{object}");
+        assert_eq!(got.version, *version, "{object}");
+    }
+    assert!(b.create_maps(&[]).await.unwrap().is_empty());
+    // A batch may only create: an existing object fails it and keeps its content.
+    let again = [(n("batch.03"), b"other".to_vec())];
+    let err = b.create_maps(&again).await.unwrap_err();
+    assert!(matches!(err, BlockerError::VersionMismatch { .. }), "{err}");
+    assert_eq!(
+        b.read_map(&n("batch.03")).await.unwrap().unwrap().data,
+        vec![3u8; 103]
+    );
 }
 
 async fn sparse_reads(b: &dyn Blocker) {

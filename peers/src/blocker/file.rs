@@ -439,6 +439,13 @@ impl FileBlocker {
 
     /// Write `bytes` to `name` atomically: temporary file, fsync, rename, directory fsync.
     fn replace(&self, name: &ObjectName, bytes: &[u8]) -> Result<(), BlockerError> {
+        self.replace_unsynced(name, bytes)?;
+        self.sync_dir()
+    }
+
+    /// [`Self::replace`] without the directory fsync: the new name is durable only after the
+    /// caller's next `sync_dir`.
+    fn replace_unsynced(&self, name: &ObjectName, bytes: &[u8]) -> Result<(), BlockerError> {
         let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
         let tmp = self
             .root
@@ -457,7 +464,7 @@ impl FileBlocker {
             let _ = fs::remove_file(&tmp);
             return Err(BlockerError::io(name, e));
         }
-        self.sync_dir()
+        Ok(())
     }
 
     fn map_version(&self, name: &ObjectName) -> Result<Option<u64>, BlockerError> {
@@ -520,6 +527,66 @@ impl FileBlocker {
         fence: Option<&Fence>,
     ) -> Result<u64, BlockerError> {
         let (_guards, found) = self.map_precondition(name, expect, fence)?;
+        let version = self.write_map_file(name, data, found)?;
+        self.sync_dir()?;
+        Ok(version)
+    }
+
+    /// Map objects nobody refers to yet, written by a few threads at once (their file fsyncs
+    /// overlap, and the filesystem commits them together), then one directory fsync for all.
+    fn create_maps_sync(
+        &self,
+        objects: &[(ObjectName, Vec<u8>)],
+    ) -> Result<Vec<u64>, BlockerError> {
+        const THREADS: usize = 8;
+        if objects.is_empty() {
+            return Ok(Vec::new());
+        }
+        let per = objects.len().div_ceil(THREADS);
+        let results: Vec<Result<Vec<u64>, BlockerError>> = std::thread::scope(|scope| {
+            let workers: Vec<_> = objects
+                .chunks(per)
+                .map(|chunk| {
+                    scope.spawn(move || {
+                        chunk
+                            .iter()
+                            .map(|(name, data)| {
+                                let (_guards, found) =
+                                    self.map_precondition(name, Expect::Absent, None)?;
+                                self.write_map_file(name, data, found)
+                            })
+                            .collect()
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|w| {
+                    w.join().unwrap_or_else(|_| {
+                        Err(BlockerError::io(
+                            self.root.display(),
+                            io::Error::other("map writer thread panicked"),
+                        ))
+                    })
+                })
+                .collect()
+        });
+        let mut versions = Vec::with_capacity(objects.len());
+        for r in results {
+            versions.extend(r?);
+        }
+        self.sync_dir()?;
+        Ok(versions)
+    }
+
+    /// The new version of a map object (one greater than `found`, at least the clock) and its
+    /// file, replaced atomically; the caller holds the object's map lock and syncs the directory.
+    fn write_map_file(
+        &self,
+        name: &ObjectName,
+        data: &[u8],
+        found: Option<u64>,
+    ) -> Result<u64, BlockerError> {
         // Versions come from the clock (never below the old version plus one), so a map that
         // is deleted and created again does not repeat the versions of its predecessor.
         let now = SystemTime::now()
@@ -531,7 +598,7 @@ impl FileBlocker {
         bytes.extend_from_slice(MAP_MAGIC);
         bytes.extend_from_slice(&version.to_le_bytes());
         bytes.extend_from_slice(data);
-        self.replace(name, &bytes)?;
+        self.replace_unsynced(name, &bytes)?;
         Ok(version)
     }
 
@@ -743,6 +810,13 @@ impl Blocker for FileBlocker {
         fence: Option<&'a Fence>,
     ) -> BlockerFuture<'a, u64> {
         run(move || self.write_map_sync(object, data, expect, fence))
+    }
+
+    fn create_maps<'a>(
+        &'a self,
+        objects: &'a [(ObjectName, Vec<u8>)],
+    ) -> BlockerFuture<'a, Vec<u64>> {
+        run(move || self.create_maps_sync(objects))
     }
 
     fn delete_map<'a>(

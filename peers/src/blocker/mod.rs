@@ -345,6 +345,25 @@ pub trait Blocker: Send + Sync + fmt::Debug {
         fence: Option<&'a Fence>,
     ) -> BlockerFuture<'a, u64>;
 
+    /// Create map objects that nothing refers to yet (the pages of a new map, written before
+    /// the header that makes them reachable), each of which must not exist. All are durable
+    /// when this returns; a backend may write them in parallel and make them durable together
+    /// (the file blocker pays one directory sync for the batch instead of one per object), which
+    /// is what keeps snapshot and clone of a large map fast. On failure some may exist: they are
+    /// unreferenced, and GC reclaims them. Returns the versions, in order.
+    fn create_maps<'a>(
+        &'a self,
+        objects: &'a [(ObjectName, Vec<u8>)],
+    ) -> BlockerFuture<'a, Vec<u64>> {
+        Box::pin(async move {
+            let mut versions = Vec::with_capacity(objects.len());
+            for (object, data) in objects {
+                versions.push(self.write_map(object, data, Expect::Absent, None).await?);
+            }
+            Ok(versions)
+        })
+    }
+
     /// Remove a map object under the same preconditions as `write_map`.
     fn delete_map<'a>(
         &'a self,

@@ -351,14 +351,26 @@ impl VolumeMap {
     /// Write every non-empty page of a map that does not exist yet, then its header (atomic
     /// create: until the header lands, nothing refers to the pages and GC may reclaim them).
     pub async fn persist_new(&mut self, maps: &dyn Blocker) -> Result<(), MapperError> {
-        for p in 0..self.pages.len() {
-            if self.pages[p].page.is_zero() {
+        let name = self.header.name.clone();
+        let uuid = self.header.uuid;
+        let mut written = Vec::new();
+        let mut objects = Vec::new();
+        for (p, slot) in self.pages.iter_mut().enumerate() {
+            if slot.page.is_zero() {
                 continue;
             }
-            let page = self.pages[p].page.clone();
-            self.persist_page(maps, p as u32, page, None).await?;
+            slot.page.compact();
+            objects.push((
+                page_object(uuid, p as u32),
+                slot.page.encode(uuid, p as u32),
+            ));
+            written.push(p);
         }
-        let name = self.header.name.clone();
+        // One batch: the pages are unreachable until the header below lands.
+        let versions = maps.create_maps(&objects).await.ctx(&name)?;
+        for (p, version) in written.into_iter().zip(versions) {
+            self.pages[p].version = Some(version);
+        }
         let object = header_object(&name);
         let bytes = self.header.encode();
         self.header_version = maps
