@@ -263,14 +263,19 @@ impl Registry {
 
     fn lock(&self) -> Result<DirLock, RegistryError> {
         let path = self.dir.join(LOCK_FILE);
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o644)
-            .open(&path)
-            .map_err(io_err(&path))?;
+        // flock needs no write access: a reader that may not write the directory can still
+        // take the lock of a `.lock` someone else created.
+        let f = match File::open(&path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o644)
+                .open(&path),
+            r => r,
+        }
+        .map_err(io_err(&path))?;
         loop {
             // SAFETY: `f` owns an open descriptor for the whole call; flock only takes a lock
             // on it and touches no memory.
@@ -287,12 +292,25 @@ impl Registry {
 
     /// Reads an entry as stored: `Ok(None)` if there is none. A file that does not parse, or
     /// that names another owner than its file name, is garbage (`Err(bytes)` for the cleaner).
+    ///
+    /// Only files owned by root or by this process's user count: in a directory others can
+    /// write (a misconfigured `ARCHIP_PEERSET_DIR`), anyone else's file is ignored, never
+    /// trusted to name a segment and never removed.
     fn read(&self, path: &Path) -> Result<Option<Result<PeerSetEntry, Vec<u8>>>, RegistryError> {
-        let bytes = match fs::read(path) {
-            Ok(b) => b,
+        let mut f = match File::open(path) {
+            Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_err(path)(e)),
         };
+        let uid = f.metadata().map_err(io_err(path))?.uid();
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let me = unsafe { libc::geteuid() };
+        if uid != 0 && uid != me {
+            tracing::warn!(path = %path.display(), uid, "ignoring a peer-set registry entry of another user");
+            return Ok(None);
+        }
+        let mut bytes = Vec::new();
+        io::Read::read_to_end(&mut f, &mut bytes).map_err(io_err(path))?;
         let owner = path
             .file_name()
             .and_then(|n| n.to_str())
@@ -562,6 +580,21 @@ mod tests {
         )
         .unwrap();
         assert_eq!(reg.lookup("node-b").unwrap(), None);
+    }
+
+    #[test]
+    fn another_users_entry_is_neither_trusted_nor_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::new(dir.path().join("peersets"));
+        let e = entry_in(dir.path(), "node-x", "/dev/shm/seg-x");
+        std::mem::forget(reg.register(e.clone()).unwrap());
+        let path = reg.path_of("node-x").unwrap();
+        // Only root can give a file away; elsewhere there is nothing to test.
+        if std::os::unix::fs::chown(&path, Some(54321), None).is_err() {
+            return;
+        }
+        assert_eq!(reg.lookup("node-x").unwrap(), None);
+        assert!(path.exists(), "not ours to remove");
     }
 
     #[test]
