@@ -285,3 +285,56 @@ impl Core {
         client_error(what, e)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use peers::registry::Registration;
+
+    fn registered(reg: &Path, owner: &str, segment: &Path, objects: &Path) -> Registration {
+        std::fs::create_dir_all(objects).unwrap();
+        Registry::new(reg)
+            .register(PeerSetEntry::current(owner, segment, objects).unwrap())
+            .unwrap()
+    }
+
+    fn why(r: Result<Arc<VolumeClient>, Unreachable>) -> String {
+        match r {
+            Ok(_) => panic!("expected no holder"),
+            Err(Unreachable(why)) => why,
+        }
+    }
+
+    #[tokio::test]
+    async fn holders_that_cannot_take_the_operation() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = dir.path().join("peersets");
+        let ours = dir.path().join("a/objects");
+        std::fs::create_dir_all(&ours).unwrap();
+        let own_segment = dir.path().join("own-segment");
+        let d = Delegation::new(Some(reg.clone()), ours.clone(), &own_segment);
+
+        assert!(why(d.client("node-1").await).contains("no running peer set of node-1"));
+        assert!(why(d.client("../etc").await).contains("invalid peer-set owner"));
+
+        // Another directory behind the same owner id: never forwarded to.
+        let _other = registered(
+            &reg,
+            "node-2",
+            Path::new("/dev/shm/x"),
+            &dir.path().join("b/objects"),
+        );
+        assert!(why(d.client("node-2").await).contains("serves"));
+
+        // Our own segment.
+        let _own = registered(&reg, "node-3", &own_segment, &ours);
+        assert!(why(d.client("node-3").await).contains("own segment"));
+
+        // The right backend, but the segment is gone.
+        let _gone = registered(&reg, "node-4", &dir.path().join("no-segment"), &ours);
+        assert!(why(d.client("node-4").await).contains("is gone"));
+
+        let off = Delegation::new(None, ours, &own_segment);
+        assert!(why(off.client("node-4").await).contains("off"));
+    }
+}
