@@ -129,7 +129,13 @@ where
 {
     let plugin = ControllerPlugin::open(segment, &opts.node_id, opts.data_dir.clone())?;
     let routes = plugin.routes(health::PeerSetHealth::new(segment.clone()));
-    tracing::info!(endpoint = %opts.endpoint, node = %opts.node_id, data_dir = %opts.data_dir.display(), "controller starting");
+    tracing::info!(
+        endpoint = %opts.endpoint,
+        node = %opts.node_id,
+        data_dir = %opts.data_dir.display(),
+        peerset_registry = %peers::registry::Registry::default_dir().display(),
+        "controller starting"
+    );
     server::serve(&opts.endpoint, routes, shutdown).await?;
     Ok(())
 }
