@@ -30,10 +30,11 @@ use std::time::{Duration, Instant};
 use xseg::protocol::{NamePayload, flags};
 use xseg::{AsyncClient, Op, Request, Segment, Status};
 
+pub use crate::mapper::QosLimits;
 use crate::peerset::Ports;
 pub use crate::wire::{
     CreateRequest, DedupReport, GcReport, GcRequest, GroupSnapshotRequest, ImportReport, LockState,
-    VerifyReport, VolumeInfo, VolumeKind,
+    QosReport, VerifyReport, VolumeInfo, VolumeKind,
 };
 use crate::wire::{ErrorReply, ListReply, WireCounters};
 
@@ -545,6 +546,29 @@ impl VolumeClient {
     pub async fn lock_info(&self, volume: &str) -> Result<LockState> {
         let rep = self.control(Op::LockInfo, volume, 0, 0, &[], false).await?;
         Self::lock_state(&rep)
+    }
+
+    /// A volume's I/O limits, and how many I/Os this peer set's vlmc has delayed for them.
+    pub async fn qos(&self, volume: &str) -> Result<QosReport> {
+        let rep = self.control(Op::Qos, volume, 0, 0, &[], false).await?;
+        QosReport::decode(rep.data().unwrap_or(&[]))
+            .map_err(|_| ClientError::Io("malformed QoS report".into()))
+    }
+
+    /// Sets a volume's I/O limits (0 = unlimited). Every node's vlmc applies them within a few
+    /// seconds; this peer set's at once.
+    pub async fn set_qos(&self, volume: &str, limits: QosLimits) -> Result<QosReport> {
+        let mut payload = [0u8; QosReport::ENCODED];
+        QosReport {
+            iops: limits.iops,
+            bytes_per_sec: limits.bytes_per_sec,
+            delayed_ios: 0,
+        }
+        .encode(&mut payload)
+        .map_err(|_| ClientError::Io("encoding QoS limits".into()))?;
+        let rep = self.control(Op::Qos, volume, 0, 0, &payload, false).await?;
+        QosReport::decode(rep.data().unwrap_or(&[]))
+            .map_err(|_| ClientError::Io("malformed QoS report".into()))
     }
 
     /// Breaks a volume's lock whoever holds it (a dead node's). Logged by the mapper. The

@@ -13,5 +13,6 @@ pub mod mapper;
 pub mod mapper_peer;
 pub mod peerset;
 pub mod registry;
+pub(crate) mod throttle;
 pub mod vlmc;
 pub mod wire;

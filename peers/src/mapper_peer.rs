@@ -16,7 +16,8 @@ use crate::blocker_peer;
 use crate::map::{ObjectKind, parse_object};
 use crate::mapper::{CreateOptions, Extent, GcOptions, Mapper, MapperError};
 use crate::wire::{
-    self, CreateRequest, DiscardReply, GcRequest, ListReply, LockState, VolumeInfo, WireCounters,
+    self, CreateRequest, DiscardReply, GcRequest, ListReply, LockState, QosReport, VolumeInfo,
+    WireCounters,
 };
 
 /// Serves a [`Mapper`] on a port; drive it with an [`xseg::Runner`].
@@ -232,6 +233,20 @@ async fn serve(mapper: &Arc<Mapper>, req: &mut Request) -> Result<(), Failure> {
         Op::Close | Op::Release => {
             mapper.close(&name_of(req)?).await?;
             req.complete(0);
+        }
+        Op::Qos => {
+            let name = name_of(req)?;
+            if req.data_len() > 0 {
+                let want = payload(req, QosReport::decode, "QOS")?;
+                mapper.set_qos(&name, want.limits()).await?;
+            }
+            let l = mapper.qos(&name).await?;
+            let report = QosReport {
+                iops: l.iops,
+                bytes_per_sec: l.bytes_per_sec,
+                delayed_ios: 0,
+            };
+            wire::reply_with(req, |buf| report.encode(buf));
         }
         Op::LockInfo => {
             let state = LockState::from(mapper.lock_info(&name_of(req)?).await?);

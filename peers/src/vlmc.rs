@@ -24,6 +24,9 @@
 //! handover) is never cached here: another node may move its blocks at any moment, so every
 //! I/O asks the mapper, which reads the map afresh unless this node holds the lock.
 //!
+//! QoS: each volume's reads and writes pass a rate limiter (`throttle.rs`) before anything
+//! else, with the limits the mapper stores for the volume, read again every few seconds.
+//!
 //! FLUSH waits for the writes of that volume issued before it, then flushes the blocker.
 
 use std::collections::{BTreeSet, HashMap};
@@ -36,7 +39,8 @@ use tokio::sync::{Notify, RwLock, oneshot};
 use xseg::protocol::{MapReply, extent, flags};
 use xseg::{AsyncClient, Op, Peer, Request, Sender, Status};
 
-use crate::wire::{self, DiscardReply, ErrorReply, VolumeInfo};
+use crate::throttle::Throttle;
+use crate::wire::{self, DiscardReply, ErrorReply, QosReport, VolumeInfo};
 
 /// Where vlmc sends what it does not serve itself.
 #[derive(Clone, Debug)]
@@ -100,6 +104,7 @@ struct Vol {
     writes_done: Notify,
     /// Opened shared: no mapping is cached (see the module documentation).
     shared: AtomicBool,
+    throttle: Mutex<Throttle>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -332,6 +337,7 @@ impl Inner {
             | Op::Dedup
             | Op::Release => self.barrier(&name, req).await,
             Op::Open if req.flags() & flags::SHARED != 0 => self.open_shared(&name, req).await,
+            Op::Qos => self.qos(&name, req).await,
             Op::Create
             | Op::Info
             | Op::List
@@ -406,6 +412,52 @@ impl Inner {
         }
         vol.clear();
         r
+    }
+
+    /// How long an I/O of `bytes` must wait under the volume's QoS limits, reading the limits
+    /// from the mapper when they are stale. A failure to read them keeps the old ones (the
+    /// I/O itself will report a missing volume).
+    async fn throttle(&self, name: &str, vol: &Vol, bytes: u64) -> Duration {
+        let refresh = lock(&vol.throttle).claim_refresh(std::time::Instant::now());
+        if refresh {
+            let got = self
+                .call_again(self.config.mapper_port, || {
+                    Ok(self.client.alloc(Op::Qos, name.as_bytes(), CONTROL_BUF)?)
+                })
+                .await
+                .and_then(|rep| Ok(QosReport::decode(rep.data()?)?));
+            match got {
+                Ok(r) => lock(&vol.throttle).set_limits(r.limits(), std::time::Instant::now()),
+                Err(f) => tracing::debug!(volume = %name, error = %f.message, "reading QoS limits"),
+            }
+        }
+        lock(&vol.throttle).admit(std::time::Instant::now(), bytes)
+    }
+
+    /// QOS: answered by the mapper; a change applies here at once (other nodes pick it up
+    /// within `throttle::REFRESH`), and the reply carries this vlmc's count of delayed I/Os.
+    async fn qos(&self, name: &str, req: Request) -> Outcome {
+        let vol = self.vol(name);
+        let port = self.config.mapper_port;
+        let mut rep = match self.forward(req, port).await? {
+            Some(rep) => rep,
+            None => return Ok(None),
+        };
+        if rep.status() == Status::Ok
+            && let Ok(r) = rep.data().and_then(QosReport::decode)
+        {
+            let delayed = {
+                let mut t = lock(&vol.throttle);
+                t.set_limits(r.limits(), std::time::Instant::now());
+                t.delayed()
+            };
+            let r = QosReport {
+                delayed_ios: delayed,
+                ..r
+            };
+            wire::reply_with(&mut rep, |buf| r.encode(buf));
+        }
+        Ok(Some(rep))
     }
 
     /// OPEN shared: from now on nothing of this volume is cached here. Under the drain
@@ -662,6 +714,11 @@ impl Inner {
     async fn io(self: &Arc<Self>, name: &str, mut req: Request) -> Outcome {
         let write = req.op() == Op::Write;
         let vol = self.vol(name);
+        // Before the gate: a throttled I/O must not hold up a snapshot's barrier.
+        let wait = self.throttle(name, &vol, req.size()).await;
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
         let _shared = vol.gate.read().await;
         let _ticket = write.then(|| vol.begin_write());
         let (pieces, maps) = match self.plan(name, &vol, &mut req, write).await {

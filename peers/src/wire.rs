@@ -28,6 +28,7 @@
 //! | IMPORT | volume | `offset` (block-aligned), data = whole blocks | [`ImportReport`] |
 //! | DEDUP | snapshot | - | [`DedupReport`] |
 //! | GC | empty | [`GcRequest`] | [`GcReport`] |
+//! | QOS | volume | none (read) or [`QosReport`] (set: its limits) | [`QosReport`] |
 //! | LOCK_INFO | volume | - | [`LockState`] |
 //! | VERIFY | volume | - | [`VerifyReport`] |
 //!
@@ -407,6 +408,43 @@ impl From<crate::blocker::LockInfo> for LockState {
         LockState {
             holder: l.holder.map(|h| h.as_str().to_string()),
             generation: l.generation,
+        }
+    }
+}
+
+/// A volume's I/O limits (0 = unlimited), and how many I/Os the vlmc that answered has held
+/// back to honour them (the mapper answers 0; vlmc fills in its own count on the way back).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QosReport {
+    pub iops: u64,
+    pub bytes_per_sec: u64,
+    pub delayed_ios: u64,
+}
+
+impl QosReport {
+    pub const ENCODED: usize = 24;
+
+    pub fn encode(&self, buf: &mut [u8]) -> Result<usize, Status> {
+        let mut w = Writer::new(buf);
+        w.u64(self.iops)?;
+        w.u64(self.bytes_per_sec)?;
+        w.u64(self.delayed_ios)?;
+        Ok(w.written())
+    }
+
+    pub fn decode(buf: &[u8]) -> Result<QosReport, Status> {
+        let mut r = Reader::new(buf);
+        Ok(QosReport {
+            iops: r.u64()?,
+            bytes_per_sec: r.u64()?,
+            delayed_ios: r.u64()?,
+        })
+    }
+
+    pub fn limits(&self) -> crate::mapper::QosLimits {
+        crate::mapper::QosLimits {
+            iops: self.iops,
+            bytes_per_sec: self.bytes_per_sec,
         }
     }
 }

@@ -49,6 +49,8 @@ pub enum Op {
     LockInfo,
     /// Read a map back from storage and check it completely.
     Verify,
+    /// Read (no payload) or set (with one) a volume's I/O limits.
+    Qos,
     Unknown(u32),
 }
 
@@ -81,6 +83,7 @@ impl Op {
             Op::Gc => 23,
             Op::LockInfo => 24,
             Op::Verify => 25,
+            Op::Qos => 26,
             Op::Unknown(c) => c,
         }
     }
@@ -113,6 +116,7 @@ impl Op {
             23 => Op::Gc,
             24 => Op::LockInfo,
             25 => Op::Verify,
+            26 => Op::Qos,
             c => Op::Unknown(c),
         }
     }

@@ -52,6 +52,7 @@ pub const PAGE_PREFIX: &str = "pg.";
 pub const OWNED_PREFIX: &str = "ob.";
 pub const CONTENT_PREFIX: &str = "ct.";
 pub const LOCK_PREFIX: &str = "lk.";
+pub const QOS_PREFIX: &str = "qs.";
 
 /// Why a map object could not be decoded.
 #[derive(Debug, thiserror::Error)]
@@ -146,6 +147,12 @@ pub fn lock_object(name: &VolumeName) -> ObjectName {
     valid(format!("{LOCK_PREFIX}{name}"))
 }
 
+/// A volume's I/O limits. Keyed by uuid, so a volume created again under a deleted one's name
+/// does not inherit them, and GC reclaims them with the map.
+pub fn qos_object(uuid: Uuid) -> ObjectName {
+    valid(format!("{QOS_PREFIX}{}", uuid.simple()))
+}
+
 pub fn page_object(uuid: Uuid, page: u32) -> ObjectName {
     valid(format!("{PAGE_PREFIX}{}.{page:08x}", uuid.simple()))
 }
@@ -175,6 +182,7 @@ pub enum ObjectKind {
         block: u64,
     },
     Content([u8; 32]),
+    Qos(Uuid),
     /// Locks and anything the mapper did not name.
     Other,
 }
@@ -212,6 +220,8 @@ pub fn parse_object(name: &ObjectName) -> ObjectKind {
         }
     } else if let Some(rest) = s.strip_prefix(CONTENT_PREFIX) {
         from_hex32(rest).map(ObjectKind::Content)
+    } else if let Some(rest) = s.strip_prefix(QOS_PREFIX) {
+        parse_uuid(rest).map(ObjectKind::Qos)
     } else {
         None
     };

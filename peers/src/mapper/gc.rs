@@ -25,8 +25,8 @@ use super::volume::VolumeMap;
 use super::{Mapper, MapperError, ResultExt};
 use crate::blocker::ObjectInfo;
 use crate::map::{
-    CONTENT_PREFIX, HEADER_PREFIX, OWNED_PREFIX, ObjectKind, PAGE_PREFIX, VolumeName, page_object,
-    parse_object,
+    CONTENT_PREFIX, HEADER_PREFIX, OWNED_PREFIX, ObjectKind, PAGE_PREFIX, QOS_PREFIX, VolumeName,
+    page_object, parse_object,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,8 +82,10 @@ impl Mapper {
                 candidates.push((info, false));
             }
         }
-        for info in self.maps.list(PAGE_PREFIX).await.ctx(&here)? {
-            candidates.push((info, true));
+        for prefix in [PAGE_PREFIX, QOS_PREFIX] {
+            for info in self.maps.list(prefix).await.ctx(&here)? {
+                candidates.push((info, true));
+            }
         }
 
         let mut report = GcReport::default();
@@ -127,6 +129,7 @@ impl Mapper {
                             .is_some_and(|current| epoch >= current)
                 }
                 ObjectKind::Content(_) => referenced.contains(&info.name),
+                ObjectKind::Qos(uuid) => live_maps.contains_key(&uuid),
                 // Not a name the mapper makes: not ours to judge.
                 _ => true,
             };

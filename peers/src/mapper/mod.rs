@@ -23,12 +23,14 @@ mod dedup;
 mod gc;
 mod io;
 mod lifecycle;
+mod qos;
 mod volume;
 
 pub use dedup::{DedupReport, ImportReport};
 pub use gc::{GcOptions, GcReport};
 pub use io::{DiscardOutcome, Extent, Target};
 pub use lifecycle::CreateOptions;
+pub use qos::QosLimits;
 pub use volume::BlockState;
 
 use std::collections::{HashMap, HashSet};
