@@ -195,6 +195,9 @@ pub(crate) fn client_error(what: &str, e: ClientError) -> CsiError {
         | ClientError::Transport(_)) => {
             CsiError::Unavailable(format!("{what}: the peer set did not answer: {e}"))
         }
+        ClientError::NoSpace(m) => {
+            CsiError::ResourceExhausted(format!("{what}: the backend is out of space: {m}"))
+        }
         ClientError::Io(m) if crate::status::says_out_of_space(&m) => {
             CsiError::ResourceExhausted(format!("{what}: the backend is out of space: {m}"))
         }
@@ -1475,6 +1478,10 @@ mod tests {
             })
         };
         for code in [libc::ENOSPC, libc::EDQUOT] {
+            assert!(
+                matches!(io(code), ClientError::NoSpace(_)),
+                "typed, not text"
+            );
             let e = client_error("snapshotting v1", io(code));
             assert!(matches!(e, CsiError::ResourceExhausted(_)), "{e:?}");
             assert_eq!(Status::from(e).code(), tonic::Code::ResourceExhausted);

@@ -55,6 +55,11 @@ pub fn status_of(e: &BlockerError) -> Status {
         BlockerError::InvalidRange { .. } => Status::Range,
         BlockerError::Locked { .. } | BlockerError::VersionMismatch { .. } => Status::Busy,
         BlockerError::Fenced { .. } => Status::Stale,
+        BlockerError::Io { source, .. }
+            if matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) =>
+        {
+            Status::NoSpace
+        }
         BlockerError::Corrupt { .. } | BlockerError::Io { .. } => Status::Io,
     }
 }

@@ -52,6 +52,9 @@ pub enum ClientError {
     Locked { holder: String, message: String },
     #[error("{0}")]
     OutOfRange(String),
+    /// The backend is out of space (or quota), or a volume ran out of room in its metadata.
+    #[error("out of space: {0}")]
+    NoSpace(String),
     /// A write to a snapshot.
     #[error("{0}")]
     ReadOnly(String),
@@ -97,6 +100,7 @@ impl ClientError {
                 message,
             },
             Status::Range => ClientError::OutOfRange(message),
+            Status::NoSpace => ClientError::NoSpace(message),
             Status::Stale => ClientError::Fenced(message),
             Status::PeerGone => ClientError::PeerGone(message),
             Status::TimedOut => ClientError::Timeout(Duration::ZERO),

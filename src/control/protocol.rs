@@ -142,6 +142,8 @@ pub enum ErrorKind {
     PeerGone,
     Timeout,
     Io,
+    /// The backend is out of space.
+    NoSpace,
     /// A malformed or out-of-order message.
     Protocol,
     /// The client speaks another protocol version.

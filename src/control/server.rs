@@ -60,6 +60,7 @@ impl From<ClientError> for Failure {
             ClientError::Fenced(_) => ErrorKind::Fenced,
             ClientError::PeerGone(_) => ErrorKind::PeerGone,
             ClientError::Timeout(_) => ErrorKind::Timeout,
+            ClientError::NoSpace(_) => ErrorKind::NoSpace,
             ClientError::Io(_) | ClientError::Transport(_) => ErrorKind::Io,
         };
         let holder = match &e {
