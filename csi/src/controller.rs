@@ -599,6 +599,10 @@ impl Core {
                         req.name
                     )));
                 }
+                // The first attempt may have died before applying them.
+                if !old.mutable_parameters.is_empty() {
+                    self.apply_mutable(&id, &old.mutable_parameters).await?;
+                }
                 return Ok(CreateVolumeResponse {
                     volume: Some(self.csi_volume(&id, &info, old)),
                 });
@@ -662,6 +666,9 @@ impl Core {
                 return Err(e);
             }
         };
+        if !record.mutable_parameters.is_empty() {
+            self.apply_mutable(&id, &record.mutable_parameters).await?;
+        }
         tracing::info!(volume = %id, name = %req.name, size, source = ?source, "volume created");
         Ok(CreateVolumeResponse {
             volume: Some(self.csi_volume(&id, &info, &record)),
@@ -1228,6 +1235,18 @@ impl Core {
         })
     }
 
+    /// Puts a volume's mutable parameters into effect: its QoS limits, which the mapper
+    /// stores and every node's vlmc enforces (no lock needed, so a volume in use on a node
+    /// changes online).
+    async fn apply_mutable(&self, id: &str, params: &BTreeMap<String, String>) -> CsiResult<()> {
+        let limits = params::qos_limits(params);
+        self.client
+            .set_qos(id, limits)
+            .await
+            .map(drop)
+            .map_err(|e| client_error(&format!("setting the QoS limits of volume {id}"), e))
+    }
+
     async fn modify(
         &self,
         req: ControllerModifyVolumeRequest,
@@ -1245,6 +1264,8 @@ impl Core {
         let (mut rec, version) = self.volume_record(id).await?;
         let before = rec.mutable_parameters.clone();
         rec.mutable_parameters.extend(changes.0);
+        // Applied first, and every time: a retry after a failure between the two converges.
+        self.apply_mutable(id, &rec.mutable_parameters).await?;
         if rec.mutable_parameters != before || version.is_none() {
             self.meta.put(RecordKind::Volume, id, &rec, version).await?;
             tracing::info!(volume = %id, parameters = ?rec.mutable_parameters, "modified");

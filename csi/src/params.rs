@@ -179,6 +179,16 @@ impl MutableParams {
     }
 }
 
+/// The QoS limits a volume's mutable parameters ask for (a missing key is unlimited). The
+/// values were checked by [`MutableParams::parse`] when they were accepted.
+pub fn qos_limits(params: &BTreeMap<String, String>) -> peers::client::QosLimits {
+    let get = |k: &str| params.get(k).and_then(|v| v.parse().ok()).unwrap_or(0);
+    peers::client::QosLimits {
+        iops: get(QOS_IOPS),
+        bytes_per_sec: get(QOS_BANDWIDTH),
+    }
+}
+
 /// Checks VolumeSnapshotClass / VolumeGroupSnapshotClass parameters: there
 /// are none of ours yet, so anything but the CO's keys is refused.
 pub fn check_snapshot_params(

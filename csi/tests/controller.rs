@@ -1022,6 +1022,12 @@ async fn get_volume_and_modify_volume() {
         .unwrap()
         .into_inner();
     assert_eq!(got.volume.unwrap(), v);
+    // The limits are in force in the backend, not just recorded.
+    let limits = || async { p.volumes.qos(&v.volume_id).await.unwrap().limits() };
+    assert_eq!(
+        (limits().await.iops, limits().await.bytes_per_sec),
+        (1000, 0)
+    );
     let cond = got.status.unwrap().volume_condition.unwrap();
     assert!(!cond.abnormal, "{cond:?}");
     assert_eq!(
@@ -1056,6 +1062,10 @@ async fn get_volume_and_modify_volume() {
         (m["qosIops"].as_str(), m["qosBandwidth"].as_str()),
         ("1000", "1048576")
     );
+    assert_eq!(
+        (limits().await.iops, limits().await.bytes_per_sec),
+        (1000, 1 << 20)
+    );
     // One bad key fails the whole call, and the good key is not applied.
     assert_eq!(
         code(
@@ -1072,6 +1082,7 @@ async fn get_volume_and_modify_volume() {
         Code::InvalidArgument
     );
     assert_eq!(stored().await, m);
+    assert_eq!(limits().await.iops, 1000, "a refused call applied nothing");
     // Idempotent.
     for _ in 0..2 {
         c.controller_modify_volume(modify(&[("qosIops", "5")]))
@@ -1079,6 +1090,7 @@ async fn get_volume_and_modify_volume() {
             .unwrap();
     }
     assert_eq!(stored().await["qosIops"], "5");
+    assert_eq!(limits().await.iops, 5);
     let mut missing = modify(&[("qosIops", "5")]);
     missing.volume_id = "v-missing".into();
     assert_eq!(
