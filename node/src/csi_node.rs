@@ -5,12 +5,20 @@
 //!   looks for a filesystem with `blkid`: none and an all-zero head → `mkfs.ext4`/`mkfs.xfs`
 //!   (ext4 when `fs_type` is empty); the requested filesystem → mounted as is; anything else
 //!   (another filesystem, a partition table, unrecognised data) → FAILED_PRECONDITION, never a
-//!   format. It is mounted at the staging path with the requested flags. Block mode records the
-//!   device path in `<staging>/archip-device` and mounts nothing.
+//!   format. It is mounted at the staging path with the requested flags (xfs also with
+//!   `nouuid`, so that a clone can be mounted next to its origin). A `volume_mount_group` (a
+//!   numeric gid; anything else is INVALID_ARGUMENT) becomes the group of the filesystem root,
+//!   which is made group-writable and setgid so new entries inherit the group. Block mode
+//!   records the device path in `<staging>/archip-device` and mounts nothing.
 //! - **Publish** bind-mounts the staging mount onto the target directory (mount mode), or the
 //!   device node onto the target file (block mode), then remounts it read-only when asked. A
 //!   read-only block publication binds a read-only loop device over the ublk device instead,
-//!   because a read-only mount does not stop writes through a device node.
+//!   because a read-only mount does not stop writes through a device node. The spec's
+//!   publication table: the same target with the same capability is OK, with another
+//!   capability ALREADY_EXISTS; a second target on this node is OK only when both publications
+//!   allow it (the MULTI_NODE modes and SINGLE_NODE_MULTI_WRITER), else FAILED_PRECONDITION.
+//!   Each publication's capability is recorded beside the device table
+//!   (`<table>.published/<volume>.json`), because a mount does not show it.
 //! - **Unpublish / Unstage** undo that; both are idempotent (a missing target or an unmapped
 //!   volume is success). Unstage refuses to unmap a device that is still published.
 //! - **Stats**: statvfs bytes and inodes for a mount, the device size for a block target, and
@@ -18,6 +26,11 @@
 //!   the path is not (any longer) the volume's mount or device.
 //! - **Expand** grows the device (`ublk::resize`, which needs Linux 6.16+'s UPDATE_SIZE; older
 //!   kernels get FAILED_PRECONDITION) and then the filesystem (`resize2fs`, `xfs_growfs`).
+//!
+//! VOLUME_MOUNT_GROUP is not advertised: ext4 and xfs take no group mount option, so the
+//! spec's "pass it to the mount system call" cannot be met, and a CO that saw the capability
+//! would stop applying fsGroup to existing files itself. A group sent anyway is honoured as
+//! above.
 //!
 //! The work blocks (mkfs, mount, the device server start-up), so every RPC runs it on tokio's
 //! blocking pool; one operation per volume id at a time, a second gets ABORTED.
@@ -35,6 +48,7 @@ use std::sync::Arc;
 use csi::inflight::InFlight;
 use csi::pb::node_server::{Node, NodeServer};
 use csi::pb::node_service_capability::{self, rpc};
+use csi::pb::volume_capability::access_mode::Mode;
 use csi::pb::volume_usage::Unit;
 use csi::pb::{
     NodeExpandVolumeRequest, NodeExpandVolumeResponse, NodeGetCapabilitiesRequest,
@@ -46,6 +60,7 @@ use csi::pb::{
 };
 use csi::status::{self, Access, AccessKind, CsiError, CsiResult};
 use peers::client::{ClientError, VolumeClient};
+use serde::{Deserialize, Serialize};
 use tonic::service::Routes;
 use tonic::{Request, Response, Status};
 use xseg::Segment;
@@ -253,11 +268,19 @@ fn mounts() -> CsiResult<Vec<MountInfo>> {
 
 /// The topmost mount at `path`, if any.
 fn mount_at(path: &Path) -> CsiResult<Option<MountInfo>> {
-    let canon = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
-    Ok(mounts()?
-        .into_iter()
+    Ok(top_mount(&mounts()?, path).cloned())
+}
+
+/// The topmost mount at `path` in `all`.
+fn top_mount<'a>(all: &'a [MountInfo], path: &Path) -> Option<&'a MountInfo> {
+    let canon = canonical(path);
+    all.iter()
         .rev()
-        .find(|m| m.mount_point == canon || m.mount_point == path))
+        .find(|m| m.mount_point == canon || m.mount_point == path)
+}
+
+fn canonical(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned())
 }
 
 /// Whether mount `m` shows device `rec` (a filesystem on it, or its node bound onto a file).
@@ -455,6 +478,12 @@ fn mkfs(fs: &str, dev: &Path) -> CsiResult<()> {
 fn mount_fs(dev: &Path, target: &Path, fs: &str, flags: &[String]) -> CsiResult<()> {
     let d = dev.to_string_lossy();
     let t = target.to_string_lossy();
+    let mut flags = flags.to_vec();
+    // A clone (or a snapshot's copy) of an xfs volume carries its origin's UUID, and xfs
+    // refuses a second mount of one UUID: without nouuid the two could not be staged together.
+    if fs == "xfs" && !flags.iter().any(|f| f == "nouuid") {
+        flags.push("nouuid".into());
+    }
     let opts = flags.join(",");
     let mut args = vec!["-t", fs];
     if !opts.is_empty() {
@@ -472,6 +501,165 @@ fn grow_fs(fs: &str, dev: &Path, mount_point: &Path) -> CsiResult<()> {
             "cannot grow a {other} filesystem"
         ))),
     }
+}
+
+/// The `volume_mount_group` of a mount capability as a gid: `None` when empty or block.
+pub fn mount_group(access: &Access) -> CsiResult<Option<u32>> {
+    let AccessKind::Mount {
+        volume_mount_group: g,
+        ..
+    } = &access.kind
+    else {
+        return Ok(None);
+    };
+    if g.is_empty() {
+        return Ok(None);
+    }
+    match g.parse::<u32>() {
+        // (gid_t)-1 means "leave the group alone" to chown, so it cannot name a group.
+        Ok(gid) if gid != u32::MAX && g.bytes().all(|b| b.is_ascii_digit()) => Ok(Some(gid)),
+        _ => Err(CsiError::InvalidArgument(format!(
+            "volume_capability.mount.volume_mount_group {g:?} is not a numeric group id"
+        ))),
+    }
+}
+
+/// Gives the filesystem root at `root` to group `gid`, group-writable and setgid (so that
+/// new entries inherit the group). Does nothing when it is so already.
+fn apply_mount_group(root: &Path, gid: u32) -> CsiResult<()> {
+    let meta = std::fs::metadata(root).map_err(io_err(root.display()))?;
+    const BITS: u32 = libc::S_ISGID | libc::S_IRWXG;
+    if meta.gid() != gid {
+        std::os::unix::fs::chown(root, None, Some(gid))
+            .map_err(io_err(format!("chgrp {gid} {}", root.display())))?;
+    }
+    // chown clears setgid on some filesystems, so the mode is looked at afresh.
+    let mode = std::fs::metadata(root)
+        .map_err(io_err(root.display()))?
+        .mode();
+    if mode & BITS != BITS {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            root,
+            std::fs::Permissions::from_mode((mode | BITS) & 0o7777),
+        )
+        .map_err(io_err(format!("chmod g+rwxs {}", root.display())))?;
+    }
+    Ok(())
+}
+
+// ---- publications ---------------------------------------------------------------------------
+
+/// One publication of a volume on this node, as publish recorded it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Publication {
+    target: PathBuf,
+    /// `AccessMode.Mode` as its number.
+    mode: i32,
+    block: bool,
+    read_only: bool,
+    /// FNV-1a of fs_type, mount flags and mount group: enough to tell two capabilities apart
+    /// without writing the flags (which may hold secrets) to disk.
+    mount: u64,
+}
+
+fn fnv1a(parts: &[&str]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        for b in p.bytes().chain([0xff]) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
+
+/// Whether a publication in `mode` may share this node with others (the spec's table:
+/// MULTI_NODE modes; SINGLE_NODE_MULTI_WRITER by its definition).
+fn allows_many(mode: Mode) -> bool {
+    matches!(
+        mode,
+        Mode::MultiNodeReaderOnly
+            | Mode::MultiNodeSingleWriter
+            | Mode::MultiNodeMultiWriter
+            | Mode::SingleNodeMultiWriter
+    )
+}
+
+impl Publication {
+    fn new(target: &Path, access: &Access, read_only: bool) -> Publication {
+        let mount = match &access.kind {
+            AccessKind::Block => 0,
+            AccessKind::Mount {
+                fs_type,
+                mount_flags,
+                volume_mount_group,
+            } => {
+                let fs = if fs_type.is_empty() {
+                    DEFAULT_FS_TYPE
+                } else {
+                    fs_type
+                };
+                let mut parts = vec![fs, volume_mount_group.as_str()];
+                parts.extend(mount_flags.iter().map(String::as_str));
+                fnv1a(&parts)
+            }
+        };
+        Publication {
+            target: canonical(target),
+            mode: access.mode as i32,
+            block: access.is_block(),
+            read_only,
+            mount,
+        }
+    }
+
+    fn mode(&self) -> Mode {
+        Mode::try_from(self.mode).unwrap_or(Mode::Unknown)
+    }
+}
+
+/// Where the publications of `volume` are recorded.
+fn publications_file(table: &DeviceTable, volume: &str) -> CsiResult<PathBuf> {
+    if let Some(why) = peers::map::volume_name_problem(volume) {
+        return Err(CsiError::InvalidArgument(format!(
+            "volume name {volume:?}: {why}"
+        )));
+    }
+    let path = table.path();
+    let mut dir = path
+        .file_name()
+        .map_or_else(|| "devices".into(), |n| n.to_os_string());
+    dir.push(".published");
+    Ok(path.with_file_name(dir).join(format!("{volume}.json")))
+}
+
+fn load_publications(file: &Path) -> CsiResult<Vec<Publication>> {
+    match std::fs::read(file) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map_err(|e| CsiError::Internal(format!("{} is corrupt: {e}", file.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(io_err(file.display())(e)),
+    }
+}
+
+/// Writes the records atomically (a temporary file renamed over), or removes the file when
+/// there are none.
+fn save_publications(file: &Path, pubs: &[Publication]) -> CsiResult<()> {
+    if pubs.is_empty() {
+        return match std::fs::remove_file(file) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err(file.display())(e)),
+            _ => Ok(()),
+        };
+    }
+    if let Some(dir) = file.parent() {
+        std::fs::create_dir_all(dir).map_err(io_err(dir.display()))?;
+    }
+    let tmp = file.with_extension("json.tmp");
+    let bytes = serde_json::to_vec(pubs)
+        .map_err(|e| CsiError::Internal(format!("encoding publications: {e}")))?;
+    std::fs::write(&tmp, bytes).map_err(io_err(tmp.display()))?;
+    std::fs::rename(&tmp, file).map_err(io_err(file.display()))
 }
 
 // ---- devices ------------------------------------------------------------------------------
@@ -559,6 +747,7 @@ fn condition(rec: Option<&DeviceRecord>) -> VolumeCondition {
 // ---- the RPCs -----------------------------------------------------------------------------
 
 fn stage(o: &NodeOptions, name: &str, staging: &Path, access: &Access) -> CsiResult<()> {
+    let group = mount_group(access)?;
     let rec = ensure_mapped(o, name)?;
     let dev = rec.block_device();
     std::fs::create_dir_all(staging).map_err(io_err(staging.display()))?;
@@ -597,6 +786,23 @@ fn stage(o: &NodeOptions, name: &str, staging: &Path, access: &Access) -> CsiRes
                         staging.display(),
                         m.fstype
                     )));
+                }
+                let want_ro = access.is_read_only() || mount_flags.iter().any(|f| f == "ro");
+                if m.read_only() != want_ro {
+                    return Err(CsiError::AlreadyExists(format!(
+                        "{} is staged {}",
+                        staging.display(),
+                        if m.read_only() {
+                            "read-only"
+                        } else {
+                            "read-write"
+                        }
+                    )));
+                }
+                if let Some(gid) = group
+                    && !m.read_only()
+                {
+                    apply_mount_group(staging, gid)?;
                 }
                 return Ok(());
             }
@@ -643,7 +849,15 @@ fn stage(o: &NodeOptions, name: &str, staging: &Path, access: &Access) -> CsiRes
             if access.is_read_only() && !flags.iter().any(|f| f == "ro") {
                 flags.push("ro".into());
             }
-            mount_fs(&dev, staging, &fs, &flags)
+            mount_fs(&dev, staging, &fs, &flags)?;
+            if let Some(gid) = group
+                && !access.is_read_only()
+            {
+                apply_mount_group(staging, gid).inspect_err(|_| {
+                    let _ = umount(staging);
+                })?;
+            }
+            Ok(())
         }
     }
 }
@@ -678,6 +892,7 @@ fn publish(
     access: &Access,
     read_only: bool,
 ) -> CsiResult<()> {
+    let group = mount_group(access)?;
     let not_staged = || {
         CsiError::FailedPrecondition(format!(
             "volume {name} is not staged at {}",
@@ -686,7 +901,17 @@ fn publish(
     };
     let rec = record(&o.table, name)?.ok_or_else(not_staged)?;
     let dev = rec.block_device();
-    let check_existing = |m: &MountInfo| {
+    let file = publications_file(&o.table, name)?;
+    let want = Publication::new(target, access, read_only);
+    let all = mounts()?;
+    // Records count only while their target still shows the volume.
+    let mut recorded: Vec<Publication> = load_publications(&file)?
+        .into_iter()
+        .filter(|p| top_mount(&all, &p.target).is_some_and(|m| mount_uses(m, &rec)))
+        .collect();
+
+    if let Some(m) = top_mount(&all, target) {
+        // Already published here: the same capability is success, another ALREADY_EXISTS.
         if !mount_uses(m, &rec) {
             return Err(CsiError::AlreadyExists(format!(
                 "{} has something else mounted",
@@ -705,19 +930,71 @@ fn publish(
                 if read_only { "read-only" } else { "read-write" }
             )));
         }
-        Ok(())
-    };
+        match recorded.iter().find(|p| p.target == want.target) {
+            Some(p) if *p != want => {
+                return Err(CsiError::AlreadyExists(format!(
+                    "{} is published with another capability ({:?}{}, now {:?}{})",
+                    target.display(),
+                    p.mode(),
+                    if p.block { ", block" } else { ", mount" },
+                    access.mode,
+                    if want.block { ", block" } else { ", mount" },
+                )));
+            }
+            Some(_) => return Ok(()),
+            None => {
+                // Published, but the record was lost (a crash between the two): write it.
+                recorded.push(want);
+                return save_publications(&file, &recorded);
+            }
+        }
+    }
+
+    // Elsewhere on this node: the spec's table allows a second target only when every
+    // publication's mode allows several.
+    let staging_c = canonical(staging);
+    let mut others: Vec<&Path> = all
+        .iter()
+        .filter(|m| m.mount_point != staging_c && m.mount_point != want.target)
+        .filter(|m| mount_uses(m, &rec))
+        .map(|m| m.mount_point.as_path())
+        .collect();
+    others.dedup();
+    if let Some(other) = others.first() {
+        if !allows_many(access.mode) {
+            return Err(CsiError::FailedPrecondition(format!(
+                "volume {name} is already published at {} and access mode {:?} allows one \
+                 publication",
+                other.display(),
+                access.mode
+            )));
+        }
+        if let Some(p) = recorded
+            .iter()
+            .find(|p| !allows_many(p.mode()) && others.contains(&p.target.as_path()))
+        {
+            return Err(CsiError::FailedPrecondition(format!(
+                "volume {name} is published at {} with access mode {:?}, which allows no \
+                 other publication",
+                p.target.display(),
+                p.mode()
+            )));
+        }
+    }
+
     match access.kind {
         AccessKind::Mount { .. } => {
-            let staged = mount_at(staging)?.ok_or_else(not_staged)?;
+            let staged = top_mount(&all, staging).ok_or_else(not_staged)?;
             if staged.source != dev.to_string_lossy() {
                 return Err(not_staged());
             }
-            std::fs::create_dir_all(target).map_err(io_err(target.display()))?;
-            if let Some(m) = mount_at(target)? {
-                return check_existing(&m);
+            if let Some(gid) = group
+                && !staged.read_only()
+            {
+                apply_mount_group(staging, gid)?;
             }
-            bind(staging, target, read_only)
+            std::fs::create_dir_all(target).map_err(io_err(target.display()))?;
+            bind(staging, target, read_only)?;
         }
         AccessKind::Block => {
             let file = staging.join(BLOCK_DEVICE_FILE);
@@ -739,40 +1016,56 @@ fn publish(
                 .append(true)
                 .open(target)
                 .map_err(io_err(target.display()))?;
-            if let Some(m) = mount_at(target)? {
-                return check_existing(&m);
-            }
             if !read_only {
-                return bind(&dev, target, false);
+                bind(&dev, target, false)?;
+            } else {
+                // A read-only mount does not stop writes through a device node on it, so a
+                // read-only publication binds a read-only loop device over the volume's
+                // device.
+                let out = run("losetup", &["-r", "-f", "--show", &dev.to_string_lossy()])?;
+                let lo = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+                if !out.status.success() || lo.is_empty() {
+                    return Err(CsiError::Internal(format!(
+                        "losetup -r {}: {}",
+                        dev.display(),
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    )));
+                }
+                bind(Path::new(&lo), target, true).inspect_err(|_| {
+                    let _ = run("losetup", &["-d", &lo]);
+                })?;
             }
-            // A read-only mount does not stop writes through a device node on it, so a
-            // read-only publication binds a read-only loop device over the volume's device.
-            let out = run("losetup", &["-r", "-f", "--show", &dev.to_string_lossy()])?;
-            let lo = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-            if !out.status.success() || lo.is_empty() {
-                return Err(CsiError::Internal(format!(
-                    "losetup -r {}: {}",
-                    dev.display(),
-                    String::from_utf8_lossy(&out.stderr).trim()
-                )));
-            }
-            bind(Path::new(&lo), target, true).inspect_err(|_| {
-                let _ = run("losetup", &["-d", &lo]);
-            })
         }
     }
+    // The target exists now, so its canonical form is the one mountinfo shows.
+    let want = Publication {
+        target: canonical(target),
+        ..want
+    };
+    recorded.retain(|p| p.target != want.target);
+    recorded.push(want);
+    save_publications(&file, &recorded)
 }
 
-fn unpublish(target: &Path) -> CsiResult<()> {
+fn unpublish(o: &NodeOptions, name: &str, target: &Path) -> CsiResult<()> {
     let meta = match std::fs::symlink_metadata(target) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(io_err(target.display())(e)),
     };
+    let canon = canonical(target);
     let lo = mount_at(target)?.as_ref().and_then(bound_loop);
     umount_all(target)?;
     if let Some(lo) = lo {
         let _ = run("losetup", &["-d", &format!("/dev/{lo}")]);
+    }
+    if let Ok(file) = publications_file(&o.table, name) {
+        let mut pubs = load_publications(&file)?;
+        let before = pubs.len();
+        pubs.retain(|p| p.target != canon);
+        if pubs.len() != before {
+            save_publications(&file, &pubs)?;
+        }
     }
     let removed = if meta.is_dir() {
         std::fs::remove_dir(target)
@@ -923,6 +1216,7 @@ impl Node for NodeService {
         let name = volume_name(&r.volume_id)?;
         status::check_path("staging_target_path", &r.staging_target_path)?;
         let access = check_access("volume_capability", r.volume_capability.as_ref())?;
+        mount_group(&access)?;
         status::check_secrets("secrets", &r.secrets)?;
         status::check_map("volume_context", &r.volume_context)?;
         let _guard = self.inflight.begin(&[&r.volume_id])?;
@@ -954,6 +1248,7 @@ impl Node for NodeService {
         let name = volume_name(&r.volume_id)?;
         status::check_path("target_path", &r.target_path)?;
         let access = check_access("volume_capability", r.volume_capability.as_ref())?;
+        mount_group(&access)?;
         if r.staging_target_path.is_empty() {
             return Err(CsiError::FailedPrecondition(
                 "staging_target_path is required: this plugin stages volumes (STAGE_UNSTAGE_VOLUME)"
@@ -976,11 +1271,11 @@ impl Node for NodeService {
         request: Request<NodeUnpublishVolumeRequest>,
     ) -> Result<Response<NodeUnpublishVolumeResponse>, Status> {
         let r = request.into_inner();
-        volume_name(&r.volume_id)?;
+        let name = volume_name(&r.volume_id)?;
         status::check_path("target_path", &r.target_path)?;
         let _guard = self.inflight.begin(&[&r.volume_id])?;
         let target = PathBuf::from(&r.target_path);
-        self.blocking(move |_| unpublish(&target)).await?;
+        self.blocking(move |o| unpublish(o, &name, &target)).await?;
         Ok(Response::new(NodeUnpublishVolumeResponse {}))
     }
 
@@ -1091,9 +1386,83 @@ mod tests {
             logical_block_size: 512,
             user_copy: false,
             size: 0,
+            shared: false,
         };
         assert!(mount_uses(&m[1], &rec));
         assert!(!mount_uses(&m[0], &rec));
+    }
+
+    fn mount_access(group: &str, mode: Mode) -> Access {
+        Access {
+            kind: AccessKind::Mount {
+                fs_type: "ext4".into(),
+                mount_flags: vec!["noatime".into()],
+                volume_mount_group: group.into(),
+            },
+            mode,
+        }
+    }
+
+    #[test]
+    fn mount_groups_are_numeric_gids() {
+        let g = |s: &str| mount_group(&mount_access(s, Mode::SingleNodeWriter));
+        assert_eq!(g("").unwrap(), None);
+        assert_eq!(g("0").unwrap(), Some(0));
+        assert_eq!(g("2000").unwrap(), Some(2000));
+        assert_eq!(g("4294967294").unwrap(), Some(u32::MAX - 1));
+        for bad in [
+            "staff",
+            "-1",
+            "+1",
+            "1 ",
+            "0x10",
+            "4294967295",
+            "4294967296",
+        ] {
+            assert!(
+                matches!(g(bad), Err(CsiError::InvalidArgument(_))),
+                "{bad:?} accepted"
+            );
+        }
+        let block = Access {
+            kind: AccessKind::Block,
+            mode: Mode::SingleNodeWriter,
+        };
+        assert_eq!(mount_group(&block).unwrap(), None);
+    }
+
+    #[test]
+    fn publications_tell_capabilities_apart() {
+        let t = Path::new("/nonexistent/target");
+        let a = Publication::new(t, &mount_access("", Mode::SingleNodeWriter), false);
+        assert_eq!(
+            a,
+            Publication::new(t, &mount_access("", Mode::SingleNodeWriter), false)
+        );
+        assert_ne!(
+            a,
+            Publication::new(t, &mount_access("5", Mode::SingleNodeWriter), false)
+        );
+        assert_ne!(
+            a,
+            Publication::new(t, &mount_access("", Mode::SingleNodeMultiWriter), false)
+        );
+        assert_ne!(
+            a,
+            Publication::new(t, &mount_access("", Mode::SingleNodeWriter), true)
+        );
+        // Stable across builds: the records outlive a restart of the plugin.
+        assert_eq!(fnv1a(&["ext4", "", "noatime"]), a.mount);
+        assert_eq!(fnv1a(&[]), 0xcbf2_9ce4_8422_2325);
+        assert!(allows_many(Mode::SingleNodeMultiWriter) && allows_many(Mode::MultiNodeReaderOnly));
+        assert!(!allows_many(Mode::SingleNodeWriter) && !allows_many(Mode::SingleNodeSingleWriter));
+        assert!(!allows_many(Mode::SingleNodeReaderOnly));
+        let table = DeviceTable::new("/run/x/devices.json");
+        assert_eq!(
+            publications_file(&table, "vol-1").unwrap(),
+            Path::new("/run/x/devices.json.published/vol-1.json")
+        );
+        assert!(publications_file(&table, "../x").is_err());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The CSI Node service over gRPC on a unix socket, staging real ublk devices over an
-//! in-process peer set (file backend): mount mode (ext4) and block mode, idempotency, the
-//! "never format a device with data" rule, stats, expansion, and the request errors.
+//! in-process peer set (file backend): mount mode (ext4, xfs) and block mode, idempotency, the
+//! "never format a device with data" rule, the spec's publication table per access mode,
+//! `volume_mount_group`, stats, expansion, and the request errors.
 //!
 //! The request checks run everywhere; the staging tests need root and the ublk driver and
 //! return early (saying so) without `/dev/ublk-control`. The VM runs them for real:
@@ -15,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use csi::pb::node_client::NodeClient;
+use csi::pb::node_service_capability;
 use csi::pb::volume_capability::access_mode::Mode;
 use csi::pb::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
 use csi::pb::volume_usage::Unit;
@@ -255,13 +257,28 @@ fn cap(kind: AccessType, mode: Mode) -> VolumeCapability {
 }
 
 fn fs(fs_type: &str) -> VolumeCapability {
+    fs_mode(fs_type, Mode::SingleNodeWriter)
+}
+
+fn fs_mode(fs_type: &str, mode: Mode) -> VolumeCapability {
     cap(
         AccessType::Mount(MountVolume {
             fs_type: fs_type.into(),
             mount_flags: vec!["noatime".into()],
             ..Default::default()
         }),
-        Mode::SingleNodeWriter,
+        mode,
+    )
+}
+
+fn fs_group(fs_type: &str, mode: Mode, group: &str) -> VolumeCapability {
+    cap(
+        AccessType::Mount(MountVolume {
+            fs_type: fs_type.into(),
+            mount_flags: vec!["noatime".into()],
+            volume_mount_group: group.into(),
+        }),
+        mode,
     )
 }
 
@@ -317,6 +334,16 @@ fn info_capabilities_and_request_errors() {
         .capabilities;
     assert_eq!(caps, csi_node::capabilities());
     assert_eq!(caps.len(), 5);
+    // VOLUME_MOUNT_GROUP (6) is not advertised: see the module documentation of csi_node.
+    assert!(
+        !caps.iter().any(|c| matches!(
+            c.r#type,
+            Some(node_service_capability::Type::Rpc(
+                node_service_capability::Rpc { r#type: 6 }
+            ))
+        )),
+        "{caps:?}"
+    );
 
     let st = env.path("st");
     let tgt = env.path("tgt");
@@ -352,6 +379,29 @@ fn info_capabilities_and_request_errors() {
         Mode::MultiNodeMultiWriter,
     );
     assert_eq!(code(env.stage("v", &st, rwx_fs)), Code::FailedPrecondition);
+    // A volume_mount_group that is not a numeric gid, on stage and on publish, is refused
+    // before anything is looked up.
+    for bad in [
+        "staff",
+        "-1",
+        "+5",
+        "12a",
+        " 7",
+        "4294967295",
+        "99999999999",
+    ] {
+        let c = fs_group("ext4", Mode::SingleNodeWriter, bad);
+        assert_eq!(
+            code(env.stage("nope", &st, c.clone())),
+            Code::InvalidArgument,
+            "stage, group {bad:?}"
+        );
+        assert_eq!(
+            code(env.publish("nope", &st, &tgt, c, false)),
+            Code::InvalidArgument,
+            "publish, group {bad:?}"
+        );
+    }
     // A volume that does not exist, and an id that cannot be ours.
     assert_eq!(code(env.stage("nope", &st, fs("ext4"))), Code::NotFound);
     assert_eq!(code(env.stage("a/b", &st, fs("ext4"))), Code::NotFound);
@@ -423,11 +473,15 @@ fn mount_mode_ext4_stage_publish_unpublish_unstage() {
         Code::AlreadyExists
     );
 
-    env.publish("fsvol", &st, &rw, fs("ext4"), false).unwrap();
-    env.publish("fsvol", &st, &rw, fs("ext4"), false).unwrap();
+    // Two publications of one volume on this node: SINGLE_NODE_MULTI_WRITER allows that.
+    let multi = fs_mode("ext4", Mode::SingleNodeMultiWriter);
+    env.publish("fsvol", &st, &rw, multi.clone(), false)
+        .unwrap();
+    env.publish("fsvol", &st, &rw, multi.clone(), false)
+        .unwrap();
     assert_eq!(mounts().iter().filter(|m| m.mount_point == rw).count(), 1);
     assert_eq!(
-        code(env.publish("fsvol", &st, &rw, fs("ext4"), true)),
+        code(env.publish("fsvol", &st, &rw, multi.clone(), true)),
         Code::AlreadyExists,
         "same target, other read-only flag"
     );
@@ -437,7 +491,7 @@ fn mount_mode_ext4_stage_publish_unpublish_unstage() {
         .unwrap()
         .sync_all()
         .unwrap();
-    env.publish("fsvol", &st, &ro, fs("ext4"), true).unwrap();
+    env.publish("fsvol", &st, &ro, multi.clone(), true).unwrap();
     assert!(mount_at(&ro).unwrap().read_only());
     assert_eq!(std::fs::read(ro.join("hello.bin")).unwrap(), data);
     let err = std::fs::write(ro.join("nope"), b"x").unwrap_err();
@@ -523,6 +577,15 @@ fn a_device_with_data_is_never_formatted() {
     );
     assert!(mount_at(&st).is_none());
     let mut back = vec![0u8; junk.len()];
+    env.rt
+        .block_on(env.client.read("raw", 0, &mut back))
+        .unwrap();
+    assert_eq!(
+        code(env.stage("raw", &st, fs("xfs"))),
+        Code::FailedPrecondition,
+        "xfs over data"
+    );
+    assert!(mount_at(&st).is_none());
     env.rt
         .block_on(env.client.read("raw", 0, &mut back))
         .unwrap();
@@ -612,4 +675,273 @@ fn block_mode_stage_publish_unpublish_unstage() {
     assert!(env.mapped("blk").is_none());
     assert!(!rec.block_device().exists(), "device still present");
     assert!(!st.join(csi_node::BLOCK_DEVICE_FILE).exists());
+}
+
+/// The record publish keeps of a volume's publications (beside the device table).
+fn record_file(env: &Env, volume: &str) -> PathBuf {
+    env.path(&format!("devices.json.published/{volume}.json"))
+}
+
+#[test]
+fn publication_table_per_access_mode() {
+    if skip() {
+        return;
+    }
+    let env = Env::new();
+    env.create("pv", 32 << 20);
+    let st = env.path("staging/pv");
+    let t1 = env.path("pods/1/volumes/pv");
+    let t2 = env.path("pods/2/volumes/pv");
+    let t3 = env.path("pods/3/volumes/pv");
+    let snsw = fs_mode("ext4", Mode::SingleNodeSingleWriter);
+    let snmw = fs_mode("ext4", Mode::SingleNodeMultiWriter);
+    env.stage("pv", &st, snsw.clone()).unwrap();
+
+    // SINGLE_NODE_SINGLE_WRITER (csi-sanity): the same target again is OK, another target
+    // FAILED_PRECONDITION, whatever mode the second request names.
+    env.publish("pv", &st, &t1, snsw.clone(), false).unwrap();
+    env.publish("pv", &st, &t1, snsw.clone(), false).unwrap();
+    assert_eq!(mounts().iter().filter(|m| m.mount_point == t1).count(), 1);
+    assert!(record_file(&env, "pv").exists(), "no publication record");
+    for (what, c) in [
+        ("SINGLE_NODE_SINGLE_WRITER", snsw.clone()),
+        ("SINGLE_NODE_WRITER", fs("ext4")),
+        ("SINGLE_NODE_MULTI_WRITER", snmw.clone()),
+    ] {
+        assert_eq!(
+            code(env.publish("pv", &st, &t2, c, false)),
+            Code::FailedPrecondition,
+            "second target with {what}"
+        );
+        assert!(mount_at(&t2).is_none(), "{what}: t2 mounted anyway");
+    }
+    // The same target with an incompatible capability: ALREADY_EXISTS.
+    assert_eq!(
+        code(env.publish("pv", &st, &t1, snmw.clone(), false)),
+        Code::AlreadyExists,
+        "same target, other access mode"
+    );
+    let other_flags = cap(
+        AccessType::Mount(MountVolume {
+            fs_type: "ext4".into(),
+            mount_flags: vec!["noatime".into(), "nodiratime".into()],
+            ..Default::default()
+        }),
+        Mode::SingleNodeSingleWriter,
+    );
+    assert_eq!(
+        code(env.publish("pv", &st, &t1, other_flags, false)),
+        Code::AlreadyExists,
+        "same target, other mount flags"
+    );
+    assert_eq!(
+        code(env.publish("pv", &st, &t1, snsw.clone(), true)),
+        Code::AlreadyExists,
+        "same target, read-only"
+    );
+    // A lost record (crash between the bind and the write): the same request is still OK
+    // and writes it again, so the exclusivity holds on.
+    std::fs::remove_file(record_file(&env, "pv")).unwrap();
+    env.publish("pv", &st, &t1, snsw.clone(), false).unwrap();
+    assert!(record_file(&env, "pv").exists(), "record not rewritten");
+    assert_eq!(
+        code(env.publish("pv", &st, &t2, snmw.clone(), false)),
+        Code::FailedPrecondition
+    );
+
+    // Once t1 is gone, t2 may have it.
+    env.unpublish("pv", &t1).unwrap();
+    assert!(
+        !record_file(&env, "pv").exists(),
+        "record outlived the publication"
+    );
+    env.publish("pv", &st, &t2, snsw.clone(), false).unwrap();
+    env.unpublish("pv", &t2).unwrap();
+
+    // SINGLE_NODE_WRITER and SINGLE_NODE_READER_ONLY are "published once" modes too (the
+    // spec's table: non-MULTI_NODE, second target -> FAILED_PRECONDITION).
+    env.publish("pv", &st, &t1, fs("ext4"), false).unwrap();
+    assert_eq!(
+        code(env.publish("pv", &st, &t2, fs("ext4"), false)),
+        Code::FailedPrecondition
+    );
+    env.unpublish("pv", &t1).unwrap();
+    let snro = fs_mode("ext4", Mode::SingleNodeReaderOnly);
+    env.publish("pv", &st, &t1, snro.clone(), true).unwrap();
+    assert!(mount_at(&t1).unwrap().read_only());
+    assert_eq!(
+        code(env.publish("pv", &st, &t2, snro, true)),
+        Code::FailedPrecondition
+    );
+    env.unpublish("pv", &t1).unwrap();
+
+    // SINGLE_NODE_MULTI_WRITER: several targets, but not next to a single-publication mode.
+    env.publish("pv", &st, &t1, snmw.clone(), false).unwrap();
+    env.publish("pv", &st, &t2, snmw.clone(), false).unwrap();
+    std::fs::write(t1.join("shared"), b"both see it").unwrap();
+    assert_eq!(std::fs::read(t2.join("shared")).unwrap(), b"both see it");
+    assert_eq!(
+        code(env.publish("pv", &st, &t3, snsw.clone(), false)),
+        Code::FailedPrecondition
+    );
+    assert!(mount_at(&t3).is_none());
+    for t in [&t1, &t2] {
+        env.unpublish("pv", t).unwrap();
+    }
+    env.unstage("pv", &st).unwrap();
+
+    // Block mode follows the same table.
+    env.create("pb", 16 << 20);
+    let bst = env.path("staging/pb");
+    let (b1, b2) = (env.path("pods/4/dev/pb"), env.path("pods/5/dev/pb"));
+    env.stage("pb", &bst, block(Mode::SingleNodeSingleWriter))
+        .unwrap();
+    env.publish("pb", &bst, &b1, block(Mode::SingleNodeSingleWriter), false)
+        .unwrap();
+    env.publish("pb", &bst, &b1, block(Mode::SingleNodeSingleWriter), false)
+        .unwrap();
+    assert_eq!(
+        code(env.publish("pb", &bst, &b2, block(Mode::SingleNodeSingleWriter), false)),
+        Code::FailedPrecondition
+    );
+    assert_eq!(
+        code(env.publish("pb", &bst, &b1, block(Mode::MultiNodeMultiWriter), false)),
+        Code::AlreadyExists
+    );
+    assert!(mount_at(&b2).is_none());
+    env.unpublish("pb", &b1).unwrap();
+    env.unstage("pb", &bst).unwrap();
+    assert!(env.table.load().unwrap().is_empty());
+}
+
+#[test]
+fn volume_mount_group_owns_the_filesystem_root() {
+    if skip() {
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let env = Env::new();
+    env.create("grp", 32 << 20);
+    let st = env.path("staging/grp");
+    let t = env.path("pods/g/volumes/grp");
+    let with = |g: &str| fs_group("ext4", Mode::SingleNodeWriter, g);
+
+    env.stage("grp", &st, with("4321")).unwrap();
+    let root = std::fs::metadata(&st).unwrap();
+    assert_eq!(root.gid(), 4321, "staged root group");
+    assert_eq!(root.mode() & 0o2070, 0o2070, "mode {:o}", root.mode());
+    env.stage("grp", &st, with("4321")).unwrap();
+
+    env.publish("grp", &st, &t, with("4321"), false).unwrap();
+    let meta = std::fs::metadata(&t).unwrap();
+    assert_eq!(meta.gid(), 4321, "published root group");
+    // setgid: what a workload creates belongs to the group.
+    std::fs::create_dir(t.join("d")).unwrap();
+    std::fs::write(t.join("d/f"), b"x").unwrap();
+    assert_eq!(std::fs::metadata(t.join("d")).unwrap().gid(), 4321);
+    assert_eq!(std::fs::metadata(t.join("d/f")).unwrap().gid(), 4321);
+
+    // Survives unstage and a later stage without a group (it is in the filesystem).
+    env.unpublish("grp", &t).unwrap();
+    env.unstage("grp", &st).unwrap();
+    env.stage("grp", &st, fs("ext4")).unwrap();
+    assert_eq!(std::fs::metadata(&st).unwrap().gid(), 4321);
+    env.unstage("grp", &st).unwrap();
+
+    // xfs too, on a freshly made filesystem.
+    env.create("grpx", 320 << 20);
+    let stx = env.path("staging/grpx");
+    env.stage("grpx", &stx, fs_group("xfs", Mode::SingleNodeWriter, "77"))
+        .unwrap();
+    assert_eq!(mount_at(&stx).unwrap().fstype, "xfs");
+    let root = std::fs::metadata(&stx).unwrap();
+    assert_eq!((root.gid(), root.mode() & 0o2070), (77, 0o2070));
+    env.unstage("grpx", &stx).unwrap();
+    assert!(env.table.load().unwrap().is_empty());
+}
+
+fn blkid_type(dev: &Path) -> String {
+    let out = std::process::Command::new("blkid")
+        .args(["-p", "-o", "value", "-s", "TYPE"])
+        .arg(dev)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[test]
+fn mount_mode_xfs_stage_publish_stats_expand_and_a_clone_beside_it() {
+    if skip() {
+        return;
+    }
+    let env = Env::new();
+    // mkfs.xfs refuses filesystems under 300 MB.
+    env.create("xv", 384 << 20);
+    let st = env.path("staging/xv");
+    let t = env.path("pods/x/volumes/xv");
+
+    env.stage("xv", &st, fs("xfs")).unwrap();
+    let dev = env.mapped("xv").expect("mapped").block_device();
+    assert_eq!(blkid_type(&dev), "xfs");
+    let m = mount_at(&st).expect("staging mounted");
+    assert_eq!((m.fstype.as_str(), Path::new(&m.source)), ("xfs", &*dev));
+    assert!(m.options.split(',').any(|o| o == "noatime"), "{m:?}");
+    env.stage("xv", &st, fs("xfs")).unwrap();
+    env.stage("xv", &st, fs("")).unwrap();
+    assert_eq!(mounts().iter().filter(|m| m.mount_point == st).count(), 1);
+    assert_eq!(code(env.stage("xv", &st, fs("ext4"))), Code::AlreadyExists);
+
+    env.publish("xv", &st, &t, fs("xfs"), false).unwrap();
+    let data = pattern(9, 5 << 20);
+    std::fs::write(t.join("data.bin"), &data).unwrap();
+    std::fs::File::open(t.join("data.bin"))
+        .unwrap()
+        .sync_all()
+        .unwrap();
+    let s = env.stats("xv", &t).unwrap();
+    condition_ok(&s);
+    let bytes = usage(&s, Unit::Bytes);
+    assert!(
+        bytes.total > 300 << 20 && bytes.total <= 384 << 20,
+        "{bytes:?}"
+    );
+    assert!(bytes.used >= 5 << 20, "{bytes:?}");
+    assert!(usage(&s, Unit::Inodes).used >= 2);
+
+    // A snapshot's clone has the origin's xfs UUID; nouuid lets both be staged here.
+    env.rt
+        .block_on(env.client.snapshot("xv", "xv-snap"))
+        .unwrap();
+    env.rt
+        .block_on(env.client.clone_volume("xv-snap", "xv-clone", None))
+        .unwrap();
+    let cst = env.path("staging/xv-clone");
+    env.stage("xv-clone", &cst, fs("xfs")).unwrap();
+    assert_eq!(std::fs::read(cst.join("data.bin")).unwrap(), data);
+    std::fs::write(cst.join("clone-only"), b"c").unwrap();
+    assert!(!t.join("clone-only").exists(), "clone write leaked");
+    env.unstage("xv-clone", &cst).unwrap();
+
+    // Expansion: xfs_growfs where the kernel can grow the device online.
+    env.rt.block_on(env.client.resize("xv", 512 << 20)).unwrap();
+    let online = ublk::feature_names(ublk::features().unwrap()).contains(&"UPDATE_SIZE");
+    match env.expand("xv", &t, 512 << 20) {
+        Ok(c) => {
+            assert!(online, "expanded without UPDATE_SIZE");
+            assert_eq!(c, 512 << 20);
+            let total = usage(&env.stats("xv", &t).unwrap(), Unit::Bytes).total;
+            assert!(total > 420 << 20, "xfs did not grow: {total}");
+        }
+        Err(e) => {
+            assert!(!online, "kernel has UPDATE_SIZE but expand failed: {e:?}");
+            assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        }
+    }
+    env.unpublish("xv", &t).unwrap();
+    env.unstage("xv", &st).unwrap();
+    // Staged again: mounted as is, never reformatted.
+    env.stage("xv", &st, fs("xfs")).unwrap();
+    assert_eq!(std::fs::read(st.join("data.bin")).unwrap(), data);
+    env.unstage("xv", &st).unwrap();
+    assert!(env.table.load().unwrap().is_empty());
 }
