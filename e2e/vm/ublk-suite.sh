@@ -4,14 +4,27 @@
 # usage: ublk-suite.sh [-h|--help] [SUITE...]
 #
 # Builds `archip-ublk-test` (node/src/bin: the ublk CLI functions `archip map/unmap/
-# showmapped/recover` call, plus a peer-set runner and volume operations) and node's
-# `ublk_device` test binary (release), then for each Debian suite (default:
-# bookworm-backports = 6.12 LTS, trixie-backports = newest 7.x) boots the VM twice:
-#   1. suites/ublk-guest.sh: raw I/O both ways, discard/write-zeroes -> ZERO entries, ext4 +
-#      snapshot + clone + verify, fstrim, kill -9 of a server and of the whole node under
-#      load + recover, online resize (7.x) or its refusal (6.12), whole-device compare, unmap;
-#   2. the ublk_device test binary (in-process device over an in-process peer set, user copy
-#      and copy fallback).
+# showmapped/recover` call, plus a peer-set runner and volume operations), `archip`, and the
+# test binaries below (release), then for each Debian suite (default: bookworm-backports =
+# 6.12 LTS, trixie-backports = newest 7.x) boots the VM once per part:
+#   guest   suites/ublk-guest.sh: raw I/O both ways, discard/write-zeroes -> ZERO entries,
+#           ext4 + snapshot + clone + verify, fstrim, kill -9 of a server and of the whole
+#           node under load + recover, online resize (7.x) or its refusal (6.12),
+#           whole-device compare, unmap;
+#   device  node's ublk_device test binary (in-process device over an in-process peer set,
+#           user copy and copy fallback);
+#   node    node's csi_node test binary: the CSI Node service over gRPC (ext4 and xfs
+#           staging, block mode, the publication table per access mode,
+#           volume_mount_group, stats, expansion); device servers are archip-ublk-test;
+#   cli     suites/archip-cli-guest.sh (the `archip` CLI: up, map, I/O, kill -9 + recover,
+#           unmap), then in the same boot the root csi_binary test binary: the real
+#           `archip up --csi-endpoint`, and `archip controller` + `archip node`, as child
+#           processes driven by a gRPC CSI client (volumes, snapshots, clones, stage/publish
+#           in mount and block mode, clean SIGTERM shutdown).
+# ARCHIP_UBLK_PARTS selects parts (default "guest device node cli"; "tests" = device node),
+# e.g. ARCHIP_UBLK_PARTS="node cli" e2e/vm/ublk-suite.sh bookworm-backports.
+# ARCHIP_UBLK_FILTER, if set, is passed to the csi_node and csi_binary test binaries as a
+# test-name filter (e.g. "xfs").
 # 2 vCPUs, so that the devices really get 2 hardware queues (the kernel caps queues at the
 # CPU count). Prints the wall time per kernel and a summary; exits 0 only if all passed.
 # Run-in-vm.sh options can be added through ARCHIP_VM_SUITE_ARGS (e.g. "--timeout 900").
@@ -36,29 +49,40 @@ TESTBIN=$(cd "$ROOT" && cargo test --release -q -p node --test ublk_device --no-
 CSIBIN=$(cd "$ROOT" && cargo test --release -q -p node --test csi_node --no-run --message-format=json 2>/dev/null |
   grep '"name":"csi_node"' | grep '"kind":\["test"\]' | grep -o '"executable":"[^"]*"' | sed 's/"executable":"\(.*\)"/\1/' | tail -n 1)
 [ -x "$CSIBIN" ] || { echo "ublk-suite: no csi_node test binary" >&2; exit 1; }
+BINTEST=$(cd "$ROOT" && cargo test --release -q -p archipelago --test csi_binary --no-run --message-format=json 2>/dev/null |
+  grep '"name":"csi_binary"' | grep '"kind":\["test"\]' | grep -o '"executable":"[^"]*"' | sed 's/"executable":"\(.*\)"/\1/' | tail -n 1)
+[ -x "$BINTEST" ] || { echo "ublk-suite: no csi_binary test binary" >&2; exit 1; }
+PARTS=${ARCHIP_UBLK_PARTS:-guest device node cli}
+PARTS=${PARTS//tests/device node}
+FILTER=()
+[ -z "${ARCHIP_UBLK_FILTER:-}" ] || FILTER=("$ARCHIP_UBLK_FILTER")
 echo "=== ublk suite: built in $(secs "$t")s" >&2
 
 summary=() failed=0
 for suite in "$@"; do
-  for part in guest tests cli; do
+  for part in $PARTS; do
     echo "=== ublk suite: $suite: $part" >&2
     t=$(now) rc=0
     if [ "$part" = guest ]; then
       "$HERE/run-in-vm.sh" "${EXTRA[@]}" --suite "$suite" --cpus 2 --mem 2G --timeout 900 \
         --bin "$TARGET/release/archip-ublk-test" --file "$HERE/suites/ublk-guest.sh" \
         -- sh /root/ublk-guest.sh || rc=$?
-    elif [ "$part" = tests ]; then
+    elif [ "$part" = device ]; then
       "$HERE/run-in-vm.sh" "${EXTRA[@]}" --suite "$suite" --cpus 2 --mem 2G --timeout 600 \
         --no-tools --runner "$TESTBIN" --test-threads=1 || rc=$?
-      # and the CSI Node service (stage/publish over gRPC; device servers: archip-ublk-test).
-      "$HERE/run-in-vm.sh" "${EXTRA[@]}" --suite "$suite" --cpus 2 --mem 2G --timeout 600 \
-        --bin "$ROOT/target/release/archip-ublk-test" --bin "$(command -v resize2fs)" \
-        --bin "$(command -v xfs_growfs)" --runner "$CSIBIN" --test-threads=1 || rc=$?
+    elif [ "$part" = node ]; then
+      # The CSI Node service (stage/publish over gRPC; device servers: archip-ublk-test).
+      "$HERE/run-in-vm.sh" "${EXTRA[@]}" --suite "$suite" --cpus 2 --mem 2G --timeout 900 \
+        --bin "$TARGET/release/archip-ublk-test" --bin "$(command -v resize2fs)" \
+        --bin "$(command -v xfs_growfs)" --runner "$CSIBIN" --test-threads=1 "${FILTER[@]}" || rc=$?
+    elif [ "$part" = cli ]; then
+      # The `archip` binary: the CLI script, then the CSI plugin processes (csi_binary).
+      "$HERE/run-in-vm.sh" "${EXTRA[@]}" --suite "$suite" --cpus 2 --mem 2G --timeout 900 \
+        --bin "$TARGET/release/archip" --bin "$BINTEST" \
+        --env ARCHIP_BIN=/usr/local/bin/archip --file "$HERE/suites/archip-cli-guest.sh" \
+        -- sh -c "sh /root/archip-cli-guest.sh && $(basename "$BINTEST") --test-threads=1 ${FILTER[*]:-}" || rc=$?
     else
-      # 3. the `archip` CLI itself: up, map, I/O, kill -9 + recover, unmap.
-      "$HERE/run-in-vm.sh" "${EXTRA[@]}" --suite "$suite" --cpus 2 --mem 2G --timeout 600 \
-        --bin "$TARGET/release/archip" --file "$HERE/suites/archip-cli-guest.sh" \
-        -- sh /root/archip-cli-guest.sh || rc=$?
+      echo "ublk-suite: unknown part '$part' (guest, device, node, cli, tests)" >&2; rc=2
     fi
     if [ "$rc" = 0 ]; then r=PASS; else r="FAIL (status $rc)"; failed=1; fi
     summary+=("$suite $part: $r, wall $(secs "$t")s")
