@@ -9,6 +9,7 @@
 //! - 1000 clones of one snapshot of a 10 GiB volume: total time and metadata bytes per clone.
 //! - The first 4 KiB write to a block after a clone (copy-on-write) against a 4 KiB write to a
 //!   block the volume already owns.
+//! - The same random reads under a QoS limit (IOPS, then bandwidth): achieved over limit.
 //! - The same random I/O on the volume opened shared (the live-migration mode: no mapping
 //!   cached in vlmc, and the mapper checks the lock on every request) against exclusive.
 
@@ -217,6 +218,44 @@ async fn run_async(opts: &Options, c: Arc<VolumeClient>) -> String {
 
     // The same I/O with the volume opened shared (this node holds the lock after its first
     // write, so the mapper serves from its cache after one lock check per request).
+    // QoS: the same random reads under an IOPS limit well below what the path does, then a
+    // bandwidth limit. One second's burst is spent first (untimed), so the timed 3 seconds
+    // show the steady rate: achieved over limit should be close to 1.
+    let limit = (vr / 10.0).clamp(100.0, 2000.0) as u64;
+    let warm = &offs[..limit as usize];
+    c.set_qos(
+        "io",
+        crate::mapper::QosLimits {
+            iops: limit,
+            bytes_per_sec: 0,
+        },
+    )
+    .await
+    .expect("set qos");
+    let n = (limit * 3) as usize;
+    volume_iops(&c, "io", warm, false).await;
+    let qr = volume_iops(&c, "io", &offs[..n], false).await;
+    let bw_limit = limit * 4096;
+    c.set_qos(
+        "io",
+        crate::mapper::QosLimits {
+            iops: 0,
+            bytes_per_sec: bw_limit,
+        },
+    )
+    .await
+    .expect("set qos");
+    volume_iops(&c, "io", warm, false).await;
+    let qb = volume_iops(&c, "io", &offs[..n], false).await * 4096.0;
+    c.set_qos("io", crate::mapper::QosLimits::default())
+        .await
+        .expect("clear qos");
+    out.push(format!(
+        "\"qos_random_4k_qd32\":{{\"iops_limit\":{limit},\"achieved_iops\":{qr:.0},\"ratio_iops\":{:.2},\"bytes_per_sec_limit\":{bw_limit},\"achieved_bytes_per_sec\":{qb:.0},\"ratio_bytes\":{:.2},\"ios\":{n}}}",
+        qr / limit as f64,
+        qb / bw_limit as f64
+    ));
+
     c.open_shared("io").await.expect("open shared");
     let sr = volume_iops(&c, "io", &offs, false).await;
     let sw = volume_iops(&c, "io", &offs, true).await;
