@@ -56,6 +56,8 @@ enum Command {
     Dedup(cli::admin::DedupArgs),
     /// Reclaim objects no volume or snapshot references.
     Gc(cli::admin::GcArgs),
+    /// Show or set a volume's I/O limits (enforced on every node within seconds).
+    Qos(cli::admin::QosArgs),
     /// Inspect or break volume locks.
     Lock {
         #[command(subcommand)]
@@ -143,6 +145,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dedup(args) => cli::admin::dedup(&ctx, args),
         Command::Gc(args) => cli::admin::gc(&ctx, args),
         Command::Lock { cmd } => cli::admin::lock(&ctx, cmd),
+        Command::Qos(args) => cli::admin::qos(&ctx, args),
         Command::Status => cli::admin::status(&ctx),
         Command::Controller(args) => cli::csi::controller(&ctx.instance, &args),
         Command::Node(args) => cli::node::node(&ctx.instance, &args),

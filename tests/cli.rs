@@ -298,6 +298,24 @@ fn catalogue_commands_and_status() {
     assert_eq!(info["size"], 64 * MIB);
     assert_eq!(info["block_size"], 65536);
     assert_eq!(info["kind"], "volume");
+
+    // QoS limits: none at first, set one at a time, the other kept, 0 lifts one.
+    assert_eq!(
+        up.ok(&["qos", "db"]).trim(),
+        "volume db: iops unlimited, bandwidth unlimited; 0 I/Os delayed here"
+    );
+    up.ok(&["qos", "db", "--iops", "500"]);
+    let q = up.json(&["qos", "db", "--bandwidth", "10M"]);
+    assert_eq!(
+        (q["iops"].as_u64(), q["bytes_per_sec"].as_u64()),
+        (Some(500), Some(10 * MIB as u64))
+    );
+    let q = up.json(&["qos", "db", "--iops", "0"]);
+    assert_eq!(
+        (q["iops"].as_u64(), q["bytes_per_sec"].as_u64()),
+        (Some(0), Some(10 * MIB as u64))
+    );
+    up.ok(&["qos", "db", "--bandwidth", "0"]);
     assert!(up.ok(&["volume", "info", "db"]).contains("uuid:"));
     assert!(
         up.ok(&["volume", "list"])
@@ -524,6 +542,13 @@ fn bad_input_is_refused_clearly_and_changes_nothing() {
         (&["clone", "s1", "c", "--size", "1M"], 2, "shrinking"),
         (&["dedup", "db"], 2, "db is a volume"),
         (&["lock", "info", "nope"], 1, "volume nope not found"),
+        (&["qos", "nope", "--iops", "5"], 1, "volume nope not found"),
+        (
+            &["qos", "s1", "--iops", "5"],
+            1,
+            "s1 is a read-only snapshot",
+        ),
+        (&["qos", "db", "--bandwidth", "lots"], 2, "lots"),
         (&["lock", "break", "s1"], 2, "snapshots have no lock"),
         (
             &["import", "/nonexistent/image", "v"],

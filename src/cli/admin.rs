@@ -5,7 +5,7 @@ use clap::{Args, Subcommand};
 
 use super::{Context, check_name, print_json};
 use crate::control::client::Connection;
-use crate::control::protocol::{DedupSummary, GcSummary, Lock, Request, Status};
+use crate::control::protocol::{DedupSummary, GcSummary, Lock, QosSummary, Request, Status};
 use crate::size::human;
 
 #[derive(Args, Debug)]
@@ -23,6 +23,26 @@ pub struct GcArgs {
     /// operation still in progress in another process). Default: the mapper's.
     #[arg(long, value_name = "SECS")]
     pub grace: Option<u64>,
+}
+
+#[derive(Args, Debug)]
+pub struct QosArgs {
+    /// Volume whose limits to show, or to change with the options below.
+    pub volume: String,
+    /// Reads plus writes per second; 0 lifts the limit.
+    #[arg(long)]
+    pub iops: Option<u64>,
+    /// Bytes per second (K/M/G suffixes); 0 lifts the limit.
+    #[arg(long, value_parser = rate_arg)]
+    pub bandwidth: Option<u64>,
+}
+
+/// A size, or 0 (no limit).
+fn rate_arg(s: &str) -> Result<u64, String> {
+    if s.trim() == "0" {
+        return Ok(0);
+    }
+    crate::size::size_arg(s)
 }
 
 #[derive(Subcommand, Debug)]
@@ -117,6 +137,40 @@ pub fn lock(ctx: &Context, cmd: LockCmd) -> anyhow::Result<()> {
         ),
         (true, None) => println!("volume {} was not locked; nothing to break", l.volume),
     }
+    Ok(())
+}
+
+pub fn qos(ctx: &Context, args: QosArgs) -> anyhow::Result<()> {
+    check_name("volume", &args.volume)?;
+    let r: QosSummary = Connection::call(
+        &ctx.socket(),
+        &Request::Qos {
+            volume: args.volume,
+            iops: args.iops,
+            bytes_per_sec: args.bandwidth,
+        },
+    )?;
+    if ctx.json {
+        return print_json(&r);
+    }
+    let limit = |v: u64, unit: &str| {
+        if v == 0 {
+            "unlimited".to_string()
+        } else {
+            format!("{v}{unit}")
+        }
+    };
+    println!(
+        "volume {}: iops {}, bandwidth {}; {} I/Os delayed here",
+        r.volume,
+        limit(r.iops, ""),
+        if r.bytes_per_sec == 0 {
+            "unlimited".to_string()
+        } else {
+            format!("{}/s", human(r.bytes_per_sec))
+        },
+        r.delayed_ios
+    );
     Ok(())
 }
 

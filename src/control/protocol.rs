@@ -126,6 +126,12 @@ pub enum Request {
     LockBreak {
         volume: String,
     },
+    /// Read a volume's I/O limits, or change the ones given (0 = unlimited).
+    Qos {
+        volume: String,
+        iops: Option<u64>,
+        bytes_per_sec: Option<u64>,
+    },
 }
 
 /// The class of a failure.
@@ -244,6 +250,16 @@ pub struct Lock {
     pub holder: Option<String>,
     /// Fencing generation; 0 for a lock never taken.
     pub generation: u64,
+}
+
+/// Result of `qos`: the limits in force (0 = unlimited) and how many I/Os this node's vlmc has
+/// delayed for them.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct QosSummary {
+    pub volume: String,
+    pub iops: u64,
+    pub bytes_per_sec: u64,
+    pub delayed_ios: u64,
 }
 
 /// Result of `import`.

@@ -19,7 +19,8 @@ use xseg::Segment;
 
 use super::protocol::{
     DedupSummary, Envelope, ErrorKind, ExportSummary, Frame, GcSummary, ImportSummary, Lock,
-    MAX_FRAME, MAX_LINE, PeerStatus, PortStatus, Reply, Request, Status, VERSION, Volume,
+    MAX_FRAME, MAX_LINE, PeerStatus, PortStatus, QosSummary, Reply, Request, Status, VERSION,
+    Volume,
 };
 
 /// What a request failed with, as sent to the client.
@@ -364,6 +365,28 @@ impl Server {
                     deleted_objects: r.deleted_objects,
                     deleted_pages: r.deleted_pages,
                     deleted_bytes: r.deleted_bytes,
+                })
+            }
+            Request::Qos {
+                volume,
+                iops,
+                bytes_per_sec,
+            } => {
+                let now = c.qos(&volume).await?;
+                let r = if iops.is_none() && bytes_per_sec.is_none() {
+                    now
+                } else {
+                    let want = peers::client::QosLimits {
+                        iops: iops.unwrap_or(now.iops),
+                        bytes_per_sec: bytes_per_sec.unwrap_or(now.bytes_per_sec),
+                    };
+                    c.set_qos(&volume, want).await?
+                };
+                to_value(QosSummary {
+                    volume,
+                    iops: r.iops,
+                    bytes_per_sec: r.bytes_per_sec,
+                    delayed_ios: r.delayed_ios,
                 })
             }
             Request::LockInfo { volume } => {
