@@ -673,8 +673,19 @@ fn record(table: &DeviceTable, volume: &str) -> CsiResult<Option<DeviceRecord>> 
 }
 
 /// The live device of `volume`: the existing mapping (recovered if its server died), or a new one.
-fn ensure_mapped(o: &NodeOptions, volume: &str) -> CsiResult<DeviceRecord> {
+/// The ublk device of `volume`, mapping it if needed. `shared` maps it for a multi-node access
+/// mode: another node may have it attached too (the live-migration handover), so the volume is
+/// opened shared (no lock until this node writes, nothing served from a stale cache).
+fn ensure_mapped(o: &NodeOptions, volume: &str, shared: bool) -> CsiResult<DeviceRecord> {
     if let Some(r) = record(&o.table, volume)? {
+        if r.shared != shared {
+            tracing::warn!(
+                volume,
+                mapped_shared = r.shared,
+                wanted_shared = shared,
+                "the volume is already mapped in the other mode; keeping it"
+            );
+        }
         match ublk::device_state(r.dev_id) {
             DeviceState::Live if r.server_alive() => return Ok(r),
             DeviceState::Gone => {
@@ -695,7 +706,10 @@ fn ensure_mapped(o: &NodeOptions, volume: &str) -> CsiResult<DeviceRecord> {
     let req = MapRequest {
         volume: volume.to_owned(),
         segment: o.segment.clone(),
-        config: o.ublk.clone(),
+        config: UblkConfig {
+            shared,
+            ..o.ublk.clone()
+        },
         table: o.table.clone(),
         dev_id: None,
         log: None,
@@ -748,7 +762,11 @@ fn condition(rec: Option<&DeviceRecord>) -> VolumeCondition {
 
 fn stage(o: &NodeOptions, name: &str, staging: &Path, access: &Access) -> CsiResult<()> {
     let group = mount_group(access)?;
-    let rec = ensure_mapped(o, name)?;
+    let multi_node = matches!(
+        access.mode,
+        Mode::MultiNodeReaderOnly | Mode::MultiNodeSingleWriter | Mode::MultiNodeMultiWriter
+    );
+    let rec = ensure_mapped(o, name, multi_node)?;
     let dev = rec.block_device();
     std::fs::create_dir_all(staging).map_err(io_err(staging.display()))?;
     match &access.kind {

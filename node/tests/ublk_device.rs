@@ -226,8 +226,10 @@ fn live_migration_handover_between_two_devices() {
     rt.block_on(ca.create("vm-disk", 16 << 20, Some(1 << 20)))
         .unwrap();
 
-    let table = DeviceTable::new(dir.path().join("state.json"));
-    let serve = |seg: &str| {
+    // Each node has its own device table, as on two machines.
+    let table_a = DeviceTable::new(dir.path().join("state-a.json"));
+    let table_b = DeviceTable::new(dir.path().join("state-b.json"));
+    let serve = |seg: &str, table: &DeviceTable| {
         let req = ServeRequest {
             volume: "vm-disk".into(),
             segment: seg.to_string(),
@@ -241,15 +243,17 @@ fn live_migration_handover_between_two_devices() {
         let (tx, rx) = mpsc::channel::<DeviceRecord>();
         let server =
             std::thread::spawn(move || ublk::serve(&req, move |r| tx.send(r.clone()).unwrap()));
-        let rec = rx.recv().expect("device came up");
+        let Ok(rec) = rx.recv() else {
+            panic!("no device on {seg}: {:?}", server.join().map(|r| r.err()));
+        };
         assert!(
             rec.shared,
             "recorded as shared, so recovery reopens it shared"
         );
         (rec, server)
     };
-    let (rec_a, server_a) = serve(&seg_a);
-    let (rec_b, server_b) = serve(&seg_b);
+    let (rec_a, server_a) = serve(&seg_a, &table_a);
+    let (rec_b, server_b) = serve(&seg_b, &table_b);
     assert_ne!(rec_a.dev_id, rec_b.dev_id);
     let open = |rec: &DeviceRecord| {
         OpenOptions::new()
@@ -308,13 +312,13 @@ fn live_migration_handover_between_two_devices() {
 
     // The source detaches (its pod ends); the target keeps the lock and the data.
     drop(dev_a);
-    ublk::unmap(&table, &rec_a.dev_id.to_string()).unwrap();
+    ublk::unmap(&table_a, &rec_a.dev_id.to_string()).unwrap();
     server_a.join().unwrap().unwrap();
     assert_eq!(holder(&cb).as_deref(), Some("node-b"));
     let b2 = io(&mut dev_b, 12 << 20, Some(33), 1 << 20);
     assert!(io(&mut dev_b, 12 << 20, None, 1 << 20) == b2);
     drop(dev_b);
-    ublk::unmap(&table, &rec_b.dev_id.to_string()).unwrap();
+    ublk::unmap(&table_b, &rec_b.dev_id.to_string()).unwrap();
     server_b.join().unwrap().unwrap();
     assert_eq!(
         holder(&cb),
