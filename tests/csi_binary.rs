@@ -8,8 +8,9 @@
 //!   removes both sockets, and leaves no ublk device behind.
 //! - `archip controller` + `archip node`: two processes cannot share one peer set (the second
 //!   finds the peer ports bound), so each runs its own peer set on its own segment over one
-//!   data directory, under one node id (one machine). The controller creates volumes and
-//!   snapshots; the node stages and publishes them.
+//!   data directory, under one node id (one machine; the controller locks as
+//!   `csi-controller@<node id>`). The controller creates volumes and snapshots, a snapshot of a
+//!   staged volume going through the node's peer set; the node stages and publishes them.
 //!
 //! Needs root and the ublk driver; without `/dev/ublk-control` each test says so and returns.
 //! `e2e/vm/ublk-suite.sh` runs this binary inside its VM with `archip` shipped beside it
@@ -129,6 +130,7 @@ impl Site {
             .env("ARCHIP_NODE", &self.node)
             .env("ARCHIP_CONTROL", self.path(&format!("{tag}-control.sock")))
             .env("ARCHIP_UBLK_STATE", self.table().path())
+            .env("ARCHIP_PEERSET_DIR", self.path("peersets"))
             .env("RUST_LOG", "info,libublk=warn")
             .env_remove("CSI_ENDPOINT")
             .env_remove("ARCHIP_CSI_ENDPOINT")
@@ -675,11 +677,13 @@ fn controller_and_node_as_two_processes_over_one_data_directory() {
     );
     c.stage_publish(&rt, &vol, &ctx, &st, &tgt, ext4());
     write_test_file(&tgt);
+    // A snapshot of the volume while it is in use: the node's peer set holds its lock, so the
+    // controller's request goes there (found through the peer-set registry).
+    let snap = c.snapshot(&rt, &vol.volume_id, "snap-two");
     c.unpublish_unstage(&rt, &vol.volume_id, &st, &tgt);
     c.controller_unpublish(&rt, &vol.volume_id, &node_id);
 
     // The controller's snapshot and clone are the node's to stage: the file is there.
-    let snap = c.snapshot(&rt, &vol.volume_id, "snap-two");
     let clone = c.create_volume(&rt, "pvc-two-clone", ext4(), Some(&snap.snapshot_id));
     let ctx = c.controller_publish(&rt, &clone.volume_id, &node_id, ext4());
     let (cst, ctgt) = (
