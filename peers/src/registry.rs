@@ -38,6 +38,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::{Deserialize, Serialize};
 use xseg::owner::ProcessId;
 
+use crate::blocker::{BlockerError, LockOwner};
+
 /// Where entries live unless [`DIR_ENV`] says otherwise.
 pub const DEFAULT_DIR: &str = "/run/archip/peersets";
 /// Environment variable overriding [`DEFAULT_DIR`].
@@ -78,32 +80,20 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> RegistryError + '_ {
     }
 }
 
-/// Checks that `owner` can name a file in the registry directory: 1..=128 bytes of
-/// `[A-Za-z0-9._:@-]`, not starting with `.` (no `.`, `..`, hidden or temp files) and without
-/// `..` or `/`. Every path built from an owner goes through here first.
+/// Checks that `owner` can name a file in the registry directory: a valid lock owner (1..=128
+/// bytes of `[A-Za-z0-9._:@-]`, so no `/`), not starting with `.` (no `.`, `..`, hidden or temp
+/// files) and without `..`. Every path built from an owner goes through here first.
 pub fn check_owner(owner: &str) -> Result<(), RegistryError> {
-    let reason = if owner.is_empty() {
-        Some("empty")
-    } else if owner.len() > MAX_OWNER_LEN {
-        Some("longer than 128 bytes")
-    } else if owner.starts_with('.') {
-        Some("starts with '.'")
-    } else if owner.contains("..") {
-        Some("contains '..'")
-    } else if !owner
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':' | b'@'))
-    {
-        Some("only A-Z a-z 0-9 . _ - : @ are allowed")
-    } else {
-        None
+    let invalid = |reason| RegistryError::InvalidOwner {
+        owner: owner.to_owned(),
+        reason,
     };
-    match reason {
-        None => Ok(()),
-        Some(reason) => Err(RegistryError::InvalidOwner {
-            owner: owner.to_owned(),
-            reason,
-        }),
+    match LockOwner::new(owner) {
+        Err(BlockerError::InvalidOwner { reason, .. }) => Err(invalid(reason)),
+        Err(_) => Err(invalid("not a lock owner")),
+        Ok(_) if owner.starts_with('.') => Err(invalid("starts with '.'")),
+        Ok(_) if owner.contains("..") => Err(invalid("contains '..'")),
+        Ok(_) => Ok(()),
     }
 }
 
