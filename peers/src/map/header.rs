@@ -9,8 +9,16 @@
 //!  48  epoch u64               | created (unix seconds) u64 | fence_generation u64
 //!  72  self_origin u16 (0xffff = none) | origin count u16 | name len u16 | source len u16
 //!  80  name bytes, source bytes, origin uuids (16 bytes each)
+//!      (version 2) inherited page count u32, then per page: page u32, owner uuid (16 bytes)
 //!      crc32c u32 of everything before it
 //! ```
+//!
+//! Inherited pages (version 2) are how a clone of a snapshot costs one header whatever the
+//! size of the map: page `p` of the new map *is* page object `pg.<owner>.<p>` of an immutable
+//! map (a snapshot), until the new map writes a page object of its own under its own uuid,
+//! which then takes precedence. The page's entries need no translation, because a derived
+//! map's origin table extends its source's and keeps its indices. Version 1 headers (no
+//! inherited pages) are still read.
 
 use uuid::Uuid;
 
@@ -22,6 +30,8 @@ use super::{
 
 const MAGIC: &[u8; 8] = b"ARCHMAP1";
 const NO_ORIGIN: u16 = u16::MAX;
+/// Header layout written; 1 (no inherited pages) is still read.
+const HEADER_VERSION: u16 = 2;
 
 /// Persisted map flags.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -61,6 +71,9 @@ pub struct MapHeader {
     pub origins: Vec<Uuid>,
     /// The volume or snapshot this map was snapshotted or cloned from, for humans.
     pub source: Option<String>,
+    /// Pages this map reads from another (immutable) map's page object until it writes its
+    /// own: (page, owner uuid), sorted by page, at most one per page.
+    pub inherited: Vec<(u32, Uuid)>,
 }
 
 impl MapHeader {
@@ -132,15 +145,27 @@ impl MapHeader {
         {
             return bad("source too long".into());
         }
+        if !self.inherited.windows(2).all(|w| w[0].0 < w[1].0) {
+            return bad("inherited pages not sorted or repeated".into());
+        }
+        if let Some((p, owner)) = self
+            .inherited
+            .iter()
+            .find(|(p, owner)| *p >= self.page_count() || *owner == self.uuid)
+        {
+            return bad(format!("inherited page {p} from {owner} is invalid"));
+        }
         Ok(())
     }
 
     pub fn encode(&self) -> Vec<u8> {
         debug_assert!(self.validate().is_ok(), "{:?}", self.validate());
         let source = self.source.as_deref().unwrap_or("");
-        let mut out = Vec::with_capacity(84 + self.name.as_str().len() + 16 * self.origins.len());
+        let mut out = Vec::with_capacity(
+            88 + self.name.as_str().len() + 16 * self.origins.len() + 20 * self.inherited.len(),
+        );
         out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&HEADER_VERSION.to_le_bytes());
         out.extend_from_slice(&self.flags.0.to_le_bytes());
         out.extend_from_slice(&0u32.to_le_bytes());
         out.extend_from_slice(self.uuid.as_bytes());
@@ -159,6 +184,11 @@ impl MapHeader {
         for o in &self.origins {
             out.extend_from_slice(o.as_bytes());
         }
+        out.extend_from_slice(&(self.inherited.len() as u32).to_le_bytes());
+        for (p, owner) in &self.inherited {
+            out.extend_from_slice(&p.to_le_bytes());
+            out.extend_from_slice(owner.as_bytes());
+        }
         append_checksum(&mut out);
         out
     }
@@ -170,7 +200,7 @@ impl MapHeader {
         let body = verify_checksum(bytes)?;
         let mut r = Reader::new(&body[8..]);
         let version = r.u16("version")?;
-        if version != FORMAT_VERSION {
+        if version != FORMAT_VERSION && version != HEADER_VERSION {
             return Err(MapFormatError::UnsupportedVersion(version));
         }
         let flags = r.u16("flags")?;
@@ -199,6 +229,22 @@ impl MapHeader {
         for _ in 0..origin_count {
             origins.push(Uuid::from_slice(r.take(16, "origins")?).expect("16 bytes"));
         }
+        let mut inherited = Vec::new();
+        if version >= 2 {
+            let count = r.u32("inherited count")? as usize;
+            // Bounded by the bytes present, never by the count read.
+            if count > r.remaining() / 20 {
+                return Err(MapFormatError::Invalid(
+                    "inherited count past the end".into(),
+                ));
+            }
+            inherited.reserve(count);
+            for _ in 0..count {
+                let p = r.u32("inherited page")?;
+                let owner = Uuid::from_slice(r.take(16, "inherited owner")?).expect("16 bytes");
+                inherited.push((p, owner));
+            }
+        }
         if r.remaining() != 0 {
             return Err(MapFormatError::Invalid("trailing bytes".into()));
         }
@@ -215,6 +261,7 @@ impl MapHeader {
             self_origin: (self_origin != NO_ORIGIN).then_some(self_origin),
             origins,
             source: (!source.is_empty()).then(|| source.to_string()),
+            inherited,
         };
         header.validate()?;
         Ok(header)
@@ -240,7 +287,34 @@ mod tests {
             self_origin: Some(1),
             origins: vec![Uuid::new_v4(), uuid],
             source: Some("snap-a".into()),
+            inherited: vec![(0, Uuid::new_v4()), (5, Uuid::new_v4())],
         }
+    }
+
+    #[test]
+    fn version_1_headers_are_still_read() {
+        let mut h = sample();
+        h.inherited.clear();
+        let mut v1 = h.encode();
+        // Version 1: the same layout without the inherited-page table.
+        v1[8..10].copy_from_slice(&1u16.to_le_bytes());
+        let body = v1.len() - 4 - 4;
+        v1.truncate(body);
+        append_checksum(&mut v1);
+        assert_eq!(MapHeader::decode(&v1).unwrap(), h);
+    }
+
+    #[test]
+    fn bad_inherited_tables_are_refused() {
+        let mut h = sample();
+        h.inherited = vec![(5, Uuid::new_v4()), (0, Uuid::new_v4())];
+        assert!(h.validate().is_err(), "unsorted");
+        let mut h = sample();
+        h.inherited = vec![(64, Uuid::new_v4())];
+        assert!(h.validate().is_err(), "past the last page");
+        let mut h = sample();
+        h.inherited = vec![(1, h.uuid)];
+        assert!(h.validate().is_err(), "from itself");
     }
 
     #[test]

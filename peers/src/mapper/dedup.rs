@@ -90,6 +90,7 @@ impl Mapper {
         let mut report = DedupReport::default();
         let pe = map.header.page_entries as u64;
         let mut buf = vec![0u8; map.header.block_size as usize];
+        let mut converted_pages = BTreeMap::new();
         for p in 0..map.pages.len() as u32 {
             let mut page = map.pages[p as usize].page.clone();
             let mut changed = false;
@@ -123,10 +124,17 @@ impl Mapper {
                 changed = true;
             }
             if changed {
-                // The content must be durable before the map refers to it.
-                self.data.flush().await.ctx(&name)?;
-                map.persist_page(self.maps.as_ref(), p, page, None).await?;
+                converted_pages.insert(p, page);
             }
+        }
+        if !converted_pages.is_empty() {
+            // The content must be durable before a map refers to it.
+            self.data.flush().await.ctx(&name)?;
+            // Under a new uuid, never in place: clones may inherit (and cache) the old pages,
+            // which must keep naming the objects they read until nothing inherits them.
+            let mut rebased = map.rebased(converted_pages);
+            rebased.persist_replacement(self.maps.as_ref()).await?;
+            map = rebased;
         }
         // A cached copy of the snapshot is now stale.
         if let Some(v) = self.lookup(&name) {

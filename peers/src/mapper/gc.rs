@@ -9,6 +9,8 @@
 //! - in this mapper, every operation that makes a new reference to an existing object (create,
 //!   snapshot, clone, delete, import, dedup) holds the gate that GC holds exclusively, so none
 //!   is half-done while GC marks and sweeps;
+//! - a page object is live while its map is, or while a live map inherits it (a clone of a
+//!   snapshot reads the snapshot's pages, even after the snapshot itself was deleted);
 //! - MAPW runs freely: the objects it creates are named by the volume's current epoch, and GC
 //!   spares every object at (or past) the current epoch of a live writable map;
 //! - operations of other processes on the same backend are covered by a grace period: objects
@@ -91,6 +93,8 @@ impl Mapper {
         let mut report = GcReport::default();
         let mut live_maps: HashMap<Uuid, LiveMap> = HashMap::new();
         let mut referenced = HashSet::new();
+        // Page objects of other (possibly deleted) maps that live maps inherit.
+        let mut inherited_pages = HashSet::new();
         for header in self.maps.list(HEADER_PREFIX).await.ctx(&here)? {
             let ObjectKind::Header(name) = parse_object(&header.name) else {
                 continue;
@@ -101,6 +105,9 @@ impl Mapper {
                 Err(e) => return Err(e),
             };
             report.maps += 1;
+            for &(p, owner) in &map.header.inherited {
+                inherited_pages.insert(page_object(owner, p));
+            }
             for b in 0..map.block_count() {
                 if let Some(obj) = map.object(b) {
                     referenced.insert(obj);
@@ -118,9 +125,12 @@ impl Mapper {
         for (info, is_page) in candidates {
             report.examined += 1;
             let live = match parse_object(&info.name) {
-                ObjectKind::Page { uuid, page } => live_maps
-                    .get(&uuid)
-                    .is_some_and(|m| page < m.page_count && page_object(uuid, page) == info.name),
+                ObjectKind::Page { uuid, page } => {
+                    inherited_pages.contains(&info.name)
+                        || live_maps.get(&uuid).is_some_and(|m| {
+                            page < m.page_count && page_object(uuid, page) == info.name
+                        })
+                }
                 ObjectKind::Owned { uuid, epoch, .. } => {
                     referenced.contains(&info.name)
                         || live_maps

@@ -282,6 +282,7 @@ impl Mapper {
             map.pages[p as usize] = PageSlot {
                 page,
                 version: Some(version),
+                inherited: None,
             };
         }
         Ok(())

@@ -773,3 +773,138 @@ async fn discarded_block_rewritten_through_another_processs_cached_descriptor_su
     );
     assert!(wrong.is_empty(), "{wrong:#?}");
 }
+
+#[tokio::test]
+async fn clones_of_a_snapshot_inherit_its_pages_and_gc_keeps_them() {
+    let mem = Arc::new(MemoryBlocker::new());
+    let m = Mapper::new(mem.clone(), LockOwner::new("n").unwrap());
+    let now = GcOptions {
+        grace: std::time::Duration::ZERO,
+        dry_run: false,
+    };
+    // 64 blocks over 4 pages of 16 entries, one block written per page.
+    m.create("gold", 64 * BSU, opts()).await.unwrap();
+    for p in 0..4u64 {
+        write(&m, "gold", p * 16 * BSU, &[p as u8 + 1; 4096]).await;
+    }
+    m.snapshot("gold", "gold-s").await.unwrap();
+    let pages = || mem.bytes_stored("pg.");
+    let before = pages();
+
+    // A clone of the snapshot writes its header and no page at all.
+    m.clone_volume("gold-s", "vm1", None).await.unwrap();
+    assert_eq!(pages(), before, "the clone copied pages");
+    let header = MapHeader::decode(
+        &mem.read_map(&header_object(&VolumeName::new("vm1").unwrap()))
+            .await
+            .unwrap()
+            .unwrap()
+            .data,
+    )
+    .unwrap();
+    assert_eq!(header.inherited.len(), 4, "{:?}", header.inherited);
+    for p in 0..4u64 {
+        assert_eq!(
+            read(&m, "vm1", p * 16 * BSU, 4096).await,
+            vec![p as u8 + 1; 4096]
+        );
+    }
+    // A clone of the clone's snapshot inherits from the original snapshot, not a chain.
+    m.snapshot("vm1", "vm1-s").await.unwrap();
+    m.clone_volume("vm1-s", "vm2", None).await.unwrap();
+    assert_eq!(
+        pages(),
+        before,
+        "snapshot and clone of inherited pages copied them"
+    );
+
+    // A write gives the clone its own page; the snapshot and the other clone are unchanged.
+    write(&m, "vm1", 16 * BSU, &[9u8; 4096]).await;
+    assert!(pages() > before, "the written page is the clone's own now");
+    assert_eq!(read(&m, "vm1", 16 * BSU, 4096).await, vec![9u8; 4096]);
+    assert_eq!(read(&m, "vm2", 16 * BSU, 4096).await, vec![2u8; 4096]);
+    assert_eq!(read(&m, "gold-s", 16 * BSU, 4096).await, vec![2u8; 4096]);
+    m.verify("vm1").await.unwrap();
+    m.verify("vm2").await.unwrap();
+
+    // The snapshots and the source go away: GC keeps the pages the clones still read.
+    m.delete("vm1-s").await.unwrap();
+    m.delete("gold-s").await.unwrap();
+    m.delete("gold").await.unwrap();
+    m.gc(now).await.unwrap();
+    for p in 0..4u64 {
+        assert_eq!(
+            read(&m, "vm2", p * 16 * BSU, 4096).await,
+            vec![p as u8 + 1; 4096]
+        );
+    }
+    let reopened = Mapper::new(mem.clone(), LockOwner::new("n2").unwrap());
+    reopened.verify("vm2").await.unwrap();
+    assert_eq!(
+        read(&reopened, "vm2", 48 * BSU, 4096).await,
+        vec![4u8; 4096]
+    );
+
+    // Once no map inherits them, they are garbage.
+    m.delete("vm2").await.unwrap();
+    m.delete("vm1").await.unwrap();
+    m.gc(now).await.unwrap();
+    assert_eq!(pages(), 0);
+}
+
+#[tokio::test]
+async fn a_missing_inherited_page_is_corruption_not_zeros() {
+    let mem = Arc::new(MemoryBlocker::new());
+    let m = Mapper::new(mem.clone(), LockOwner::new("n").unwrap());
+    m.create("v", 16 * BSU, opts()).await.unwrap();
+    write(&m, "v", 0, &[1u8; 4096]).await;
+    m.snapshot("v", "s").await.unwrap();
+    m.clone_volume("s", "c", None).await.unwrap();
+    let s = MapHeader::decode(
+        &mem.read_map(&header_object(&VolumeName::new("s").unwrap()))
+            .await
+            .unwrap()
+            .unwrap()
+            .data,
+    )
+    .unwrap();
+    mem.delete(&crate::map::page_object(s.uuid, 0))
+        .await
+        .unwrap();
+    let fresh = Mapper::new(mem.clone(), LockOwner::new("n2").unwrap());
+    let e = fresh.map_read("c", 0, 4096).await.unwrap_err();
+    assert!(matches!(e, MapperError::Corrupt(_)), "{e:?}");
+}
+
+#[tokio::test]
+async fn dedup_of_a_snapshot_never_changes_pages_a_clone_inherits() {
+    let mem = Arc::new(MemoryBlocker::new());
+    let m = Mapper::new(mem.clone(), LockOwner::new("n").unwrap());
+    let now = GcOptions {
+        grace: std::time::Duration::ZERO,
+        dry_run: false,
+    };
+    m.create("v", 16 * BSU, opts()).await.unwrap();
+    write(&m, "v", 0, &vec![3u8; BSU as usize]).await;
+    m.snapshot("v", "s").await.unwrap();
+    m.clone_volume("s", "c", None).await.unwrap();
+    // The clone is open here with its map cached (it names v's owned object for block 0).
+    m.open("c").await.unwrap();
+    assert_eq!(read(&m, "c", 0, 4096).await, vec![3u8; 4096]);
+    let before = m.info("s").await.unwrap().uuid;
+    // v moves on, so only the snapshot and the clone still refer to block 0's object.
+    write(&m, "v", 0, &vec![4u8; BSU as usize]).await;
+    let r = m.dedup("s").await.unwrap();
+    assert_eq!(r.converted, 1, "{r:?}");
+    assert_ne!(
+        m.info("s").await.unwrap().uuid,
+        before,
+        "dedup rebased the snapshot"
+    );
+    m.gc(now).await.unwrap();
+    // The clone's cached page and its stored (inherited) page both still name a live object.
+    assert_eq!(read(&m, "c", 0, 4096).await, vec![3u8; 4096]);
+    m.verify("c").await.unwrap();
+    assert_eq!(read(&m, "s", 0, 4096).await, vec![3u8; 4096]);
+    m.verify("s").await.unwrap();
+}

@@ -1,6 +1,7 @@
 //! A map held in memory: the decoded header and every page, with the blocker versions they were
 //! read or written at, so that each update is a compare-and-swap against exactly what we hold.
 
+use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use uuid::Uuid;
@@ -28,8 +29,22 @@ pub enum BlockState {
 #[derive(Clone, Debug)]
 pub(crate) struct PageSlot {
     pub page: MapPage,
-    /// Blocker version of the page object; `None` while it does not exist (all ZERO).
+    /// Blocker version of this map's own page object; `None` while it does not exist (the
+    /// page is all ZERO, or inherited).
     pub version: Option<u64>,
+    /// With no own page object: the immutable map whose page object holds these entries (see
+    /// the header's inherited pages). The first write of the page creates an own object.
+    pub inherited: Option<Uuid>,
+}
+
+impl PageSlot {
+    fn zero(page_entries: u32) -> Self {
+        PageSlot {
+            page: MapPage::zero(page_entries),
+            version: None,
+            inherited: None,
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -70,16 +85,14 @@ impl VolumeMap {
             self_origin: Some(0),
             origins: vec![uuid],
             source: None,
+            inherited: Vec::new(),
         };
         Self::with_zero_pages(header)
     }
 
     fn with_zero_pages(header: MapHeader) -> Self {
         let pages = (0..header.page_count())
-            .map(|_| PageSlot {
-                page: MapPage::zero(header.page_entries),
-                version: None,
-            })
+            .map(|_| PageSlot::zero(header.page_entries))
             .collect();
         VolumeMap {
             header,
@@ -91,7 +104,9 @@ impl VolumeMap {
     /// A new map with this map's entries: a read-only snapshot, or a writable clone of `size`
     /// bytes (at least the source's). Entries are copied verbatim; the origin table comes along,
     /// so every OBJECT entry keeps naming the same object and, not being this map's own, is
-    /// SHARED.
+    /// SHARED. A page that cannot change any more (a snapshot's own page, or one the source
+    /// inherits itself) is inherited rather than copied: the new map costs no page write for
+    /// it. Only a writable source's own pages are copied (they will change).
     pub fn derive(&self, name: VolumeName, writable: Option<u64>) -> Result<Self, MapperError> {
         let uuid = Uuid::new_v4();
         let mut origins = self.header.origins.clone();
@@ -126,9 +141,20 @@ impl VolumeMap {
             self_origin,
             origins,
             source: Some(self.header.name.to_string()),
+            inherited: Vec::new(),
         });
-        for (slot, src) in map.pages.iter_mut().zip(&self.pages) {
+        let source_frozen = self.header.read_only();
+        for (p, (slot, src)) in map.pages.iter_mut().zip(&self.pages).enumerate() {
             slot.page = src.page.clone();
+            slot.inherited = match (src.version, src.inherited) {
+                _ if src.page.is_zero() => None,
+                (None, Some(owner)) => Some(owner),
+                (Some(_), _) if source_frozen => Some(self.header.uuid),
+                _ => None,
+            };
+            if let Some(owner) = slot.inherited {
+                map.header.inherited.push((p as u32, owner));
+            }
         }
         map.check_invariants();
         Ok(map)
@@ -173,10 +199,7 @@ impl VolumeMap {
             if window.contains(&u64::from(p)) {
                 pages.push(Self::load_page(maps, name, &header, p).await?);
             } else {
-                pages.push(PageSlot {
-                    page: MapPage::zero(0),
-                    version: None,
-                });
+                pages.push(PageSlot::zero(0));
             }
         }
         Ok(VolumeMap {
@@ -215,20 +238,35 @@ impl VolumeMap {
         p: u32,
     ) -> Result<PageSlot, MapperError> {
         let object = page_object(header.uuid, p);
-        Ok(match maps.read_map(&object).await.ctx(name)? {
-            None => PageSlot {
-                page: MapPage::zero(header.page_entries),
-                version: None,
-            },
-            Some(v) => {
-                let page = MapPage::decode(&v.data, header.uuid, p, header.page_entries)
-                    .map_err(|e| corrupt(&object, e))?;
-                check_page(header, p, &page).map_err(|e| corrupt(&object, e))?;
-                PageSlot {
-                    page,
-                    version: Some(v.version),
-                }
-            }
+        if let Some(v) = maps.read_map(&object).await.ctx(name)? {
+            let page = MapPage::decode(&v.data, header.uuid, p, header.page_entries)
+                .map_err(|e| corrupt(&object, e))?;
+            check_page(header, p, &page).map_err(|e| corrupt(&object, e))?;
+            return Ok(PageSlot {
+                page,
+                version: Some(v.version),
+                inherited: None,
+            });
+        }
+        let Ok(i) = header.inherited.binary_search_by_key(&p, |&(q, _)| q) else {
+            return Ok(PageSlot::zero(header.page_entries));
+        };
+        let owner = header.inherited[i].1;
+        let object = page_object(owner, p);
+        // An inherited page must exist: reading it as ZERO would silently lose data.
+        let v = maps.read_map(&object).await.ctx(name)?.ok_or_else(|| {
+            corrupt(
+                &object,
+                MapFormatError::Invalid(format!("page {p} inherited by {name} is missing")),
+            )
+        })?;
+        let page = MapPage::decode(&v.data, owner, p, header.page_entries)
+            .map_err(|e| corrupt(&object, e))?;
+        check_page(header, p, &page).map_err(|e| corrupt(&object, e))?;
+        Ok(PageSlot {
+            page,
+            version: None,
+            inherited: Some(owner),
         })
     }
 
@@ -323,40 +361,96 @@ impl VolumeMap {
         (p as u32, i)
     }
 
-    /// Write a new version of page `p` (compare-and-swap on the version we hold) and install it.
-    pub async fn persist_page(
-        &mut self,
-        maps: &dyn Blocker,
-        p: u32,
-        mut page: MapPage,
-        fence: Option<&Fence>,
-    ) -> Result<(), MapperError> {
-        let version = write_page(
-            maps,
-            &self.header.name,
-            self.header.uuid,
-            p,
-            &mut page,
-            self.pages[p as usize].version,
-            fence,
-        )
-        .await?;
-        self.pages[p as usize] = PageSlot {
-            page,
-            version: Some(version),
+    /// This snapshot with `changed` pages replaced, under a new uuid: the unchanged pages are
+    /// inherited from wherever they live now. A snapshot's page objects are never rewritten in
+    /// place, because other maps may inherit them (and cache what they read); a changed
+    /// snapshot is a new map that takes over the name (see [`VolumeMap::persist_replacement`]).
+    pub fn rebased(&self, changed: BTreeMap<u32, MapPage>) -> VolumeMap {
+        assert!(self.header.read_only(), "only snapshots are rebased");
+        let mut header = self.header.clone();
+        header.uuid = Uuid::new_v4();
+        header.inherited.clear();
+        let mut pages = Vec::with_capacity(self.pages.len());
+        for (p, slot) in self.pages.iter().enumerate() {
+            let p = p as u32;
+            let new = match changed.get(&p) {
+                Some(page) => PageSlot {
+                    page: page.clone(),
+                    version: None,
+                    inherited: None,
+                },
+                None if slot.page.is_zero() => PageSlot::zero(self.header.page_entries),
+                None => {
+                    let owner = match (slot.version, slot.inherited) {
+                        (None, Some(owner)) => owner,
+                        _ => self.header.uuid,
+                    };
+                    header.inherited.push((p, owner));
+                    PageSlot {
+                        page: slot.page.clone(),
+                        version: None,
+                        inherited: Some(owner),
+                    }
+                }
+            };
+            pages.push(new);
+        }
+        let map = VolumeMap {
+            header,
+            header_version: self.header_version,
+            pages,
         };
+        map.check_invariants();
+        map
+    }
+
+    /// Write a rebased map's own pages, then swap its header in for the old one (compare-and-
+    /// swap on the version the old map was read at).
+    pub async fn persist_replacement(&mut self, maps: &dyn Blocker) -> Result<(), MapperError> {
+        self.write_new_pages(maps).await?;
+        let name = self.header.name.clone();
+        let object = header_object(&name);
+        self.header_version = maps
+            .write_map(
+                &object,
+                &self.header.encode(),
+                Expect::Version(self.header_version),
+                None,
+            )
+            .await
+            .ctx(&name)?;
         Ok(())
     }
 
     /// Write every non-empty page of a map that does not exist yet, then its header (atomic
     /// create: until the header lands, nothing refers to the pages and GC may reclaim them).
     pub async fn persist_new(&mut self, maps: &dyn Blocker) -> Result<(), MapperError> {
+        self.write_new_pages(maps).await?;
+        let name = self.header.name.clone();
+        let object = header_object(&name);
+        let bytes = self.header.encode();
+        self.header_version = maps
+            .write_map(&object, &bytes, Expect::Absent, None)
+            .await
+            .map_err(|e| match e {
+                crate::blocker::BlockerError::VersionMismatch { .. } => {
+                    MapperError::AlreadyExists {
+                        volume: name.to_string(),
+                    }
+                }
+                e => MapperError::from_blocker(&name, e),
+            })?;
+        Ok(())
+    }
+
+    /// The own, non-empty pages of a map nothing refers to yet, as one batch.
+    async fn write_new_pages(&mut self, maps: &dyn Blocker) -> Result<(), MapperError> {
         let name = self.header.name.clone();
         let uuid = self.header.uuid;
         let mut written = Vec::new();
         let mut objects = Vec::new();
         for (p, slot) in self.pages.iter_mut().enumerate() {
-            if slot.page.is_zero() {
+            if slot.page.is_zero() || slot.inherited.is_some() {
                 continue;
             }
             slot.page.compact();
@@ -371,19 +465,6 @@ impl VolumeMap {
         for (p, version) in written.into_iter().zip(versions) {
             self.pages[p].version = Some(version);
         }
-        let object = header_object(&name);
-        let bytes = self.header.encode();
-        self.header_version = maps
-            .write_map(&object, &bytes, Expect::Absent, None)
-            .await
-            .map_err(|e| match e {
-                crate::blocker::BlockerError::VersionMismatch { .. } => {
-                    MapperError::AlreadyExists {
-                        volume: name.to_string(),
-                    }
-                }
-                e => MapperError::from_blocker(&name, e),
-            })?;
         Ok(())
     }
 
@@ -423,10 +504,7 @@ impl VolumeMap {
             .ctx(&header.name)?;
         let pages = header.page_count() as usize;
         while self.pages.len() < pages {
-            self.pages.push(PageSlot {
-                page: MapPage::zero(header.page_entries),
-                version: None,
-            });
+            self.pages.push(PageSlot::zero(header.page_entries));
         }
         self.header = header;
         self.header_version = version;
