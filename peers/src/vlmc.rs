@@ -418,18 +418,23 @@ impl Inner {
     /// from the mapper when they are stale. A failure to read them keeps the old ones (the
     /// I/O itself will report a missing volume).
     async fn throttle(&self, name: &str, vol: &Vol, bytes: u64) -> Duration {
-        let refresh = lock(&vol.throttle).claim_refresh(std::time::Instant::now());
-        if refresh {
-            let got = self
-                .call_again(self.config.mapper_port, || {
-                    Ok(self.client.alloc(Op::Qos, name.as_bytes(), CONTROL_BUF)?)
-                })
-                .await
-                .and_then(|rep| Ok(QosReport::decode(rep.data()?)?));
-            match got {
-                Ok(r) => lock(&vol.throttle).set_limits(r.limits(), std::time::Instant::now()),
-                Err(f) => tracing::debug!(volume = %name, error = %f.message, "reading QoS limits"),
+        let now = std::time::Instant::now();
+        {
+            // The common case: one lock, one clock read.
+            let mut t = lock(&vol.throttle);
+            if !t.claim_refresh(now) {
+                return t.admit(now, bytes);
             }
+        }
+        let got = self
+            .call_again(self.config.mapper_port, || {
+                Ok(self.client.alloc(Op::Qos, name.as_bytes(), CONTROL_BUF)?)
+            })
+            .await
+            .and_then(|rep| Ok(QosReport::decode(rep.data()?)?));
+        match got {
+            Ok(r) => lock(&vol.throttle).set_limits(r.limits(), std::time::Instant::now()),
+            Err(f) => tracing::debug!(volume = %name, error = %f.message, "reading QoS limits"),
         }
         lock(&vol.throttle).admit(std::time::Instant::now(), bytes)
     }
