@@ -301,6 +301,11 @@ one_key mgr.x "$DIR/mgr/x/keyring"
 log "config and keys written in $DIR"
 
 # ---- monitor ---------------------------------------------------------------------
+# ceph-mon refuses to start on a nearly full filesystem ('mon data avail crit') and, being a
+# daemon, says why only in its log; say it here instead.
+free_pct=$(df -P "$DIR" | awk 'NR == 2 { sub("%", "", $5); print 100 - $5 }')
+[ "${free_pct:-100}" -gt 1 ] ||
+    die "the filesystem holding $DIR is ${free_pct}% free; ceph-mon will not start below 2% (free some space)"
 monmaptool --create --fsid "$FSID" --addv a "[v2:127.0.0.1:$PORT,v1:127.0.0.1:$PORT1]" "$DIR/monmap" >/dev/null
 ceph-mon -c "$CONF" --mkfs -i a --monmap "$DIR/monmap" --keyring "$KR" 2>"$DIR/log/mon-mkfs.err" ||
     { cat "$DIR/log/mon-mkfs.err" >&2; die "ceph-mon --mkfs failed"; }
