@@ -24,7 +24,7 @@ use std::sync::Arc;
 use super::volume::{BlockState, PageSlot, VolumeMap, write_page};
 use super::{Mapper, MapperError, OpenVolume, ResultExt};
 use crate::blocker::ObjectName;
-use crate::map::{MapEntry, MapPage, VolumeName};
+use crate::map_format::{MapEntry, MapPage, VolumeName};
 
 /// Where a piece of a volume range lives.
 #[derive(Clone, Debug, PartialEq, Eq)]

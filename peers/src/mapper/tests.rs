@@ -493,7 +493,7 @@ async fn corruption_is_detected_not_used() {
     let info = m.create("v", 2 * BSU, opts()).await.unwrap();
     write(&m, "v", 0, b"x").await;
     m.close("v").await.unwrap();
-    let page = crate::map::page_object(info.uuid, 0);
+    let page = crate::map_format::page_object(info.uuid, 0);
     assert!(mem.corrupt(&page, 60));
     for r in [
         m.open("v").await.map(|_| ()),
@@ -505,7 +505,7 @@ async fn corruption_is_detected_not_used() {
         }
     }
     assert!(m.map_read("v", 0, 1).await.is_err());
-    let header = crate::map::header_object(&crate::map::VolumeName::new("v").unwrap());
+    let header = crate::map_format::header_object(&crate::map_format::VolumeName::new("v").unwrap());
     assert!(mem.corrupt(&header, 20));
     assert!(matches!(m.info("v").await, Err(MapperError::Corrupt(_))));
     assert!(matches!(m.list().await, Err(MapperError::Corrupt(_))));
@@ -868,7 +868,7 @@ async fn a_missing_inherited_page_is_corruption_not_zeros() {
             .data,
     )
     .unwrap();
-    mem.delete(&crate::map::page_object(s.uuid, 0))
+    mem.delete(&crate::map_format::page_object(s.uuid, 0))
         .await
         .unwrap();
     let fresh = Mapper::new(mem.clone(), LockOwner::new("n2").unwrap());

@@ -12,8 +12,8 @@ use tokio::runtime::Handle;
 use xseg::protocol::{Extent as WireExtent, MapReply, NamePayload, extent, flags};
 use xseg::{Op, Peer, Request, Sender, Status};
 
-use crate::blocker_peer;
-use crate::map::{ObjectKind, parse_object};
+use crate::blocker::peer as blocker_peer;
+use crate::map_format::{ObjectKind, parse_object};
 use crate::mapper::{CreateOptions, Extent, GcOptions, Mapper, MapperError};
 use crate::wire::{
     self, CreateRequest, DiscardReply, GcRequest, ListReply, LockState, QosReport, VolumeInfo,
