@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 
 use xseg::{AsyncClient, Op, Peer, Port, Runner, Segment, Status, Stopper};
 
-use crate::blocker::{Blocker, BlockerError, FileBlocker, LockOwner};
 use crate::blocker::peer::BlockerPeer;
+use crate::blocker::{Blocker, BlockerError, FileBlocker, LockOwner};
 use crate::mapper::Mapper;
 use crate::mapper::peer::MapperPeer;
 use crate::registry::{PeerSetEntry, Registration, Registry};

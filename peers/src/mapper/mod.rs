@@ -581,7 +581,9 @@ impl Mapper {
             .await
             .ctx(&everything)?
         {
-            let crate::map_format::ObjectKind::Header(name) = crate::map_format::parse_object(&obj.name) else {
+            let crate::map_format::ObjectKind::Header(name) =
+                crate::map_format::parse_object(&obj.name)
+            else {
                 continue;
             };
             match self.read_header(&name).await {

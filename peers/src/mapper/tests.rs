@@ -505,7 +505,8 @@ async fn corruption_is_detected_not_used() {
         }
     }
     assert!(m.map_read("v", 0, 1).await.is_err());
-    let header = crate::map_format::header_object(&crate::map_format::VolumeName::new("v").unwrap());
+    let header =
+        crate::map_format::header_object(&crate::map_format::VolumeName::new("v").unwrap());
     assert!(mem.corrupt(&header, 20));
     assert!(matches!(m.info("v").await, Err(MapperError::Corrupt(_))));
     assert!(matches!(m.list().await, Err(MapperError::Corrupt(_))));
