@@ -15,6 +15,7 @@ pub mod owner;
 pub mod peer;
 pub mod port;
 pub mod protocol;
+mod recovery;
 pub mod request;
 pub mod ring;
 pub mod segment;
