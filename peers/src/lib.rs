@@ -7,6 +7,7 @@
 pub mod bench;
 pub mod blocker;
 pub mod client;
+pub mod failure;
 pub mod map_format;
 pub mod mapper;
 pub mod peerset;

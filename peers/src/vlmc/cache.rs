@@ -21,7 +21,7 @@ use tokio::sync::{Notify, RwLock};
 use xseg::Status;
 use xseg::protocol::{MapReply, extent};
 
-use super::Failure;
+use crate::failure::Failure;
 use crate::throttle::Throttle;
 
 /// Cached entries per volume before the cache is dropped and rebuilt: bounds memory on huge

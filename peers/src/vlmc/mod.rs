@@ -33,7 +33,8 @@ use tokio::sync::oneshot;
 use xseg::protocol::flags;
 use xseg::{AsyncClient, Op, Peer, Request, Sender, Status};
 
-use crate::wire::{self, ErrorReply, QosReport};
+use crate::failure::Failure;
+use crate::wire::{self, QosReport};
 use cache::{Vol, lock};
 
 /// Where vlmc sends what it does not serve itself.
@@ -57,63 +58,6 @@ impl Default for VlmcConfig {
 
 /// Reply buffer for control calls vlmc makes itself.
 const CONTROL_BUF: u64 = 4096;
-
-/// A failed operation: what goes back to the client.
-struct Failure {
-    status: Status,
-    message: String,
-    holder: Option<String>,
-}
-
-impl Failure {
-    fn new(status: Status, message: impl Into<String>) -> Self {
-        Failure {
-            status,
-            message: message.into(),
-            holder: None,
-        }
-    }
-
-    /// The error a peer sent back, passed on with its message.
-    fn from_reply(rep: &Request) -> Self {
-        let e = ErrorReply::decode(rep.data().unwrap_or(&[])).unwrap_or_default();
-        let status = match rep.status() {
-            Status::Ok => Status::Io,
-            s => s,
-        };
-        Failure {
-            status,
-            message: if e.message.is_empty() {
-                status.to_string()
-            } else {
-                e.message
-            },
-            holder: e.holder,
-        }
-    }
-
-    fn apply(self, req: &mut Request) {
-        wire::fail(req, self.status, &self.message, self.holder.as_deref());
-    }
-}
-
-impl From<xseg::Error> for Failure {
-    fn from(e: xseg::Error) -> Self {
-        let status = match e {
-            xseg::Error::Timeout(_) => Status::TimedOut,
-            xseg::Error::NoPeer(_) => Status::PeerGone,
-            xseg::Error::NoRequest | xseg::Error::NoBuffer(_) => Status::NoSpace,
-            _ => Status::Io,
-        };
-        Failure::new(status, format!("vlmc: {e}"))
-    }
-}
-
-impl From<Status> for Failure {
-    fn from(s: Status) -> Self {
-        Failure::new(s, format!("vlmc: malformed request ({s})"))
-    }
-}
 
 struct Inner {
     /// vlmc's own port: forwarding from it brings replies back to it.

@@ -9,7 +9,8 @@ use xseg::protocol::{MapReply, extent};
 use xseg::{Op, Request, Status};
 
 use super::cache::{Mapping, Meta, Vol, lock};
-use super::{CONTROL_BUF, Failure, Inner, IntoOutcome, Outcome};
+use super::{CONTROL_BUF, Inner, IntoOutcome, Outcome};
+use crate::failure::Failure;
 use crate::wire::{DiscardReply, VolumeInfo};
 
 /// One piece of an I/O within one block.
