@@ -5,6 +5,7 @@
 //! it from their request loops.
 
 pub mod bench;
+pub(crate) mod block_range;
 pub mod blocker;
 pub mod client;
 pub mod failure;

@@ -10,37 +10,9 @@ use xseg::{Op, Request, Status};
 
 use super::cache::{Mapping, Meta, Vol, lock};
 use super::{CONTROL_BUF, Inner, IntoOutcome, Outcome};
+use crate::block_range::{Piece, split};
 use crate::failure::Failure;
 use crate::wire::{DiscardReply, VolumeInfo};
-
-/// One piece of an I/O within one block.
-#[derive(Clone, Copy, Debug)]
-struct Piece {
-    block: u64,
-    object_offset: u64,
-    /// Offset within the request's data.
-    at: u64,
-    len: u64,
-}
-
-fn split(offset: u64, len: u64, bs: u64) -> Vec<Piece> {
-    let mut out = Vec::with_capacity((len / bs + 2) as usize);
-    let mut pos = offset;
-    let end = offset + len;
-    while pos < end {
-        let block = pos / bs;
-        let object_offset = pos % bs;
-        let n = (bs - object_offset).min(end - pos);
-        out.push(Piece {
-            block,
-            object_offset,
-            at: pos - offset,
-            len: n,
-        });
-        pos += n;
-    }
-    out
-}
 
 impl Inner {
     pub(super) async fn meta(&self, name: &str, vol: &Vol, refresh: bool) -> Result<Meta, Failure> {
@@ -366,30 +338,5 @@ impl Inner {
         }
         req.complete(len);
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::split;
-
-    #[test]
-    fn split_cuts_at_block_boundaries() {
-        let p = split(100, 300, 128);
-        let v: Vec<_> = p
-            .iter()
-            .map(|p| (p.block, p.object_offset, p.at, p.len))
-            .collect();
-        assert_eq!(
-            v,
-            vec![
-                (0, 100, 0, 28),
-                (1, 0, 28, 128),
-                (2, 0, 156, 128),
-                (3, 0, 284, 16)
-            ]
-        );
-        assert!(split(5, 0, 128).is_empty());
-        assert_eq!(split(128, 128, 128).len(), 1);
     }
 }
