@@ -32,11 +32,11 @@ use xseg::{AsyncClient, Op, Request, Segment, Status};
 
 pub use crate::mapper::QosLimits;
 use crate::peerset::Ports;
+use crate::wire::{CONTROL_BUF, ErrorReply, ListReply, WireCounters};
 pub use crate::wire::{
     CreateRequest, DedupReport, GcReport, GcRequest, GroupSnapshotRequest, ImportReport, LockState,
     QosReport, VerifyReport, VolumeInfo, VolumeKind,
 };
-use crate::wire::{ErrorReply, ListReply, WireCounters};
 
 /// Why a call failed. Variants name the class of failure; the strings are the peer's message.
 #[derive(Debug, thiserror::Error)]
@@ -133,8 +133,6 @@ impl Default for ClientOptions {
     }
 }
 
-/// Room for control replies (a volume info, an error message, a report).
-const CONTROL_BUF: u64 = 4096;
 /// Room for one page of a LIST reply.
 const LIST_BUF: u64 = 64 << 10;
 

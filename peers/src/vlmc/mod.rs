@@ -34,7 +34,7 @@ use xseg::protocol::flags;
 use xseg::{AsyncClient, Op, Peer, Request, Sender, Status};
 
 use crate::failure::Failure;
-use crate::wire::{self, QosReport};
+use crate::wire::{self, CONTROL_BUF, QosReport};
 use cache::{Vol, lock};
 
 /// Where vlmc sends what it does not serve itself.
@@ -55,9 +55,6 @@ impl Default for VlmcConfig {
         }
     }
 }
-
-/// Reply buffer for control calls vlmc makes itself.
-const CONTROL_BUF: u64 = 4096;
 
 struct Inner {
     /// vlmc's own port: forwarding from it brings replies back to it.

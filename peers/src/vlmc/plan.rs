@@ -9,10 +9,10 @@ use xseg::protocol::{MapReply, extent};
 use xseg::{Op, Request, Status};
 
 use super::cache::{Mapping, Meta, Vol, lock};
-use super::{CONTROL_BUF, Inner, IntoOutcome, Outcome};
+use super::{Inner, IntoOutcome, Outcome};
 use crate::block_range::{Piece, split};
 use crate::failure::Failure;
-use crate::wire::{DiscardReply, VolumeInfo};
+use crate::wire::{self, CONTROL_BUF, DiscardReply, VolumeInfo};
 
 impl Inner {
     pub(super) async fn meta(&self, name: &str, vol: &Vol, refresh: bool) -> Result<Meta, Failure> {
@@ -87,7 +87,7 @@ impl Inner {
         let generation = lock(&vol.cache).generation;
         let op = if write { Op::MapWrite } else { Op::MapRead };
         let make = || {
-            let cap = (4 + blocks * 300).max(CONTROL_BUF);
+            let cap = wire::map_reply_capacity(blocks).max(CONTROL_BUF);
             let mut req = self.client.alloc(op, name.as_bytes(), cap)?;
             req.set_offset(start);
             req.set_size(end - start);
@@ -296,7 +296,8 @@ impl Inner {
         let blocks_n = blocks.len() as u64;
         let op = req.op();
         let make = || {
-            let cap = (12 + blocks_n.min(4) * 300).max(CONTROL_BUF);
+            // Partial blocks, at most one at each end, come back as extents; 4 is headroom.
+            let cap = wire::discard_reply_capacity(blocks_n.min(4)).max(CONTROL_BUF);
             let mut sub = self.client.alloc(op, name.as_bytes(), cap)?;
             sub.set_offset(offset);
             sub.set_size(len);
