@@ -183,18 +183,15 @@ impl Inner {
         let (w, r) = oneshot::channel();
         lock(&self.forwarded).insert(index, w);
         let mut req = req;
-        let mut attempt = 0u32;
+        let mut retry = xseg::SendRetry::new();
         loop {
             match self.port.forward(req, port) {
                 Ok(()) => break,
-                Err((xseg::Error::QueueFull(_) | xseg::Error::QueueCorrupt(_), back))
-                    if attempt < 1000 =>
-                {
+                Err((e, back)) if retry.allows(&e) => {
                     // Momentarily full, or a push that lost a race (see xseg's ring): the
                     // request came back untouched, so send it again.
-                    attempt += 1;
                     req = back;
-                    tokio::task::yield_now().await;
+                    retry.pause().await;
                 }
                 Err((e, back)) => {
                     lock(&self.forwarded).remove(&index);
@@ -342,24 +339,21 @@ impl Inner {
 
     /// One call of vlmc's own, for a request `make` can build again; a failed reply becomes a
     /// failure with its message. A send to a queue that is momentarily full (or reported
-    /// corrupt by a racing producer, see xseg's ring) is retried with a fresh request, because
-    /// `AsyncClient::call` frees a request it could not send.
+    /// corrupt by a racing producer, see xseg's ring) is retried with a fresh request
+    /// ([`AsyncClient::call_again`], by xseg's one retry policy).
     async fn call_again(
         &self,
         port: u32,
         make: impl Fn() -> Result<Request, Failure>,
     ) -> Result<Request, Failure> {
-        let mut attempt = 0u32;
-        loop {
-            match self.client.call(make()?, port, self.config.timeout).await {
-                Err(xseg::Error::QueueFull(_) | xseg::Error::QueueCorrupt(_)) if attempt < 1000 => {
-                    attempt += 1;
-                    tokio::task::yield_now().await;
-                }
-                Err(e) => return Err(e.into()),
-                Ok(rep) if rep.status() == Status::Ok => return Ok(rep),
-                Ok(rep) => return Err(Failure::from_reply(&rep)),
-            }
+        let rep = self
+            .client
+            .call_again(make, port, self.config.timeout)
+            .await?;
+        if rep.status() == Status::Ok {
+            Ok(rep)
+        } else {
+            Err(Failure::from_reply(&rep))
         }
     }
 
