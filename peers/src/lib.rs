@@ -13,6 +13,8 @@ pub mod map_format;
 pub mod mapper;
 pub mod peerset;
 pub mod registry;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub(crate) mod throttle;
 pub mod vlmc;
 pub mod wire;

@@ -126,32 +126,12 @@ fn setup() -> (Arc<Counting>, Mapper) {
 
 /// What vlmc does for a write: MAPW, then write each extent.
 async fn write(m: &Mapper, vol: &str, offset: u64, data: &[u8]) {
-    let extents = m.map_write(vol, offset, data.len() as u64).await.unwrap();
-    for e in extents {
-        let at = (e.volume_offset - offset) as usize;
-        let obj = e.object().expect("MAPW never returns ZERO");
-        m.data_blocker()
-            .write(obj, e.object_offset, &data[at..at + e.length as usize])
-            .await
-            .unwrap();
-    }
+    crate::testing::write(m, vol, offset, data).await.unwrap();
 }
 
+/// What vlmc does for a read: MAPR, then read each extent, zero-filling ZERO extents.
 async fn read(m: &Mapper, vol: &str, offset: u64, len: usize) -> Vec<u8> {
-    let mut out = vec![0xeeu8; len];
-    for e in m.map_read(vol, offset, len as u64).await.unwrap() {
-        let at = (e.volume_offset - offset) as usize;
-        let buf = &mut out[at..at + e.length as usize];
-        match e.object() {
-            None => buf.fill(0),
-            Some(o) => m
-                .data_blocker()
-                .read(o, e.object_offset, buf)
-                .await
-                .unwrap(),
-        }
-    }
-    out
+    crate::testing::read(m, vol, offset, len).await.unwrap()
 }
 
 #[tokio::test]
