@@ -1,0 +1,463 @@
+//! The device server: the process (or, in tests, the thread) that attaches to the segment,
+//! opens the volume at vlmc, creates or recovers the ublk device and serves its queues until
+//! the device is stopped. [`serve_main`] is its command line.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use libublk::UblkFlags;
+use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
+use libublk::io::UblkDev;
+use libublk::sys;
+use peers::client::VolumeClient;
+use xseg::Segment;
+
+use super::control::device_exists;
+use super::features::{features, has};
+use super::queue::{self, IoStats};
+use super::{Result, UblkConfig, UblkError, driver, io_err};
+use crate::devices::{DeviceRecord, DeviceTable, process_start_time};
+
+/// Whether the server creates a new device or takes over one whose server died.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServeMode {
+    /// A new device, with this id or the first free one.
+    Add { dev_id: Option<u32> },
+    /// Re-attach to an existing device (user recovery).
+    Recover { dev_id: u32 },
+}
+
+/// Everything a device server needs.
+#[derive(Clone, Debug)]
+pub struct ServeRequest {
+    pub volume: String,
+    /// Segment name (under /dev/shm) or path.
+    pub segment: String,
+    pub config: UblkConfig,
+    pub mode: ServeMode,
+    pub table: DeviceTable,
+}
+
+impl ServeRequest {
+    /// The server's command line (after the launcher's own arguments); [`ServeRequest::parse`]
+    /// reads it back.
+    pub fn to_args(&self) -> Vec<String> {
+        let c = &self.config;
+        let mut a = vec![
+            "--volume".into(),
+            self.volume.clone(),
+            "--segment".into(),
+            self.segment.clone(),
+            "--state".into(),
+            self.table.path().display().to_string(),
+            "--queues".into(),
+            c.queues.to_string(),
+            "--depth".into(),
+            c.depth.to_string(),
+            "--io-buf-bytes".into(),
+            c.io_buf_bytes.to_string(),
+            "--block-size".into(),
+            c.logical_block_size.to_string(),
+            "--discard-granularity".into(),
+            c.discard_granularity.to_string(),
+            "--max-discard-bytes".into(),
+            c.max_discard_bytes.to_string(),
+            "--user-copy".into(),
+            c.user_copy.to_string(),
+            "--peer-wait-ms".into(),
+            c.peer_wait.as_millis().to_string(),
+            "--vlmc-port".into(),
+            c.vlmc_port.to_string(),
+            "--shared".into(),
+            c.shared.to_string(),
+        ];
+        match self.mode {
+            ServeMode::Add { dev_id: Some(id) } => a.extend(["--dev-id".into(), id.to_string()]),
+            ServeMode::Add { dev_id: None } => {}
+            ServeMode::Recover { dev_id } => a.extend(["--recover".into(), dev_id.to_string()]),
+        }
+        a
+    }
+
+    /// Parses what [`ServeRequest::to_args`] wrote.
+    pub fn parse(args: &[String]) -> Result<ServeRequest> {
+        let mut volume = None;
+        let mut segment = None;
+        let mut state = None;
+        let mut c = UblkConfig::default();
+        let mut mode = ServeMode::Add { dev_id: None };
+        let mut it = args.iter();
+        fn num<T: std::str::FromStr>(k: &str, v: &str) -> Result<T> {
+            v.parse()
+                .map_err(|_| UblkError::Invalid(format!("{k} {v:?}")))
+        }
+        while let Some(k) = it.next() {
+            let v = it
+                .next()
+                .ok_or_else(|| UblkError::Invalid(format!("{k} needs a value")))?;
+            match k.as_str() {
+                "--volume" => volume = Some(v.clone()),
+                "--segment" => segment = Some(v.clone()),
+                "--state" => state = Some(PathBuf::from(v)),
+                "--queues" => c.queues = num(k, v)?,
+                "--depth" => c.depth = num(k, v)?,
+                "--io-buf-bytes" => c.io_buf_bytes = num(k, v)?,
+                "--block-size" => c.logical_block_size = num(k, v)?,
+                "--discard-granularity" => c.discard_granularity = num(k, v)?,
+                "--max-discard-bytes" => c.max_discard_bytes = num(k, v)?,
+                "--user-copy" => c.user_copy = num(k, v)?,
+                "--peer-wait-ms" => c.peer_wait = Duration::from_millis(num(k, v)?),
+                "--vlmc-port" => c.vlmc_port = num(k, v)?,
+                "--shared" => c.shared = num(k, v)?,
+                "--dev-id" => {
+                    mode = ServeMode::Add {
+                        dev_id: Some(num(k, v)?),
+                    }
+                }
+                "--recover" => mode = ServeMode::Recover { dev_id: num(k, v)? },
+                other => return Err(UblkError::Invalid(format!("unknown option {other}"))),
+            }
+        }
+        Ok(ServeRequest {
+            volume: volume.ok_or_else(|| UblkError::Invalid("--volume is required".into()))?,
+            segment: segment.ok_or_else(|| UblkError::Invalid("--segment is required".into()))?,
+            config: c,
+            mode,
+            table: DeviceTable::new(state.unwrap_or_else(DeviceTable::default_path)),
+        })
+    }
+}
+
+/// What a server did, once its device is gone.
+#[derive(Debug)]
+pub struct ServeReport {
+    pub device: Option<DeviceRecord>,
+    pub stats: Arc<IoStats>,
+}
+
+pub(super) fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(io_err("tokio runtime"))
+}
+
+/// Opens the volume at vlmc (taking its lock, unless shared), returning its size.
+pub(super) fn open_volume(segment: &Arc<Segment>, volume: &str, shared: bool) -> Result<u64> {
+    let client = VolumeClient::connect(segment)?;
+    let rt = runtime()?;
+    let info = if shared {
+        rt.block_on(client.open_shared(volume))?
+    } else {
+        rt.block_on(client.open(volume))?
+    };
+    Ok(info.size)
+}
+
+/// Releases the volume at vlmc (its lock) after the device is gone. Best effort: a failure
+/// only delays another node's open until the lock is broken.
+pub(super) fn close_volume(segment: &Arc<Segment>, volume: &str) {
+    let r = VolumeClient::connect(segment)
+        .map_err(UblkError::from)
+        .and_then(|c| Ok(runtime()?.block_on(c.close(volume))?));
+    if let Err(e) = r {
+        tracing::warn!(volume, error = %e, "closing the volume after unmap");
+    }
+}
+
+pub(super) fn attach(segment: &str) -> Result<Arc<Segment>> {
+    Ok(Segment::attach(&xseg::segment_path(segment)?)?)
+}
+
+/// Serves one device in this process until it is stopped (by [`unmap`](super::unmap)); `on_ready` runs once
+/// `/dev/ublkbN` is live and recorded in the table.
+///
+/// In `Add` mode the device is created with user recovery, so killing this process leaves it
+/// waiting for [`recover`](super::recover). In `Recover` mode it takes over such a device.
+pub fn serve(
+    req: &ServeRequest,
+    on_ready: impl FnOnce(&DeviceRecord) + Send + Sync + 'static,
+) -> Result<ServeReport> {
+    let cfg = &req.config;
+    cfg.validate()?;
+    let features = features()?;
+    let segment = attach(&req.segment)?;
+    let vol_size = open_volume(&segment, &req.volume, cfg.shared)?;
+    let lbs = u64::from(cfg.logical_block_size);
+    let size = vol_size / lbs * lbs;
+    if size == 0 {
+        return Err(UblkError::Invalid(format!(
+            "volume {} of {vol_size} bytes is smaller than one block",
+            req.volume
+        )));
+    }
+
+    let ctrl = match req.mode {
+        ServeMode::Add { dev_id } => {
+            if let Some(r) = req.table.find(&req.volume)?
+                && r.volume == req.volume
+                && device_exists(r.dev_id)
+            {
+                return Err(UblkError::AlreadyMapped {
+                    volume: r.volume,
+                    dev_id: r.dev_id,
+                });
+            }
+            let mut flags = 0u64;
+            for f in [
+                u64::from(sys::UBLK_F_USER_RECOVERY),
+                u64::from(sys::UBLK_F_USER_RECOVERY_REISSUE),
+                // Only records the intent (the driver does not check it), harmless elsewhere.
+                sys::UBLK_F_UPDATE_SIZE as u64,
+            ] {
+                if has(features, f) {
+                    flags |= f;
+                }
+            }
+            if !has(features, sys::UBLK_F_USER_RECOVERY) {
+                tracing::warn!("no UBLK_F_USER_RECOVERY: a server restart will fail the device");
+            }
+            if cfg.user_copy && has(features, sys::UBLK_F_USER_COPY) {
+                flags |= u64::from(sys::UBLK_F_USER_COPY);
+            }
+            UblkCtrlBuilder::default()
+                .name("archip")
+                .id(dev_id.map_or(-1, |i| i as i32))
+                .nr_queues(cfg.queues)
+                .depth(cfg.depth)
+                .io_buf_bytes(cfg.io_buf_bytes)
+                .ctrl_flags(flags)
+                .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
+                .build()
+                .map_err(driver("add device"))?
+        }
+        ServeMode::Recover { dev_id } => {
+            let old = UblkCtrl::new_simple(dev_id as i32).map_err(driver("open device"))?;
+            // The successor must have the shape the kernel knows (libublk sizes its per-queue
+            // tables from the builder, not from the kernel).
+            let shape = old.dev_info();
+            // Waits (bounded, inside libublk) until the kernel has noticed the old server's
+            // death and quiesced the device.
+            old.start_user_recover()
+                .map_err(driver("START_USER_RECOVERY"))?;
+            drop(old);
+            UblkCtrlBuilder::default()
+                .name("archip")
+                .id(dev_id as i32)
+                .nr_queues(shape.nr_hw_queues)
+                .depth(shape.queue_depth)
+                .io_buf_bytes(shape.max_io_buf_bytes)
+                .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV)
+                .build()
+                .map_err(driver("open device for recovery"))?
+        }
+    };
+
+    let info = ctrl.dev_info();
+    let dev_id = info.dev_id;
+    // One port per queue, bound before the queues start so that a failure is an error here
+    // rather than a queue that never comes up.
+    let mut ports = Vec::with_capacity(info.nr_hw_queues as usize);
+    for q in 0..info.nr_hw_queues {
+        ports.push(Some(segment.bind_dynamic(&format!("ublk{dev_id}-q{q}"))?));
+    }
+    let ports = Arc::new(Mutex::new(ports));
+    let stats = Arc::new(IoStats::default());
+    let qcfg = Arc::new(queue::QueueConfig {
+        volume: req.volume.clone(),
+        vlmc_port: cfg.vlmc_port,
+        peer_wait: cfg.peer_wait,
+        stats: stats.clone(),
+    });
+
+    let (gran, max_discard) = (cfg.discard_granularity, cfg.max_discard_bytes);
+    let volume = req.volume.clone();
+    let seg_name = req.segment.clone();
+    let tgt_init = move |dev: &mut UblkDev| {
+        let shift = lbs.trailing_zeros() as u8;
+        let depth = dev.dev_info.queue_depth;
+        // Room for the eventfd read and the retry timer beside the io commands.
+        dev.tgt.sq_depth = depth.saturating_mul(2);
+        dev.tgt.cq_depth = depth.saturating_mul(2);
+        dev.tgt.dev_size = size;
+        dev.tgt.params = sys::ublk_params {
+            types: sys::UBLK_PARAM_TYPE_BASIC | sys::UBLK_PARAM_TYPE_DISCARD,
+            basic: sys::ublk_param_basic {
+                // FLUSH must reach vlmc: writes are only durable after one.
+                attrs: sys::UBLK_ATTR_VOLATILE_CACHE,
+                logical_bs_shift: shift,
+                physical_bs_shift: shift.max(12),
+                io_opt_shift: shift.max(12),
+                io_min_shift: shift.max(12),
+                max_sectors: dev.dev_info.max_io_buf_bytes >> 9,
+                dev_sectors: size >> 9,
+                ..Default::default()
+            },
+            discard: sys::ublk_param_discard {
+                discard_alignment: 0,
+                discard_granularity: gran,
+                max_discard_sectors: (max_discard >> 9) as u32,
+                max_write_zeroes_sectors: (max_discard >> 9) as u32,
+                max_discard_segments: 1,
+                reserved0: 0,
+            },
+            ..Default::default()
+        };
+        dev.set_target_json(serde_json::json!({ "volume": volume, "segment": seg_name }));
+        Ok(())
+    };
+    let q_fn = {
+        let ports = ports.clone();
+        let qcfg = qcfg.clone();
+        move |qid: u16, dev: &UblkDev| {
+            let port = ports.lock().unwrap_or_else(|e| e.into_inner())[qid as usize].take();
+            match port {
+                Some(p) => queue::serve_queue(qid, dev, p, &qcfg),
+                None => tracing::error!(qid, "no xseg port for this queue"),
+            }
+        }
+    };
+    let recorded: Arc<Mutex<Option<DeviceRecord>>> = Arc::default();
+    let after_start = {
+        let recorded = recorded.clone();
+        let table = req.table.clone();
+        let volume = req.volume.clone();
+        let segment = req.segment.clone();
+        let shared = cfg.shared;
+        move |ctrl: &UblkCtrl| {
+            let info = ctrl.dev_info();
+            let pid = std::process::id();
+            let rec = DeviceRecord {
+                dev_id: info.dev_id,
+                volume,
+                segment,
+                pid,
+                pid_start: process_start_time(pid).unwrap_or(0),
+                queues: info.nr_hw_queues,
+                depth: info.queue_depth,
+                logical_block_size: 1 << shift_of(lbs),
+                user_copy: info.flags & u64::from(sys::UBLK_F_USER_COPY) != 0,
+                size,
+                shared,
+            };
+            if let Err(e) = table.insert(rec.clone()) {
+                // The device works; only a later recover cannot find it. Say so loudly.
+                tracing::error!(error = %e, "recording the device");
+            }
+            tracing::info!(dev = info.dev_id, volume = %rec.volume, flags = format!("{:#x}", info.flags), "ublk device live");
+            *recorded.lock().unwrap_or_else(|e| e.into_inner()) = Some(rec.clone());
+            on_ready(&rec);
+        }
+    };
+    ctrl.run_target(tgt_init, q_fn, after_start)
+        .map_err(driver("serving the device"))?;
+    drop(ctrl);
+
+    // The device was stopped (unmap): forget it and release the volume.
+    let device = recorded.lock().unwrap_or_else(|e| e.into_inner()).take();
+    if let Some(r) = &device {
+        if let Err(e) = req.table.remove(r.dev_id, Some(r.pid)) {
+            tracing::warn!(error = %e, "removing the device record");
+        }
+    }
+    close_volume(&segment, &req.volume);
+    Ok(ServeReport { device, stats })
+}
+
+pub(super) fn shift_of(v: u64) -> u32 {
+    v.trailing_zeros()
+}
+
+/// The body of the hidden `archip __ublk-serve ARGS...` command that [`map`](super::map) starts: parses
+/// `args` (from [`ServeRequest::to_args`]), serves, and prints `READY <id>` on stdout when the
+/// device is live (then points stdout at /dev/null, so that the parent may go away). Returns
+/// the process exit code.
+pub fn serve_main(args: &[String]) -> i32 {
+    let req = match ServeRequest::parse(args) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("archip ublk server: {e}");
+            return 2;
+        }
+    };
+    let r = serve(&req, |rec| {
+        let mut out = std::io::stdout();
+        let _ = writeln!(out, "READY {}", rec.dev_id);
+        let _ = out.flush();
+        if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+            use std::os::fd::AsRawFd;
+            // SAFETY: dup2 between two descriptors this process owns; fd 1 stays open.
+            unsafe { libc::dup2(null.as_raw_fd(), 1) };
+        }
+    });
+    match r {
+        Ok(rep) => {
+            tracing::info!(
+                stats = %serde_json::to_string(&*rep.stats).unwrap_or_default(),
+                "device stopped"
+            );
+            0
+        }
+        Err(e) => {
+            eprintln!("archip ublk server: {e}");
+            1
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serve_args_round_trip() {
+        let req = ServeRequest {
+            volume: "db".into(),
+            segment: "/run/archip/seg".into(),
+            config: UblkConfig {
+                queues: 3,
+                depth: 128,
+                io_buf_bytes: 1 << 20,
+                logical_block_size: 4096,
+                discard_granularity: 1 << 20,
+                max_discard_bytes: 1 << 28,
+                user_copy: false,
+                peer_wait: Duration::from_millis(1500),
+                vlmc_port: 9,
+                shared: true,
+            },
+            mode: ServeMode::Recover { dev_id: 7 },
+            table: DeviceTable::new("/tmp/x.json"),
+        };
+        let back = ServeRequest::parse(&req.to_args()).unwrap();
+        assert_eq!(back.volume, req.volume);
+        assert_eq!(back.segment, req.segment);
+        assert_eq!(back.config, req.config);
+        assert_eq!(back.mode, req.mode);
+        assert_eq!(back.table.path(), req.table.path());
+        let add = ServeRequest {
+            mode: ServeMode::Add { dev_id: Some(2) },
+            ..req
+        };
+        assert_eq!(ServeRequest::parse(&add.to_args()).unwrap().mode, add.mode);
+    }
+
+    #[test]
+    fn serve_args_reject_garbage() {
+        let s = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(
+            ServeRequest::parse(&s(&["--segment", "x"])).is_err(),
+            "no volume"
+        );
+        assert!(ServeRequest::parse(&s(&["--volume", "v", "--segment", "x", "--depth"])).is_err());
+        assert!(
+            ServeRequest::parse(&s(&["--volume", "v", "--segment", "x", "--depth", "lots"]))
+                .is_err()
+        );
+        assert!(
+            ServeRequest::parse(&s(&["--volume", "v", "--segment", "x", "--bogus", "1"])).is_err()
+        );
+    }
+}
