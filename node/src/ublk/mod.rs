@@ -37,7 +37,7 @@ pub use control::{
 };
 pub use features::{FEATURE_NAMES, feature_names, features};
 pub use queue::IoStats;
-pub use server::{ServeMode, ServeReport, ServeRequest, serve, serve_main};
+pub use server::{ServeArgs, ServeMode, ServeReport, ServeRequest, serve, serve_main};
 
 const CTRL_PATH: &str = "/dev/ublk-control";
 

@@ -40,93 +40,167 @@ pub struct ServeRequest {
     pub table: DeviceTable,
 }
 
-impl ServeRequest {
-    /// The server's command line (after the launcher's own arguments); [`ServeRequest::parse`]
-    /// reads it back.
+/// The server's command line (after the launcher's own arguments): what [`ServeRequest::to_args`]
+/// renders and [`ServeRequest::parse`] reads back. Every option but the volume and the segment
+/// may be left out and then takes [`UblkConfig::default`]'s value, so a launcher only has to
+/// say what differs.
+#[derive(clap::Parser, Clone, Debug, PartialEq, Eq)]
+#[command(name = "archip ublk server", no_binary_name = true)]
+pub struct ServeArgs {
+    #[arg(long)]
+    pub volume: String,
+    /// Segment name (under /dev/shm) or path.
+    #[arg(long)]
+    pub segment: String,
+    /// The device table; default [`DeviceTable::default_path`].
+    #[arg(long)]
+    pub state: Option<PathBuf>,
+    #[arg(long, default_value_t = UblkConfig::default().queues)]
+    pub queues: u16,
+    #[arg(long, default_value_t = UblkConfig::default().depth)]
+    pub depth: u16,
+    #[arg(long, default_value_t = UblkConfig::default().io_buf_bytes)]
+    pub io_buf_bytes: u32,
+    #[arg(long, default_value_t = UblkConfig::default().logical_block_size)]
+    pub block_size: u32,
+    #[arg(long, default_value_t = UblkConfig::default().discard_granularity)]
+    pub discard_granularity: u32,
+    #[arg(long, default_value_t = UblkConfig::default().max_discard_bytes)]
+    pub max_discard_bytes: u64,
+    /// `true` or `false`: a value rather than a bare flag, so that either can be said.
+    #[arg(long, action = clap::ArgAction::Set, default_value_t = UblkConfig::default().user_copy)]
+    pub user_copy: bool,
+    #[arg(long, default_value_t = UblkConfig::default().peer_wait.as_millis() as u64)]
+    pub peer_wait_ms: u64,
+    #[arg(long, default_value_t = UblkConfig::default().vlmc_port)]
+    pub vlmc_port: u32,
+    /// `true` or `false`, like `--user-copy`.
+    #[arg(long, action = clap::ArgAction::Set, default_value_t = UblkConfig::default().shared)]
+    pub shared: bool,
+    /// Create the device with this id (default: the first free one).
+    #[arg(long, conflicts_with = "recover")]
+    pub dev_id: Option<u32>,
+    /// Take over this device, whose server died, instead of creating one.
+    #[arg(long)]
+    pub recover: Option<u32>,
+}
+
+impl ServeArgs {
+    /// The arguments that parse back to `self`.
     pub fn to_args(&self) -> Vec<String> {
-        let c = &self.config;
         let mut a = vec![
             "--volume".into(),
             self.volume.clone(),
             "--segment".into(),
             self.segment.clone(),
-            "--state".into(),
-            self.table.path().display().to_string(),
-            "--queues".into(),
-            c.queues.to_string(),
-            "--depth".into(),
-            c.depth.to_string(),
-            "--io-buf-bytes".into(),
-            c.io_buf_bytes.to_string(),
-            "--block-size".into(),
-            c.logical_block_size.to_string(),
-            "--discard-granularity".into(),
-            c.discard_granularity.to_string(),
-            "--max-discard-bytes".into(),
-            c.max_discard_bytes.to_string(),
-            "--user-copy".into(),
-            c.user_copy.to_string(),
-            "--peer-wait-ms".into(),
-            c.peer_wait.as_millis().to_string(),
-            "--vlmc-port".into(),
-            c.vlmc_port.to_string(),
-            "--shared".into(),
-            c.shared.to_string(),
         ];
-        match self.mode {
-            ServeMode::Add { dev_id: Some(id) } => a.extend(["--dev-id".into(), id.to_string()]),
-            ServeMode::Add { dev_id: None } => {}
-            ServeMode::Recover { dev_id } => a.extend(["--recover".into(), dev_id.to_string()]),
+        if let Some(s) = &self.state {
+            a.extend(["--state".into(), s.display().to_string()]);
+        }
+        a.extend([
+            "--queues".into(),
+            self.queues.to_string(),
+            "--depth".into(),
+            self.depth.to_string(),
+            "--io-buf-bytes".into(),
+            self.io_buf_bytes.to_string(),
+            "--block-size".into(),
+            self.block_size.to_string(),
+            "--discard-granularity".into(),
+            self.discard_granularity.to_string(),
+            "--max-discard-bytes".into(),
+            self.max_discard_bytes.to_string(),
+            "--user-copy".into(),
+            self.user_copy.to_string(),
+            "--peer-wait-ms".into(),
+            self.peer_wait_ms.to_string(),
+            "--vlmc-port".into(),
+            self.vlmc_port.to_string(),
+            "--shared".into(),
+            self.shared.to_string(),
+        ]);
+        if let Some(id) = self.dev_id {
+            a.extend(["--dev-id".into(), id.to_string()]);
+        }
+        if let Some(id) = self.recover {
+            a.extend(["--recover".into(), id.to_string()]);
         }
         a
+    }
+}
+
+impl From<&ServeRequest> for ServeArgs {
+    fn from(r: &ServeRequest) -> Self {
+        let c = &r.config;
+        let (dev_id, recover) = match r.mode {
+            ServeMode::Add { dev_id } => (dev_id, None),
+            ServeMode::Recover { dev_id } => (None, Some(dev_id)),
+        };
+        ServeArgs {
+            volume: r.volume.clone(),
+            segment: r.segment.clone(),
+            state: Some(r.table.path().to_path_buf()),
+            queues: c.queues,
+            depth: c.depth,
+            io_buf_bytes: c.io_buf_bytes,
+            block_size: c.logical_block_size,
+            discard_granularity: c.discard_granularity,
+            max_discard_bytes: c.max_discard_bytes,
+            user_copy: c.user_copy,
+            // Saturates rather than wraps: a wait of 584 million years is as good as forever.
+            peer_wait_ms: u64::try_from(c.peer_wait.as_millis()).unwrap_or(u64::MAX),
+            vlmc_port: c.vlmc_port,
+            shared: c.shared,
+            dev_id,
+            recover,
+        }
+    }
+}
+
+impl From<ServeArgs> for ServeRequest {
+    fn from(a: ServeArgs) -> Self {
+        ServeRequest {
+            volume: a.volume,
+            segment: a.segment,
+            config: UblkConfig {
+                queues: a.queues,
+                depth: a.depth,
+                io_buf_bytes: a.io_buf_bytes,
+                logical_block_size: a.block_size,
+                discard_granularity: a.discard_granularity,
+                max_discard_bytes: a.max_discard_bytes,
+                user_copy: a.user_copy,
+                peer_wait: Duration::from_millis(a.peer_wait_ms),
+                vlmc_port: a.vlmc_port,
+                shared: a.shared,
+            },
+            mode: match a.recover {
+                Some(dev_id) => ServeMode::Recover { dev_id },
+                None => ServeMode::Add { dev_id: a.dev_id },
+            },
+            table: DeviceTable::new(a.state.unwrap_or_else(DeviceTable::default_path)),
+        }
+    }
+}
+
+impl ServeRequest {
+    /// The server's command line (after the launcher's own arguments); [`ServeRequest::parse`]
+    /// reads it back.
+    pub fn to_args(&self) -> Vec<String> {
+        ServeArgs::from(self).to_args()
     }
 
     /// Parses what [`ServeRequest::to_args`] wrote.
     pub fn parse(args: &[String]) -> Result<ServeRequest> {
-        let mut volume = None;
-        let mut segment = None;
-        let mut state = None;
-        let mut c = UblkConfig::default();
-        let mut mode = ServeMode::Add { dev_id: None };
-        let mut it = args.iter();
-        fn num<T: std::str::FromStr>(k: &str, v: &str) -> Result<T> {
-            v.parse()
-                .map_err(|_| UblkError::Invalid(format!("{k} {v:?}")))
-        }
-        while let Some(k) = it.next() {
-            let v = it
-                .next()
-                .ok_or_else(|| UblkError::Invalid(format!("{k} needs a value")))?;
-            match k.as_str() {
-                "--volume" => volume = Some(v.clone()),
-                "--segment" => segment = Some(v.clone()),
-                "--state" => state = Some(PathBuf::from(v)),
-                "--queues" => c.queues = num(k, v)?,
-                "--depth" => c.depth = num(k, v)?,
-                "--io-buf-bytes" => c.io_buf_bytes = num(k, v)?,
-                "--block-size" => c.logical_block_size = num(k, v)?,
-                "--discard-granularity" => c.discard_granularity = num(k, v)?,
-                "--max-discard-bytes" => c.max_discard_bytes = num(k, v)?,
-                "--user-copy" => c.user_copy = num(k, v)?,
-                "--peer-wait-ms" => c.peer_wait = Duration::from_millis(num(k, v)?),
-                "--vlmc-port" => c.vlmc_port = num(k, v)?,
-                "--shared" => c.shared = num(k, v)?,
-                "--dev-id" => {
-                    mode = ServeMode::Add {
-                        dev_id: Some(num(k, v)?),
-                    }
-                }
-                "--recover" => mode = ServeMode::Recover { dev_id: num(k, v)? },
-                other => return Err(UblkError::Invalid(format!("unknown option {other}"))),
-            }
-        }
-        Ok(ServeRequest {
-            volume: volume.ok_or_else(|| UblkError::Invalid("--volume is required".into()))?,
-            segment: segment.ok_or_else(|| UblkError::Invalid("--segment is required".into()))?,
-            config: c,
-            mode,
-            table: DeviceTable::new(state.unwrap_or_else(DeviceTable::default_path)),
-        })
+        use clap::Parser;
+        ServeArgs::try_parse_from(args)
+            .map(ServeRequest::from)
+            .map_err(|e| {
+                // clap's first line says what is wrong; the rest is usage, for a person.
+                let msg = e.to_string();
+                let first = msg.lines().next().unwrap_or_default();
+                UblkError::Invalid(first.trim_start_matches("error: ").to_owned())
+            })
     }
 }
 
@@ -442,6 +516,71 @@ mod tests {
             ..req
         };
         assert_eq!(ServeRequest::parse(&add.to_args()).unwrap().mode, add.mode);
+        for mode in [
+            ServeMode::Add { dev_id: None },
+            ServeMode::Add { dev_id: Some(0) },
+            ServeMode::Recover { dev_id: 0 },
+        ] {
+            let r = ServeRequest {
+                mode,
+                ..add.clone()
+            };
+            let back = ServeRequest::parse(&r.to_args()).unwrap();
+            assert_eq!(back.mode, r.mode);
+            assert_eq!(back.config, r.config);
+            assert_eq!(back.table.path(), r.table.path());
+        }
+    }
+
+    #[test]
+    fn serve_args_round_trip_every_field() {
+        use clap::Parser;
+        let all = ServeArgs {
+            volume: "vol with space".into(),
+            segment: "seg".into(),
+            state: Some("/tmp/state.json".into()),
+            queues: 5,
+            depth: 17,
+            io_buf_bytes: 1 << 16,
+            block_size: 4096,
+            discard_granularity: 8192,
+            max_discard_bytes: 1 << 29,
+            user_copy: false,
+            peer_wait_ms: 12_345,
+            vlmc_port: 77,
+            shared: true,
+            dev_id: Some(4),
+            recover: None,
+        };
+        let variants = [
+            all.clone(),
+            ServeArgs {
+                dev_id: None,
+                recover: Some(9),
+                user_copy: true,
+                shared: false,
+                ..all.clone()
+            },
+            ServeArgs {
+                state: None,
+                dev_id: None,
+                ..all.clone()
+            },
+        ];
+        for a in variants {
+            assert_eq!(ServeArgs::try_parse_from(a.to_args()).unwrap(), a);
+        }
+        // Left out, an option takes the default configuration's value, as before clap.
+        let bare = ServeRequest::parse(&[
+            "--volume".into(),
+            "v".into(),
+            "--segment".into(),
+            "s".into(),
+        ])
+        .unwrap();
+        assert_eq!(bare.config, UblkConfig::default());
+        assert_eq!(bare.mode, ServeMode::Add { dev_id: None });
+        assert_eq!(bare.table.path(), DeviceTable::default_path());
     }
 
     #[test]
@@ -458,6 +597,24 @@ mod tests {
         );
         assert!(
             ServeRequest::parse(&s(&["--volume", "v", "--segment", "x", "--bogus", "1"])).is_err()
+        );
+        assert!(
+            ServeRequest::parse(&s(&["--volume", "v", "--segment", "x", "--shared", "yes"]))
+                .is_err()
+        );
+        assert!(
+            ServeRequest::parse(&s(&[
+                "--volume",
+                "v",
+                "--segment",
+                "x",
+                "--dev-id",
+                "1",
+                "--recover",
+                "2"
+            ]))
+            .is_err(),
+            "a new device and a recovery at once"
         );
     }
 }
