@@ -31,12 +31,12 @@ use std::time::Duration;
 use libublk::sys;
 
 use crate::devices::DevicesError;
+pub use crate::io_stats::IoStats;
 pub use control::{
     DeviceState, Launcher, MapRequest, MappedDevice, device_state, map, recover, resize,
     showmapped, unmap,
 };
 pub use features::{FEATURE_NAMES, feature_names, features};
-pub use queue::IoStats;
 pub use server::{ServeArgs, ServeMode, ServeReport, ServeRequest, serve, serve_main};
 
 const CTRL_PATH: &str = "/dev/ublk-control";

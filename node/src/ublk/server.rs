@@ -16,9 +16,10 @@ use xseg::Segment;
 
 use super::control::device_exists;
 use super::features::{features, has};
-use super::queue::{self, IoStats};
+use super::queue;
 use super::{Result, UblkConfig, UblkError, driver, io_err};
 use crate::devices::{DeviceRecord, DeviceTable, process_start_time};
+use crate::io_stats::{Frontend, IoStats};
 
 /// Whether the server creates a new device or takes over one whose server died.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -338,7 +339,7 @@ pub fn serve(
         ports.push(Some(segment.bind_dynamic(&format!("ublk{dev_id}-q{q}"))?));
     }
     let ports = Arc::new(Mutex::new(ports));
-    let stats = Arc::new(IoStats::default());
+    let stats = Arc::new(IoStats::new(Frontend::Ublk));
     let qcfg = Arc::new(queue::QueueConfig {
         volume: req.volume.clone(),
         vlmc_port: cfg.vlmc_port,
