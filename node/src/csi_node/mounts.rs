@@ -192,6 +192,11 @@ pub(super) fn umount_all(path: &Path) -> CsiResult<()> {
     )))
 }
 
+/// How an error message names a mount's access.
+pub(super) fn rw_word(read_only: bool) -> &'static str {
+    if read_only { "read-only" } else { "read-write" }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,7 +6,7 @@ use csi::status::{Access, AccessKind, CsiError, CsiResult};
 
 use super::filesystems::{apply_mount_group, mount_group};
 use super::mounts::{
-    bind, bound_loop, canonical, mount_at, mount_uses, mounts, top_mount, umount_all,
+    bind, bound_loop, canonical, mount_at, mount_uses, mounts, rw_word, top_mount, umount_all,
 };
 use super::publications::{
     Publication, allows_many, load_publications, publications_file, save_publications,
@@ -51,12 +51,8 @@ pub(super) fn publish(
             return Err(CsiError::AlreadyExists(format!(
                 "{} is published {}, requested {}",
                 target.display(),
-                if m.read_only() {
-                    "read-only"
-                } else {
-                    "read-write"
-                },
-                if read_only { "read-only" } else { "read-write" }
+                rw_word(m.read_only()),
+                rw_word(read_only)
             )));
         }
         match recorded.iter().find(|p| p.target == want.target) {

@@ -7,7 +7,7 @@ use csi::pb::volume_capability::access_mode::Mode;
 use csi::status::{Access, AccessKind, CsiError, CsiResult};
 
 use super::filesystems::{Content, apply_mount_group, mkfs, mount_fs, mount_group, probe};
-use super::mounts::{mount_at, mount_uses, mounts, umount, umount_all};
+use super::mounts::{mount_at, mount_uses, mounts, rw_word, umount, umount_all};
 use super::{BLOCK_DEVICE_FILE, DEFAULT_FS_TYPE, NodeOptions, io_err, record, ublk_err};
 use crate::devices::DeviceRecord;
 use crate::ublk::{self, DeviceState, MapRequest, UblkConfig, UblkError};
@@ -116,11 +116,7 @@ pub(super) fn stage(o: &NodeOptions, name: &str, staging: &Path, access: &Access
                     return Err(CsiError::AlreadyExists(format!(
                         "{} is staged {}",
                         staging.display(),
-                        if m.read_only() {
-                            "read-only"
-                        } else {
-                            "read-write"
-                        }
+                        rw_word(m.read_only())
                     )));
                 }
                 if let Some(gid) = group

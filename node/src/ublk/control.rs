@@ -111,14 +111,11 @@ pub(super) fn launch(launcher: &Launcher, req: &ServeRequest, log: &Path) -> Res
     }
 }
 
-/// `archip map VOLUME`: starts a server for the volume and returns its live device.
-pub fn map(req: &MapRequest, launcher: &Launcher) -> Result<DeviceRecord> {
-    req.config.validate()?;
-    if !available() {
-        return Err(UblkError::NoDriver);
-    }
-    if let Some(r) = req.table.find(&req.volume)?
-        && r.volume == req.volume
+/// Refuses a second device for a volume whose recorded device still exists: two servers
+/// of one volume on one node would each believe they hold its lock.
+pub(super) fn refuse_if_mapped(table: &DeviceTable, volume: &str) -> Result<()> {
+    if let Some(r) = table.find(volume)?
+        && r.volume == volume
         && device_exists(r.dev_id)
     {
         return Err(UblkError::AlreadyMapped {
@@ -126,6 +123,16 @@ pub fn map(req: &MapRequest, launcher: &Launcher) -> Result<DeviceRecord> {
             dev_id: r.dev_id,
         });
     }
+    Ok(())
+}
+
+/// `archip map VOLUME`: starts a server for the volume and returns its live device.
+pub fn map(req: &MapRequest, launcher: &Launcher) -> Result<DeviceRecord> {
+    req.config.validate()?;
+    if !available() {
+        return Err(UblkError::NoDriver);
+    }
+    refuse_if_mapped(&req.table, &req.volume)?;
     let sreq = ServeRequest {
         volume: req.volume.clone(),
         segment: req.segment.clone(),
@@ -140,7 +147,7 @@ pub fn map(req: &MapRequest, launcher: &Launcher) -> Result<DeviceRecord> {
         .ok_or_else(|| UblkError::Server(format!("device {id} is live but was not recorded")))
 }
 
-pub(super) fn device_exists(id: u32) -> bool {
+fn device_exists(id: u32) -> bool {
     Path::new(&format!("/dev/ublkc{id}")).exists() || Path::new(&format!("/dev/ublkb{id}")).exists()
 }
 

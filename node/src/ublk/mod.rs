@@ -180,32 +180,21 @@ mod tests {
     #[test]
     fn config_validation() {
         assert!(UblkConfig::default().validate().is_ok());
+        let with = |change: fn(&mut UblkConfig)| {
+            let mut c = UblkConfig::default();
+            change(&mut c);
+            c
+        };
         let bad = [
-            UblkConfig {
-                logical_block_size: 1024,
-                ..Default::default()
-            },
-            UblkConfig {
-                queues: 0,
-                ..Default::default()
-            },
-            UblkConfig {
-                depth: 0,
-                ..Default::default()
-            },
-            UblkConfig {
-                io_buf_bytes: 3000,
-                ..Default::default()
-            },
-            UblkConfig {
-                logical_block_size: 4096,
-                discard_granularity: 512,
-                ..Default::default()
-            },
-            UblkConfig {
-                max_discard_bytes: 1 << 50,
-                ..Default::default()
-            },
+            with(|c| c.logical_block_size = 1024),
+            with(|c| c.queues = 0),
+            with(|c| c.depth = 0),
+            with(|c| c.io_buf_bytes = 3000),
+            with(|c| {
+                c.logical_block_size = 4096;
+                c.discard_granularity = 512;
+            }),
+            with(|c| c.max_discard_bytes = 1 << 50),
         ];
         for c in bad {
             assert!(c.validate().is_err(), "{c:?} should be refused");

@@ -14,7 +14,7 @@ use libublk::sys;
 use peers::client::VolumeClient;
 use xseg::Segment;
 
-use super::control::device_exists;
+use super::control::refuse_if_mapped;
 use super::features::{features, has};
 use super::queue;
 use super::{Result, UblkConfig, UblkError, driver, io_err};
@@ -271,15 +271,7 @@ pub fn serve(
 
     let ctrl = match req.mode {
         ServeMode::Add { dev_id } => {
-            if let Some(r) = req.table.find(&req.volume)?
-                && r.volume == req.volume
-                && device_exists(r.dev_id)
-            {
-                return Err(UblkError::AlreadyMapped {
-                    volume: r.volume,
-                    dev_id: r.dev_id,
-                });
-            }
+            refuse_if_mapped(&req.table, &req.volume)?;
             let mut flags = 0u64;
             for f in [
                 u64::from(sys::UBLK_F_USER_RECOVERY),
