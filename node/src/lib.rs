@@ -2,9 +2,11 @@
 //!
 //! - [`ublk`]: volumes as `/dev/ublkbN` block devices (libublk), served over xseg by vlmc,
 //!   surviving restarts of their server process (user recovery);
-//! - [`devices`]: the state file recording which device serves which volume.
+//! - [`devices`]: the state file recording which device serves which volume;
+//! - [`io_stats`]: the I/O counters both frontends keep.
 
 pub mod csi_node;
 pub mod devices;
+pub mod io_stats;
 pub mod nbd;
 pub mod ublk;

@@ -37,7 +37,6 @@ use std::net::SocketAddr;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use peers::client::VolumeClient;
@@ -45,6 +44,8 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
+pub use crate::io_stats::IoStats;
+use crate::io_stats::{Frontend, bump};
 pub use bench::{BenchOptions, bench};
 
 /// Which volumes a server exports, by NBD export name.
@@ -180,59 +181,13 @@ pub enum NbdError {
     Bench(String),
 }
 
-/// Counters of one server, counted where the work happens.
-#[derive(Debug, Default)]
-pub struct Stats {
-    pub connections: AtomicU64,
-    /// Connections ended for a protocol violation (garbage, bad magic, bad flags, timeout).
-    pub protocol_errors: AtomicU64,
-    pub reads: AtomicU64,
-    pub writes: AtomicU64,
-    pub flushes: AtomicU64,
-    pub trims: AtomicU64,
-    pub write_zeroes: AtomicU64,
-    pub bytes_read: AtomicU64,
-    pub bytes_written: AtomicU64,
-    /// Requests merged into the volume call of the request before them.
-    pub merged: AtomicU64,
-    /// Requests refused before any work (range, flags, unknown command).
-    pub refused: AtomicU64,
-    /// Requests that failed in the volume layer.
-    pub failed: AtomicU64,
-}
-
-impl Stats {
-    fn bump(c: &AtomicU64, n: u64) {
-        c.fetch_add(n, Relaxed);
-    }
-
-    /// The counters as JSON.
-    pub fn json(&self) -> serde_json::Value {
-        let g = |c: &AtomicU64| c.load(Relaxed);
-        serde_json::json!({
-            "connections": g(&self.connections),
-            "protocol_errors": g(&self.protocol_errors),
-            "reads": g(&self.reads),
-            "writes": g(&self.writes),
-            "flushes": g(&self.flushes),
-            "trims": g(&self.trims),
-            "write_zeroes": g(&self.write_zeroes),
-            "bytes_read": g(&self.bytes_read),
-            "bytes_written": g(&self.bytes_written),
-            "merged": g(&self.merged),
-            "refused": g(&self.refused),
-            "failed": g(&self.failed),
-        })
-    }
-}
-
 /// What every connection of a server shares.
 struct Shared {
     client: Arc<VolumeClient>,
     config: NbdConfig,
     /// Bytes of READ/WRITE data in flight, server-wide.
     budget: Arc<Semaphore>,
-    stats: Arc<Stats>,
+    stats: Arc<IoStats>,
 }
 
 /// Removes the unix socket file when the server goes away, however it ends.
@@ -305,7 +260,7 @@ impl NbdServer {
                 client,
                 budget: Arc::new(Semaphore::new(config.inflight_bytes as usize)),
                 config,
-                stats: Arc::default(),
+                stats: Arc::new(IoStats::new(Frontend::Nbd)),
             }),
         })
     }
@@ -316,14 +271,14 @@ impl NbdServer {
     }
 
     /// Live counters (also returned by [`run`](Self::run) at the end).
-    pub fn stats(&self) -> Arc<Stats> {
+    pub fn stats(&self) -> Arc<IoStats> {
         self.shared.stats.clone()
     }
 
     /// Accepts and serves connections until `shutdown` completes; then stops accepting, lets
     /// in-flight requests finish (up to the drain timeout), flushes what connections wrote,
     /// closes them and removes the unix socket.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<Arc<Stats>, NbdError> {
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<Arc<IoStats>, NbdError> {
         let NbdServer { unix, tcp, shared } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
         let slots = Arc::new(Semaphore::new(shared.config.max_connections));
@@ -352,7 +307,7 @@ impl NbdServer {
                 );
                 continue;
             };
-            Stats::bump(&shared.stats.connections, 1);
+            bump(&shared.stats.connections, 1);
             let shared = shared.clone();
             let stop = stop_rx.clone();
             conns.spawn(async move {
@@ -386,7 +341,7 @@ pub async fn serve(
     client: Arc<VolumeClient>,
     config: NbdConfig,
     shutdown: impl Future<Output = ()>,
-) -> Result<Arc<Stats>, NbdError> {
+) -> Result<Arc<IoStats>, NbdError> {
     NbdServer::bind(client, config)?.run(shutdown).await
 }
 
@@ -435,13 +390,13 @@ async fn serve_connection<S: transmission::IntoHalves>(
         Ok(Ok(None)) => return,
         Ok(Err(e)) => {
             if e.is_violation() {
-                Stats::bump(&shared.stats.protocol_errors, 1);
+                bump(&shared.stats.protocol_errors, 1);
             }
             tracing::debug!(error = %e, "nbd: handshake ended");
             return;
         }
         Err(_) => {
-            Stats::bump(&shared.stats.protocol_errors, 1);
+            bump(&shared.stats.protocol_errors, 1);
             tracing::debug!("nbd: handshake timed out");
             return;
         }

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use node::nbd::bench::ScratchPeerSet;
 use node::nbd::proto::{self, cmd, errno, opt, rep};
-use node::nbd::{NbdConfig, NbdServer, Stats};
+use node::nbd::{IoStats, NbdConfig, NbdServer};
 use peers::client::VolumeClient;
 use peers::peerset::Ports;
 use tokio::sync::oneshot;
@@ -38,9 +38,9 @@ struct Served {
     client: Arc<VolumeClient>,
     socket: PathBuf,
     tcp: Option<std::net::SocketAddr>,
-    stats: Arc<Stats>,
+    stats: Arc<IoStats>,
     stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<Result<Arc<Stats>, node::nbd::NbdError>>>,
+    task: Option<tokio::task::JoinHandle<Result<Arc<IoStats>, node::nbd::NbdError>>>,
 }
 
 impl Served {
@@ -77,7 +77,7 @@ impl Served {
     }
 
     /// Stops the server and waits for it; the socket file must be gone afterwards.
-    async fn stop(mut self) -> Arc<Stats> {
+    async fn stop(mut self) -> Arc<IoStats> {
         let _ = self.stop.take().unwrap().send(());
         let stats = self.task.take().unwrap().await.unwrap().expect("server");
         assert!(!self.socket.exists(), "socket file left behind");

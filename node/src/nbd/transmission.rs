@@ -25,7 +25,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 use super::handshake::Export;
 use super::proto::{self, Limits, Op, RequestHeader, errno};
-use super::{Shared, Stats, stopped};
+use super::{IoStats, Shared, stopped};
+use crate::io_stats::bump;
 
 /// Largest piece of explicit zeros written for WRITE_ZEROES with NO_HOLE.
 const ZERO_CHUNK: usize = 1 << 20;
@@ -81,7 +82,7 @@ enum End {
 struct Conn {
     client: Arc<VolumeClient>,
     export: Export,
-    stats: Arc<Stats>,
+    stats: Arc<IoStats>,
     /// Writes completed since the last successful FLUSH started: flushed at the end.
     dirty: AtomicBool,
 }
@@ -107,7 +108,7 @@ pub(super) async fn run<S: IntoHalves>(
     let end = read_requests(rd, &conn, &shared, &slots, &tx, stop).await;
     match &end {
         End::Garbage(e) => {
-            Stats::bump(&conn.stats.protocol_errors, 1);
+            bump(&conn.stats.protocol_errors, 1);
             tracing::warn!(export = %conn.export.name, error = %e, "nbd: disconnecting a client that sent garbage");
         }
         End::Io(e) => {
@@ -168,7 +169,7 @@ where
         let op = match header.validate(&limits) {
             Ok(op) => op,
             Err(refused) => {
-                Stats::bump(&conn.stats.refused, 1);
+                bump(&conn.stats.refused, 1);
                 tracing::debug!(
                     handle = header.handle,
                     kind = header.kind,
@@ -242,7 +243,7 @@ where
             } = batch;
             let result = execute(&conn, op, pieces.len() as u64, payload).await;
             if let Err(e) = &result {
-                Stats::bump(&conn.stats.failed, pieces.len() as u64);
+                bump(&conn.stats.failed, pieces.len() as u64);
                 tracing::debug!(export = %conn.export.name, ?op, error = %e, "nbd: request failed");
             }
             let (error, data) = match result {
@@ -313,7 +314,7 @@ async fn merge_buffered<R: AsyncRead + Unpin>(
     merge_limit: u32,
     budget: &Arc<Semaphore>,
     slots: &Arc<Semaphore>,
-    stats: &Stats,
+    stats: &IoStats,
 ) -> std::io::Result<()> {
     let limit = u64::from(merge_limit);
     loop {
@@ -363,7 +364,7 @@ async fn merge_buffered<R: AsyncRead + Unpin>(
         if let (Op::Write { len, .. }, Some(data)) = (op, batch.payload.as_mut()) {
             read_payload(rd, data, len).await?;
         }
-        Stats::bump(&stats.merged, 1);
+        bump(&stats.merged, 1);
         batch.op = merged;
         batch.pieces.push((next.handle, len_of(&op)));
         batch.slots.push(slot);
@@ -428,7 +429,7 @@ where
 }
 
 async fn flush(conn: &Conn) -> Result<(), ClientError> {
-    Stats::bump(&conn.stats.flushes, 1);
+    bump(&conn.stats.flushes, 1);
     let was = conn.dirty.swap(false, AcqRel);
     let r = retry_pool(|| conn.client.flush(&conn.export.name)).await;
     if r.is_err() && was {
@@ -449,7 +450,7 @@ async fn execute(
     let stats = &conn.stats;
     match op {
         Op::Read { offset, len } => {
-            Stats::bump(&stats.reads, n);
+            bump(&stats.reads, n);
             let mut buf = vec![0u8; len as usize];
             if len > 0 {
                 let mut attempt = 0;
@@ -464,18 +465,18 @@ async fn execute(
                     }
                 }
             }
-            Stats::bump(&stats.bytes_read, u64::from(len));
+            bump(&stats.bytes_read, u64::from(len));
             Ok(Some(buf))
         }
         Op::Write { offset, len, fua } => {
-            Stats::bump(&stats.writes, n);
+            bump(&stats.writes, n);
             let data = payload.unwrap_or_default();
             debug_assert_eq!(data.len(), len as usize);
             if len > 0 {
                 retry_pool(|| c.write(vol, offset, &data)).await?;
                 conn.dirty.store(true, Release);
             }
-            Stats::bump(&stats.bytes_written, u64::from(len));
+            bump(&stats.bytes_written, u64::from(len));
             if fua {
                 flush(conn).await?;
             }
@@ -483,7 +484,7 @@ async fn execute(
         }
         Op::Flush => flush(conn).await.map(|()| None),
         Op::Trim { offset, len, fua } => {
-            Stats::bump(&stats.trims, 1);
+            bump(&stats.discards, 1);
             if len > 0 {
                 retry_pool(|| c.discard(vol, offset, u64::from(len))).await?;
                 conn.dirty.store(true, Release);
@@ -499,7 +500,7 @@ async fn execute(
             fua,
             no_hole,
         } => {
-            Stats::bump(&stats.write_zeroes, 1);
+            bump(&stats.write_zeroes, 1);
             if len > 0 {
                 if no_hole {
                     // The client wants the range provisioned: store real zeros rather than
@@ -601,7 +602,7 @@ mod tests {
             slots: vec![slots.clone().try_acquire_owned().unwrap()],
             bytes: Some(budget.clone().try_acquire_many_owned(len_of(&op)).unwrap()),
         };
-        let stats = Stats::default();
+        let stats = IoStats::new(crate::io_stats::Frontend::Nbd);
         merge_buffered(
             &mut rd,
             &mut batch,

@@ -23,7 +23,7 @@
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
+use std::sync::atomic::{AtomicBool, Ordering::*};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -31,8 +31,9 @@ use io_uring::{opcode, types};
 use libublk::helpers::IoBuf;
 use libublk::io::{BufDescList, UblkDev, UblkIOCtx, UblkQueue};
 use libublk::{BufDesc, UblkIORes, sys};
-use serde::Serialize;
 use xseg::{Op, Port, Request, Sender, Status};
+
+use crate::io_stats::{IoStats, bump};
 
 /// Tags (in io_uring user data) of this module's own target operations; real tags are below
 /// the queue depth (at most 4096).
@@ -42,30 +43,6 @@ const TIMER_TAG: u16 = u16::MAX - 1;
 const CONTROL_BUF: u64 = 4096;
 /// How often deferred requests are retried.
 const RETRY_INTERVAL: Duration = Duration::from_millis(10);
-
-/// Counters of one device (all queues), for the report and for tests.
-#[derive(Debug, Default, Serialize)]
-pub struct IoStats {
-    pub reads: AtomicU64,
-    pub writes: AtomicU64,
-    pub flushes: AtomicU64,
-    pub discards: AtomicU64,
-    pub write_zeroes: AtomicU64,
-    pub errors: AtomicU64,
-    /// Requests put back for a later try (no buffer, vlmc restarting).
-    pub retries: AtomicU64,
-    pub bytes_read: AtomicU64,
-    pub bytes_written: AtomicU64,
-    /// Bytes this process copied with memcpy between ublk's per-tag buffers and the segment
-    /// (the fallback path: the kernel made a copy too).
-    pub memcpy_bytes: AtomicU64,
-    /// Bytes the kernel copied directly between its pages and the segment (`UBLK_F_USER_COPY`).
-    pub user_copy_bytes: AtomicU64,
-}
-
-fn bump(c: &AtomicU64, n: u64) {
-    c.fetch_add(n, Relaxed);
-}
 
 /// What a queue needs to know, shared by all queues of a device.
 pub(crate) struct QueueConfig {
