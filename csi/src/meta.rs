@@ -19,6 +19,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use peers::backend::{BackendConfig, BackendError, Store};
 use peers::blocker::{Blocker, BlockerError, Expect, ObjectName};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -187,6 +188,12 @@ impl MetaStore {
     /// Records live in `backend`'s map objects.
     pub fn new(backend: Arc<dyn Blocker>) -> Self {
         Self { backend }
+    }
+
+    /// Records in the records store of a configured backend (for the file backend,
+    /// `<dir>/csi`), apart from the volumes' objects.
+    pub fn open(backend: &BackendConfig) -> Result<Self, BackendError> {
+        Ok(Self::new(backend.open(Store::Records)?))
     }
 
     fn object(kind: RecordKind, id: &str) -> Result<ObjectName, MetaError> {
