@@ -35,8 +35,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::{
-    BackendId, Blocker, BlockerError, Capacity, BlockerFuture, Expect, Fence, LockInfo, LockOwner, ObjectInfo,
-    ObjectName, Versioned, check_fence, check_range, name_problem,
+    BackendId, Blocker, BlockerError, BlockerFuture, Capacity, Expect, Fence, LockInfo, LockOwner,
+    ObjectInfo, ObjectName, Versioned, check_fence, check_range, name_problem,
 };
 
 /// Open descriptors kept for data objects; opening a file per I/O would triple the syscalls.
@@ -136,9 +136,9 @@ fn fs_capacity(dir: &File) -> io::Result<Capacity> {
     }
     // SAFETY: fstatvfs returned 0, so it initialised `st`.
     let st = unsafe { st.assume_init() };
-    let unit = st.f_frsize as u64;
-    let total = (st.f_blocks as u64).saturating_mul(unit);
-    let available = (st.f_bavail as u64).saturating_mul(unit).min(total);
+    let unit = st.f_frsize;
+    let total = st.f_blocks.saturating_mul(unit);
+    let available = st.f_bavail.saturating_mul(unit).min(total);
     Ok(Capacity { total, available })
 }
 
@@ -888,9 +888,7 @@ impl Blocker for FileBlocker {
     }
 
     fn capacity(&self) -> BlockerFuture<'_, Capacity> {
-        run(move || {
-            fs_capacity(&self.dir).map_err(|e| BlockerError::io(self.root.display(), e))
-        })
+        run(move || fs_capacity(&self.dir).map_err(|e| BlockerError::io(self.root.display(), e)))
     }
 
     fn identity(&self) -> BackendId {

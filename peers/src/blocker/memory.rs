@@ -9,8 +9,8 @@ use std::sync::Mutex;
 use std::time::SystemTime;
 
 use super::{
-    BackendId, Blocker, BlockerError, Capacity, BlockerFuture, Expect, Fence, LockInfo, LockOwner, ObjectInfo,
-    ObjectName, Versioned, check_fence, check_range,
+    BackendId, Blocker, BlockerError, BlockerFuture, Capacity, Expect, Fence, LockInfo, LockOwner,
+    ObjectInfo, ObjectName, Versioned, check_fence, check_range,
 };
 
 #[derive(Debug)]

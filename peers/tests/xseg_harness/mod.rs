@@ -6,7 +6,8 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use peers::blocker::{Blocker, FileBlocker};
+use peers::backend::Store;
+use peers::blocker::Blocker;
 use peers::client::VolumeClient;
 use peers::peerset::{PeerConfig, PeerSet, Ports};
 use xseg::Segment;
@@ -42,8 +43,7 @@ impl Harness {
         config.xseg = test_config();
         config.workers = 4;
         let seg = Segment::create(&segment, &config.xseg).expect("segment");
-        let blocker: Arc<dyn Blocker> =
-            Arc::new(FileBlocker::open(config.objects_dir()).expect("file blocker"));
+        let blocker = config.backend.open(Store::Objects).expect("file blocker");
         let set = PeerSet::start_with(&config, seg, blocker.clone()).expect("peer set");
         Harness {
             set: Some(set),
