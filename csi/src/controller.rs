@@ -109,7 +109,7 @@ impl ControllerConfig {
 }
 
 /// Most blocks a volume may have (the mapper's bound).
-const MAX_BLOCKS: u64 = peers::map::MAX_BLOCKS;
+const MAX_BLOCKS: u64 = peers::map_format::MAX_BLOCKS;
 
 /// The controller's state, shared by the Controller and GroupController
 /// services.
@@ -1480,7 +1480,7 @@ mod tests {
 
     /// A reply as a peer sends it for a blocker error, decoded as the client does.
     fn reply_error(e: peers::blocker::BlockerError) -> ClientError {
-        let status = peers::blocker_peer::status_of(&e);
+        let status = peers::blocker::peer::status_of(&e);
         let reply = peers::wire::ErrorReply {
             message: format!("mapper: {e}"),
             holder: None,

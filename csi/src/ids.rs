@@ -114,7 +114,9 @@ pub fn group_member_id(group_id: &str, volume_id: &str) -> String {
 /// here. Ids made by the CLI (`archip create db`) are accepted too, which lets
 /// an operator import an existing volume as a static PV.
 pub fn backend_name(id: &str) -> Option<&str> {
-    peers::map::volume_name_problem(id).is_none().then_some(id)
+    peers::map_format::volume_name_problem(id)
+        .is_none()
+        .then_some(id)
 }
 
 #[cfg(test)]

@@ -137,20 +137,48 @@ ensure_host_packages() {
   host_cmd fstrim >/dev/null || need+=(util-linux)
   [ "$fio" = 0 ] || host_cmd fio >/dev/null || need+=(fio)
   [ ${#need[@]} -gt 0 ] || return 0
-  local line="apt-get install -y --no-install-recommends ${need[*]}"
+  # qemu-system-x86 must match the installed qemu-utils (qemu-img, qemu-nbd: the NBD tests and
+  # `archip bench nbd` use them): a machine whose qemu-utils comes from backports would otherwise
+  # get the release's older qemu-system-x86, and apt would *remove* qemu-utils to install it.
+  # So ask for the same version, from backports when that is where it came from, and never let
+  # apt remove anything (--no-remove): a conflict fails here, loudly, instead.
+  local extra=()
+  if [[ " ${need[*]} " == *" qemu-system-x86 "* ]]; then
+    local qv; qv=$(dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null || true)
+    if [ -n "$qv" ]; then
+      need=("${need[@]/#qemu-system-x86/qemu-system-x86=$qv}")
+      [[ $qv != *bpo* ]] || extra=(-t "$(. /etc/os-release; echo "$VERSION_CODENAME")-backports")
+    fi
+  fi
+  local line="apt-get install -y --no-install-recommends --no-remove ${extra[*]} ${need[*]}"
   [ "$(id -u)" = 0 ] || die "missing host packages; as root run:  apt-get update && $line"
   log "installing host packages: ${need[*]}"
-  local try
+  local src=() try
+  if [ ${#extra[@]} -gt 0 ]; then src=(-o "Dir::Etc::SourceParts=$(backports_sources)"); fi
   for try in 1 2 3; do   # DPkg::Lock::Timeout waits for a concurrent apt/dpkg
-    if apt-get -o DPkg::Lock::Timeout=300 update -qq >&2 &&
-       DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq \
-         --no-install-recommends "${need[@]}" >/dev/null; then
+    if apt-get -o DPkg::Lock::Timeout=300 "${src[@]}" update -qq >&2 &&
+       DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 "${src[@]}" install -y -qq \
+         --no-install-recommends --no-remove "${extra[@]}" "${need[@]}" >/dev/null; then
       find_busybox || die "busybox-static installed but no static busybox found"
       return 0
     fi
     log "apt-get failed (attempt $try)"; sleep 5
   done
   die "'$line' failed"
+}
+
+# The host's apt sources plus its release's backports, as a private SourceParts directory: the
+# host's own apt configuration stays untouched (backports are only pinned to for one install).
+backports_sources() {
+  local d=$CACHE/apt/host-sources.d codename mirror
+  codename=$(. /etc/os-release; echo "$VERSION_CODENAME")
+  mirror=${ARCHIP_VM_MIRROR:-$(host_mirror)}
+  mirror=${mirror:-http://deb.debian.org/debian}
+  mkdir -p "$d"; rm -f "$d"/*
+  cp /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list "$d"/ 2>/dev/null || true
+  echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror $codename-backports main" \
+    >"$d/archip-backports.list"
+  echo "$d"
 }
 
 # ---------------------------------------------------------- kernel download

@@ -621,7 +621,7 @@ impl Publication {
 
 /// Where the publications of `volume` are recorded.
 fn publications_file(table: &DeviceTable, volume: &str) -> CsiResult<PathBuf> {
-    if let Some(why) = peers::map::volume_name_problem(volume) {
+    if let Some(why) = peers::map_format::volume_name_problem(volume) {
         return Err(CsiError::InvalidArgument(format!(
             "volume name {volume:?}: {why}"
         )));

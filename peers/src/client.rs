@@ -32,11 +32,11 @@ use xseg::{AsyncClient, Op, Request, Segment, Status};
 
 pub use crate::mapper::QosLimits;
 use crate::peerset::Ports;
+use crate::wire::{CONTROL_BUF, ErrorReply, ListReply, WireCounters};
 pub use crate::wire::{
     CreateRequest, DedupReport, GcReport, GcRequest, GroupSnapshotRequest, ImportReport, LockState,
     QosReport, VerifyReport, VolumeInfo, VolumeKind,
 };
-use crate::wire::{ErrorReply, ListReply, WireCounters};
 
 /// Why a call failed. Variants name the class of failure; the strings are the peer's message.
 #[derive(Debug, thiserror::Error)]
@@ -133,8 +133,6 @@ impl Default for ClientOptions {
     }
 }
 
-/// Room for control replies (a volume info, an error message, a report).
-const CONTROL_BUF: u64 = 4096;
 /// Room for one page of a LIST reply.
 const LIST_BUF: u64 = 64 << 10;
 
@@ -212,25 +210,16 @@ impl VolumeClient {
     }
 
     /// Builds a request with `make`, sends it to `port` and waits. A queue that is momentarily
-    /// full (or that a racing producer found inconsistent) gets a fresh request: the transport
-    /// frees one it could not send.
+    /// full (or that a racing producer found inconsistent) gets a fresh request, by xseg's
+    /// [`xseg::SendRetry`] policy.
     async fn send(
         &self,
         port: u32,
         timeout: Duration,
         make: impl Fn() -> Result<Request>,
     ) -> Result<Request> {
-        let mut attempt = 0u32;
-        loop {
-            match self.client.call(make()?, port, timeout).await {
-                Err(xseg::Error::QueueFull(_) | xseg::Error::QueueCorrupt(_)) if attempt < 1000 => {
-                    attempt += 1;
-                    tokio::task::yield_now().await;
-                }
-                Err(e) => return Err(e.into()),
-                Ok(rep) => return Self::checked(rep),
-            }
-        }
+        let rep = self.client.call_again(make, port, timeout).await?;
+        Self::checked(rep)
     }
 
     fn target(name: &str) -> Result<&[u8]> {

@@ -1,4 +1,4 @@
-//! The Archipelago peers' storage core: blockers (storage drivers), the map format, and the
+//! The Archipelago peers' storage core: blockers (storage drivers), the map format (`map_format`), and the
 //! mapper (volumes, copy-on-write, snapshots, clones, locks, dedup, GC).
 //!
 //! This layer is plain async Rust over [`blocker::Blocker`]; the xseg peers wrap it and drive
@@ -6,14 +6,16 @@
 
 pub mod backend;
 pub mod bench;
+pub(crate) mod block_range;
 pub mod blocker;
-pub mod blocker_peer;
 pub mod client;
-pub mod map;
+pub mod failure;
+pub mod map_format;
 pub mod mapper;
-pub mod mapper_peer;
 pub mod peerset;
 pub mod registry;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub(crate) mod throttle;
 pub mod vlmc;
 pub mod wire;

@@ -21,10 +21,10 @@ use std::time::{Duration, Instant};
 use xseg::{AsyncClient, Op, Peer, Port, Runner, Segment, Status, Stopper};
 
 use crate::backend::{BackendConfig, BackendError, Store};
+use crate::blocker::peer::BlockerPeer;
 use crate::blocker::{Blocker, BlockerError, LockOwner};
-use crate::blocker_peer::BlockerPeer;
 use crate::mapper::Mapper;
-use crate::mapper_peer::MapperPeer;
+use crate::mapper::peer::MapperPeer;
 use crate::registry::{PeerSetEntry, Registration, Registry};
 use crate::vlmc::{Vlmc, VlmcConfig};
 

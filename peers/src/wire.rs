@@ -44,6 +44,27 @@ pub use crate::mapper::{DedupReport, GcReport, ImportReport, VerifyReport};
 /// Longest string carried by [`put_str`]; longer messages are cut (at a char boundary).
 pub const MAX_STRING: usize = 1024;
 
+/// Room for a control reply (a volume info, a report, an error message): what a request that
+/// carries no data of its own is allocated with, so that its reply can say why it failed.
+pub const CONTROL_BUF: u64 = 4096;
+
+/// Room for one extent of a `MapReply`, as xseg encodes it: offset (8) + length (8) + flags
+/// (4) + a `u16`-prefixed object name (2 + at most [`crate::blocker::MAX_NAME_LEN`] = 200), so
+/// 222 bytes at most; 300 leaves headroom for a longer name limit.
+const MAP_EXTENT_ROOM: u64 = 300;
+
+/// Bytes to allocate for a MAPR or MAPW reply of up to `extents` extents (one per block): the
+/// extent count (4) and the extents.
+pub fn map_reply_capacity(extents: u64) -> u64 {
+    4 + extents * MAP_EXTENT_ROOM
+}
+
+/// Bytes to allocate for a [`DiscardReply`] of up to `extents` extents: the zeroed-block
+/// count (8) before its map reply.
+pub fn discard_reply_capacity(extents: u64) -> u64 {
+    8 + map_reply_capacity(extents)
+}
+
 /// Writes a `u16`-length-prefixed UTF-8 string, cut to what `MAX_STRING` and the buffer allow.
 /// Truncation rather than failure, because these are messages for humans.
 pub fn put_str(w: &mut Writer<'_>, s: &str, room: usize) -> Result<(), Status> {
@@ -740,5 +761,26 @@ mod tests {
         b[..4].copy_from_slice(&1u32.to_le_bytes());
         b[4..].copy_from_slice(&u32::MAX.to_le_bytes());
         assert_eq!(ListReply::decode(&b), Err(Status::Invalid));
+    }
+
+    #[test]
+    fn map_reply_capacity_holds_extents_with_the_longest_object_names() {
+        let e = xseg::protocol::Extent {
+            object: "o".repeat(crate::blocker::MAX_NAME_LEN),
+            offset: u64::MAX,
+            len: u64::MAX,
+            flags: u32::MAX,
+        };
+        for n in [1usize, 2, 4, 100] {
+            let reply = xseg::protocol::MapReply {
+                extents: vec![e.clone(); n],
+            };
+            assert!(reply.encoded_len() as u64 <= map_reply_capacity(n as u64));
+            let discard = DiscardReply {
+                zeroed_blocks: 1,
+                zero_write: reply,
+            };
+            assert!(discard.encoded_len() as u64 <= discard_reply_capacity(n as u64));
+        }
     }
 }

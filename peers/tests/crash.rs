@@ -192,10 +192,7 @@ fn fail(ctx: &Context, workers: &[Worker], finding: &str) -> ! {
 #[test]
 fn kill_9_peers_under_workload_loses_no_flushed_write() {
     procs::run_child_role();
-    let seed = match std::env::var("ARCHIP_SEED") {
-        Ok(s) => s.parse().expect("ARCHIP_SEED must be a u64"),
-        Err(_) => rand::random(),
-    };
+    let seed = peers::testing::seed_from_env();
     let iterations: u64 = match std::env::var("ARCHIP_CRASH_ITERS") {
         Ok(s) => s.parse().expect("ARCHIP_CRASH_ITERS must be a number"),
         Err(_) => 200,

@@ -2,15 +2,13 @@
 //! one backend, both opened shared. Each node reads what the other wrote (no stale cache), the
 //! first write on a node takes the lock over from the other, and the map stays consistent.
 
-mod xseg_harness;
-
 use std::path::Path;
 
 use peers::backend::Store;
 use peers::client::{ClientError, VolumeClient};
 use peers::peerset::{PeerConfig, PeerSet};
+use peers::testing::test_config;
 use xseg::Segment;
-use xseg_harness::test_config;
 
 const KIB: u64 = 1024;
 const BS: u64 = 64 * KIB;

@@ -2,15 +2,13 @@
 //! (client → vlmc → mapper → file blocker), every read compared with an in-memory model, every
 //! map verified. Replay a failure with the printed `ARCHIP_SEED`; `ARCHIP_OPS` sets the length.
 
-mod xseg_harness;
-
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use peers::client::{ClientError, CreateRequest, GcRequest, VolumeClient, VolumeKind};
+use peers::testing::{ScratchPeerSet, seed};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use xseg_harness::{Harness, seed};
 
 const BS: u64 = 64 << 10;
 
@@ -310,7 +308,7 @@ async fn random_operations_match_the_model() {
         .ok()
         .map(|s| s.parse().expect("ARCHIP_OPS must be a number"))
         .unwrap_or(10_000);
-    let h = Harness::start("model");
+    let h = ScratchPeerSet::start("model");
     let mut run = Run {
         c: Arc::new(h.client()),
         rng: StdRng::seed_from_u64(seed),

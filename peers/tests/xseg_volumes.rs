@@ -1,17 +1,15 @@
 //! Volumes over xseg through `VolumeClient`: the I/O paths, the mapping cache, dedup, and bad
 //! input getting typed errors that change nothing.
 
-mod xseg_harness;
-
 use peers::client::{ClientError, VolumeKind};
 use peers::peerset::Ports;
-use xseg_harness::Harness;
+use peers::testing::ScratchPeerSet;
 
 const KIB: u64 = 1024;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn smoke_create_write_read_snapshot_clone() {
-    let h = Harness::start("smoke");
+    let h = ScratchPeerSet::start("smoke");
     let c = h.client();
     let v = c.create("disk", 1 << 20, Some(64 * KIB)).await.unwrap();
     assert_eq!(v.kind, VolumeKind::Volume);
@@ -58,7 +56,7 @@ async fn smoke_create_write_read_snapshot_clone() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn steady_state_writes_to_owned_blocks_skip_the_mapper() {
-    let h = Harness::start("owned");
+    let h = ScratchPeerSet::start("owned");
     let c = h.client();
     c.create("vol", 4 << 20, Some(64 * KIB)).await.unwrap();
     // First write: MAPW makes the block owned and vlmc caches it.
@@ -113,7 +111,7 @@ async fn steady_state_writes_to_owned_blocks_skip_the_mapper() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn importing_the_same_image_twice_stores_it_once() {
-    let h = Harness::start("dedup");
+    let h = ScratchPeerSet::start("dedup");
     let c = h.client();
     let size = 2 << 20;
     let mut image = vec![0u8; size as usize];
@@ -164,7 +162,7 @@ async fn importing_the_same_image_twice_stores_it_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_input_gets_typed_errors_and_changes_nothing() {
-    let h = Harness::start("bad");
+    let h = ScratchPeerSet::start("bad");
     let c = h.client();
     c.create("good", 1 << 20, Some(64 * KIB)).await.unwrap();
     c.write("good", 0, b"keep").await.unwrap();
@@ -267,7 +265,7 @@ async fn bad_input_gets_typed_errors_and_changes_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn locks_are_reported_and_broken_explicitly() {
-    let h = Harness::start("locks");
+    let h = ScratchPeerSet::start("locks");
     let c = h.client();
     c.create("vol", 1 << 20, Some(64 * KIB)).await.unwrap();
     c.write("vol", 0, b"x").await.unwrap();

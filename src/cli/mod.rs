@@ -120,7 +120,7 @@ impl Context {
 
 /// Checks a volume or snapshot name with the peers' rules, so a bad name never reaches them.
 pub fn check_name(what: &str, name: &str) -> Result<(), Refused> {
-    match peers::map::volume_name_problem(name) {
+    match peers::map_format::volume_name_problem(name) {
         None => Ok(()),
         Some(reason) => Err(Refused::invalid(format!(
             "invalid {what} name {name:?}: {reason}"

@@ -205,7 +205,7 @@ fn to_value<T: Serialize>(v: T) -> Outcome<serde_json::Value> {
 
 /// The name rules of the peers, checked here first for a clear message.
 pub fn check_name(name: &str) -> Outcome<()> {
-    match peers::map::volume_name_problem(name) {
+    match peers::map_format::volume_name_problem(name) {
         None => Ok(()),
         Some(reason) => Err(Failure::new(
             ErrorKind::InvalidArgument,

@@ -15,6 +15,7 @@ use crate::error::{Error, Result};
 use crate::port::{Port, Sender};
 use crate::protocol::Op;
 use crate::request::Request;
+use crate::retry::SendRetry;
 use crate::segment::Segment;
 
 type Pending = Arc<Mutex<HashMap<u32, oneshot::Sender<Request>>>>;
@@ -97,6 +98,24 @@ impl AsyncClient {
                 self.pending.lock().unwrap().remove(&index);
                 self.tx.segment().reap();
                 Err(Error::Timeout(timeout))
+            }
+        }
+    }
+
+    /// [`call`](Self::call) for a request that `make` can build again: a send refused for a
+    /// moment is retried by the [`SendRetry`] policy, each time with a fresh request, because
+    /// `call` frees a request it could not send. A failure of `make` ends the call.
+    pub async fn call_again<E: From<Error>>(
+        &self,
+        make: impl Fn() -> std::result::Result<Request, E>,
+        dst: u32,
+        timeout: Duration,
+    ) -> std::result::Result<Request, E> {
+        let mut retry = SendRetry::new();
+        loop {
+            match self.call(make()?, dst, timeout).await {
+                Err(e) if retry.allows(&e) => retry.pause().await,
+                r => return r.map_err(E::from),
             }
         }
     }

@@ -25,6 +25,7 @@ use std::time::SystemTime;
 
 pub mod file;
 pub mod memory;
+pub mod peer;
 
 pub use file::FileBlocker;
 pub use memory::MemoryBlocker;

@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use super::volume::{BlockState, VolumeMap};
 use super::{Mapper, MapperError, ResultExt};
 use crate::blocker::ObjectName;
-use crate::map::{MapPage, VolumeName, content_object};
+use crate::map_format::{MapPage, VolumeName, content_object};
 
 /// What a dedup pass did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -108,7 +108,7 @@ impl Mapper {
                     .ctx(&name)?;
                 let data = strip_zeros(&buf[..len]);
                 if data.is_empty() {
-                    page.set(i, crate::map::MapEntry::Zero);
+                    page.set(i, crate::map_format::MapEntry::Zero);
                     report.zero += 1;
                 } else {
                     let hash: [u8; 32] = Sha256::digest(data).into();
@@ -201,7 +201,7 @@ impl Mapper {
             let stripped = strip_zeros(chunk);
             report.blocks += 1;
             if stripped.is_empty() {
-                entry.0.set(i, crate::map::MapEntry::Zero);
+                entry.0.set(i, crate::map_format::MapEntry::Zero);
                 report.zero += 1;
             } else {
                 let hash: [u8; 32] = Sha256::digest(stripped).into();

@@ -26,7 +26,7 @@ use uuid::Uuid;
 use super::volume::VolumeMap;
 use super::{Mapper, MapperError, ResultExt};
 use crate::blocker::ObjectInfo;
-use crate::map::{
+use crate::map_format::{
     CONTENT_PREFIX, HEADER_PREFIX, OWNED_PREFIX, ObjectKind, PAGE_PREFIX, QOS_PREFIX, VolumeName,
     page_object, parse_object,
 };

@@ -23,8 +23,9 @@ use std::sync::Arc;
 
 use super::volume::{BlockState, PageSlot, VolumeMap, write_page};
 use super::{Mapper, MapperError, OpenVolume, ResultExt};
+use crate::block_range::{self, Piece};
 use crate::blocker::ObjectName;
-use crate::map::{MapEntry, MapPage, VolumeName};
+use crate::map_format::{MapEntry, MapPage, VolumeName};
 
 /// Where a piece of a volume range lives.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -67,34 +68,13 @@ pub struct DiscardOutcome {
     pub zero_write: Vec<Extent>,
 }
 
-#[derive(Clone, Copy, Debug)]
-struct Piece {
-    block: u64,
-    object_offset: u64,
-    volume_offset: u64,
-    length: u64,
-    whole: bool,
+fn pieces(map: &VolumeMap, offset: u64, length: u64) -> Vec<Piece> {
+    block_range::split(offset, length, map.header.block_size as u64)
 }
 
-fn pieces(map: &VolumeMap, offset: u64, length: u64) -> Vec<Piece> {
-    let bs = map.header.block_size as u64;
-    let end = offset + length;
-    let mut out = Vec::new();
-    let mut at = offset;
-    while at < end {
-        let block = at / bs;
-        let object_offset = at % bs;
-        let n = (bs - object_offset).min(end - at);
-        out.push(Piece {
-            block,
-            object_offset,
-            volume_offset: at,
-            length: n,
-            whole: object_offset == 0 && n == map.header.block_len(block),
-        });
-        at += n;
-    }
-    out
+/// Whether `p` covers its whole block, so a write of it needs no copy of the old data.
+fn whole(map: &VolumeMap, p: &Piece) -> bool {
+    p.covers(map.header.block_len(p.block))
 }
 
 fn check_range(map: &VolumeMap, offset: u64, length: u64) -> Result<(), MapperError> {
@@ -114,7 +94,7 @@ fn extents(map: &VolumeMap, offset: u64, length: u64) -> Vec<Extent> {
         .into_iter()
         .map(|p| Extent {
             volume_offset: p.volume_offset,
-            length: p.length,
+            length: p.len,
             block: p.block,
             object_offset: p.object_offset,
             target: map.object(p.block).map_or(Target::Zero, Target::Object),
@@ -231,12 +211,18 @@ impl Mapper {
                     let slot = &map.pages[page as usize];
                     (slot.page.clone(), slot.version)
                 });
-                todo.push((p, state, map.object(p.block), map.owned_object(p.block)));
+                todo.push((
+                    p,
+                    whole(&map, &p),
+                    state,
+                    map.object(p.block),
+                    map.owned_object(p.block),
+                ));
             }
             (todo, pages, map.header.uuid, map.owned_entry())
         };
-        for (piece, state, old, new) in &todo {
-            match (state, piece.whole) {
+        for (_, whole, state, old, new) in &todo {
+            match (state, whole) {
                 // Even a whole-block write truncates: if the write never happens (the writer
                 // dies after MAPW), the block must read as zeros, not as the stale object.
                 (BlockState::Zero, _) => {
@@ -250,7 +236,7 @@ impl Mapper {
             }
         }
         let page_entries = vol.map().header.page_entries as u64;
-        for (piece, _, _, _) in &todo {
+        for (piece, _, _, _, _) in &todo {
             let p = (piece.block / page_entries) as u32;
             let i = (piece.block % page_entries) as usize;
             pages.get_mut(&p).expect("planned").0.set(i, owned_entry);
@@ -316,7 +302,7 @@ impl Mapper {
                     if state == BlockState::Zero {
                         continue;
                     }
-                    if !p.whole {
+                    if !whole(&map, &p) {
                         partial.push(p);
                         continue;
                     }
@@ -346,7 +332,7 @@ impl Mapper {
         for p in partial {
             outcome
                 .zero_write
-                .extend(self.map_write(name, p.volume_offset, p.length).await?);
+                .extend(self.map_write(name, p.volume_offset, p.len).await?);
         }
         Ok(outcome)
     }

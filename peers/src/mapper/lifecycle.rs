@@ -14,7 +14,7 @@ use std::sync::Arc;
 use super::volume::VolumeMap;
 use super::{Mapper, MapperError, OpenVolume, ResultExt, VolumeInfo};
 use crate::blocker::Expect;
-use crate::map::{
+use crate::map_format::{
     DEFAULT_BLOCK_SIZE, DEFAULT_PAGE_ENTRIES, MAX_BLOCK_SIZE, MAX_BLOCKS, MAX_PAGE_ENTRIES,
     MIN_BLOCK_SIZE, MIN_PAGE_ENTRIES, MapEntry, MapHeader, VolumeName, header_object,
 };

@@ -17,12 +17,14 @@
 //!   snapshot), and a short synchronous `RwLock` guards the cached map itself.
 //!
 //! Files: `volume.rs` (the cached map), `io.rs` (MAPR, MAPW, discard), `lifecycle.rs` (create,
-//! resize, delete, snapshot, clone), `dedup.rs` (dedup and import), `gc.rs`.
+//! resize, delete, snapshot, clone), `dedup.rs` (dedup and import), `gc.rs`,
+//! `peer.rs` (the mapper peer: this API served over xseg).
 
 mod dedup;
 mod gc;
 mod io;
 mod lifecycle;
+pub mod peer;
 mod qos;
 mod volume;
 
@@ -40,7 +42,7 @@ use std::sync::{Arc, RwLock};
 use uuid::Uuid;
 
 use crate::blocker::{Blocker, BlockerError, Fence, LockInfo, LockOwner};
-use crate::map::{
+use crate::map_format::{
     CorruptMap, InvalidVolumeName, MapHeader, VolumeName, header_object, lock_object,
 };
 use volume::VolumeMap;
@@ -575,11 +577,13 @@ impl Mapper {
         let everything = VolumeName::new("list").expect("valid");
         for obj in self
             .maps
-            .list(crate::map::HEADER_PREFIX)
+            .list(crate::map_format::HEADER_PREFIX)
             .await
             .ctx(&everything)?
         {
-            let crate::map::ObjectKind::Header(name) = crate::map::parse_object(&obj.name) else {
+            let crate::map_format::ObjectKind::Header(name) =
+                crate::map_format::parse_object(&obj.name)
+            else {
                 continue;
             };
             match self.read_header(&name).await {

@@ -8,7 +8,7 @@
 
 use super::{Mapper, MapperError, ResultExt};
 use crate::blocker::Expect;
-use crate::map::{VolumeName, qos_object};
+use crate::map_format::{VolumeName, qos_object};
 
 const MAGIC: &[u8; 4] = b"AQOS";
 const FORMAT: u32 = 1;
@@ -56,9 +56,9 @@ impl Mapper {
         match self.maps.read_map(&object).await.ctx(&name)? {
             None => Ok(QosLimits::default()),
             Some(v) => QosLimits::decode(&v.data).ok_or_else(|| {
-                MapperError::Corrupt(crate::map::CorruptMap {
+                MapperError::Corrupt(crate::map_format::CorruptMap {
                     object: object.to_string(),
-                    problem: crate::map::MapFormatError::Invalid("not a QoS record".into()),
+                    problem: crate::map_format::MapFormatError::Invalid("not a QoS record".into()),
                 })
             }),
         }

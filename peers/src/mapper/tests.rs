@@ -132,32 +132,12 @@ fn setup() -> (Arc<Counting>, Mapper) {
 
 /// What vlmc does for a write: MAPW, then write each extent.
 async fn write(m: &Mapper, vol: &str, offset: u64, data: &[u8]) {
-    let extents = m.map_write(vol, offset, data.len() as u64).await.unwrap();
-    for e in extents {
-        let at = (e.volume_offset - offset) as usize;
-        let obj = e.object().expect("MAPW never returns ZERO");
-        m.data_blocker()
-            .write(obj, e.object_offset, &data[at..at + e.length as usize])
-            .await
-            .unwrap();
-    }
+    crate::testing::write(m, vol, offset, data).await.unwrap();
 }
 
+/// What vlmc does for a read: MAPR, then read each extent, zero-filling ZERO extents.
 async fn read(m: &Mapper, vol: &str, offset: u64, len: usize) -> Vec<u8> {
-    let mut out = vec![0xeeu8; len];
-    for e in m.map_read(vol, offset, len as u64).await.unwrap() {
-        let at = (e.volume_offset - offset) as usize;
-        let buf = &mut out[at..at + e.length as usize];
-        match e.object() {
-            None => buf.fill(0),
-            Some(o) => m
-                .data_blocker()
-                .read(o, e.object_offset, buf)
-                .await
-                .unwrap(),
-        }
-    }
-    out
+    crate::testing::read(m, vol, offset, len).await.unwrap()
 }
 
 #[tokio::test]
@@ -499,7 +479,7 @@ async fn corruption_is_detected_not_used() {
     let info = m.create("v", 2 * BSU, opts()).await.unwrap();
     write(&m, "v", 0, b"x").await;
     m.close("v").await.unwrap();
-    let page = crate::map::page_object(info.uuid, 0);
+    let page = crate::map_format::page_object(info.uuid, 0);
     assert!(mem.corrupt(&page, 60));
     for r in [
         m.open("v").await.map(|_| ()),
@@ -511,7 +491,8 @@ async fn corruption_is_detected_not_used() {
         }
     }
     assert!(m.map_read("v", 0, 1).await.is_err());
-    let header = crate::map::header_object(&crate::map::VolumeName::new("v").unwrap());
+    let header =
+        crate::map_format::header_object(&crate::map_format::VolumeName::new("v").unwrap());
     assert!(mem.corrupt(&header, 20));
     assert!(matches!(m.info("v").await, Err(MapperError::Corrupt(_))));
     assert!(matches!(m.list().await, Err(MapperError::Corrupt(_))));
@@ -874,7 +855,7 @@ async fn a_missing_inherited_page_is_corruption_not_zeros() {
             .data,
     )
     .unwrap();
-    mem.delete(&crate::map::page_object(s.uuid, 0))
+    mem.delete(&crate::map_format::page_object(s.uuid, 0))
         .await
         .unwrap();
     let fresh = Mapper::new(mem.clone(), LockOwner::new("n2").unwrap());

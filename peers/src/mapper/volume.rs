@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use super::{MapperError, ResultExt};
 use crate::blocker::{Blocker, Expect, Fence, ObjectName};
-use crate::map::{
+use crate::map_format::{
     CorruptMap, MapEntry, MapFlags, MapFormatError, MapHeader, MapPage, VolumeName, content_object,
     header_object, owned_object, page_object,
 };

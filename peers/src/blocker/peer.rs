@@ -16,6 +16,7 @@ use xseg::protocol::NamePayload;
 use xseg::{Op, Peer, Request, Sender, Status};
 
 use crate::blocker::{Blocker, BlockerError, ObjectName};
+use crate::failure::Failure;
 use crate::wire::{self, ObjectStat};
 
 /// Serves an `Arc<dyn Blocker>` on a port; drive it with an [`xseg::Runner`].
@@ -37,15 +38,13 @@ impl Peer for BlockerPeer {
         let blocker = self.blocker.clone();
         let tx = tx.clone();
         self.rt.spawn(async move {
-            if let Err((status, msg)) = serve(blocker.as_ref(), &mut req).await {
-                wire::fail(&mut req, status, &msg, None);
+            if let Err(f) = serve(blocker.as_ref(), &mut req).await {
+                f.apply(&mut req);
             }
             tx.respond(req);
         });
     }
 }
-
-type Failure = (Status, String);
 
 /// The status a blocker error travels as.
 pub fn status_of(e: &BlockerError) -> Status {
@@ -64,22 +63,18 @@ pub fn status_of(e: &BlockerError) -> Status {
     }
 }
 
-fn failure(e: BlockerError) -> Failure {
-    (status_of(&e), e.to_string())
-}
-
 fn object(req: &Request) -> Result<ObjectName, Failure> {
     let t = req
         .target()
-        .map_err(|s| (s, "garbage target length".to_string()))?;
+        .map_err(|s| Failure::new(s, "garbage target length"))?;
     let s = t
         .as_str()
-        .map_err(|s| (s, "object name is not UTF-8".to_string()))?;
-    ObjectName::new(s).map_err(failure)
+        .map_err(|s| Failure::new(s, "object name is not UTF-8"))?;
+    ObjectName::new(s).map_err(Failure::from)
 }
 
 fn length(req: &Request) -> Result<usize, Failure> {
-    usize::try_from(req.size()).map_err(|_| (Status::Invalid, "size too large".to_string()))
+    usize::try_from(req.size()).map_err(|_| Failure::new(Status::Invalid, "size too large"))
 }
 
 async fn serve(blocker: &dyn Blocker, req: &mut Request) -> Result<(), Failure> {
@@ -89,53 +84,59 @@ async fn serve(blocker: &dyn Blocker, req: &mut Request) -> Result<(), Failure> 
             let (offset, len) = (req.offset(), length(req)?);
             let buf = req
                 .buffer_mut()
-                .map_err(|s| (s, "bad buffer".to_string()))?;
-            let buf = buf.get_mut(..len).ok_or((
-                Status::Invalid,
-                format!("read of {len} bytes exceeds the buffer"),
-            ))?;
-            blocker.read(&name, offset, buf).await.map_err(failure)?;
+                .map_err(|s| Failure::new(s, "bad buffer"))?;
+            let buf = buf.get_mut(..len).ok_or_else(|| {
+                Failure::new(
+                    Status::Invalid,
+                    format!("read of {len} bytes exceeds the buffer"),
+                )
+            })?;
+            blocker
+                .read(&name, offset, buf)
+                .await
+                .map_err(Failure::from)?;
             req.set_data_len(len as u64)
-                .map_err(|e| (Status::Invalid, e.to_string()))?;
+                .map_err(|e| Failure::new(Status::Invalid, e.to_string()))?;
             req.complete(len as u64);
         }
         Op::Write => {
             let name = object(req)?;
             let (offset, len) = (req.offset(), length(req)?);
-            let data = req.data().map_err(|s| (s, "bad buffer".to_string()))?;
-            let data = data.get(..len).ok_or((
-                Status::Invalid,
-                format!("write of {len} bytes carries only {} bytes", data.len()),
-            ))?;
-            blocker.write(&name, offset, data).await.map_err(failure)?;
+            let data = req.data().map_err(|s| Failure::new(s, "bad buffer"))?;
+            let data = data.get(..len).ok_or_else(|| {
+                Failure::new(
+                    Status::Invalid,
+                    format!("write of {len} bytes carries only {} bytes", data.len()),
+                )
+            })?;
+            blocker
+                .write(&name, offset, data)
+                .await
+                .map_err(Failure::from)?;
             req.complete(len as u64);
         }
         // The target is ignored: a flush covers every object (vlmc forwards a volume's FLUSH
         // unchanged).
         Op::Flush => {
-            blocker.flush().await.map_err(failure)?;
+            blocker.flush().await.map_err(Failure::from)?;
             req.complete(0);
         }
         Op::Delete => {
             let name = object(req)?;
-            let existed = blocker.delete(&name).await.map_err(failure)?;
+            let existed = blocker.delete(&name).await.map_err(Failure::from)?;
             req.complete(existed as u64);
         }
         Op::Copy => {
             let dst = object(req)?;
-            let src = NamePayload::decode(req.data().unwrap_or(&[])).map_err(|s| {
-                (
-                    s,
-                    "COPY needs the source object name as payload".to_string(),
-                )
-            })?;
-            let src = ObjectName::new(src.name).map_err(failure)?;
-            blocker.copy(&src, &dst).await.map_err(failure)?;
+            let src = NamePayload::decode(req.data().unwrap_or(&[]))
+                .map_err(|s| Failure::new(s, "COPY needs the source object name as payload"))?;
+            let src = ObjectName::new(src.name).map_err(Failure::from)?;
+            blocker.copy(&src, &dst).await.map_err(Failure::from)?;
             req.complete(0);
         }
         Op::Info => {
             let name = object(req)?;
-            let stat = match blocker.info(&name).await.map_err(failure)? {
+            let stat = match blocker.info(&name).await.map_err(Failure::from)? {
                 None => ObjectStat::default(),
                 Some(i) => ObjectStat {
                     size: i.size,
@@ -149,7 +150,7 @@ async fn serve(blocker: &dyn Blocker, req: &mut Request) -> Result<(), Failure> 
             wire::reply_with(req, |buf| stat.encode(buf));
         }
         op => {
-            return Err((
+            return Err(Failure::new(
                 Status::Unsupported,
                 format!("the blocker does not serve {op:?}"),
             ));

@@ -12,8 +12,9 @@ use tokio::runtime::Handle;
 use xseg::protocol::{Extent as WireExtent, MapReply, NamePayload, extent, flags};
 use xseg::{Op, Peer, Request, Sender, Status};
 
-use crate::blocker_peer;
-use crate::map::{ObjectKind, parse_object};
+use crate::blocker::peer as blocker_peer;
+use crate::failure::Failure;
+use crate::map_format::{ObjectKind, parse_object};
 use crate::mapper::{CreateOptions, Extent, GcOptions, Mapper, MapperError};
 use crate::wire::{
     self, CreateRequest, DiscardReply, GcRequest, ListReply, LockState, QosReport, VolumeInfo,
@@ -38,28 +39,10 @@ impl Peer for MapperPeer {
         let tx = tx.clone();
         self.rt.spawn(async move {
             if let Err(f) = serve(&mapper, &mut req).await {
-                wire::fail(&mut req, f.status, &f.message, f.holder.as_deref());
+                f.apply(&mut req);
             }
             tx.respond(req);
         });
-    }
-}
-
-/// A failed request: what travels back.
-#[derive(Debug)]
-pub struct Failure {
-    pub status: Status,
-    pub message: String,
-    pub holder: Option<String>,
-}
-
-impl Failure {
-    fn new(status: Status, message: impl Into<String>) -> Self {
-        Failure {
-            status,
-            message: message.into(),
-            holder: None,
-        }
     }
 }
 
@@ -86,25 +69,6 @@ pub fn status_of(e: &MapperError) -> Status {
             s => s,
         },
         Closed { .. } | Conflict { .. } | Corrupt(_) | LockRegressed { .. } => Status::Io,
-    }
-}
-
-impl From<MapperError> for Failure {
-    fn from(e: MapperError) -> Self {
-        Failure {
-            status: status_of(&e),
-            holder: match &e {
-                MapperError::Locked { holder, .. } => Some(holder.clone()),
-                _ => None,
-            },
-            message: e.to_string(),
-        }
-    }
-}
-
-impl From<Status> for Failure {
-    fn from(s: Status) -> Self {
-        Failure::new(s, format!("malformed request: {s}"))
     }
 }
 

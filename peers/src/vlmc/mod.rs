@@ -1,0 +1,384 @@
+//! vlmc: the volume peer. Clients send it volume I/O at any byte offset and length; it turns
+//! that into object I/O at the blocker, asking the mapper where blocks live.
+//!
+//! Fast path: mappings are cached per volume (block → object, writable or not), so a write to
+//! a block this volume already owns costs no mapper round trip, and a read of a ZERO block no
+//! I/O at all. An I/O that fits in one object is *forwarded* to the blocker: the very request
+//! the client sent, with target and offset rewritten, its data still in the client's segment
+//! buffer; the reply comes back here, the target and offset are restored, and it goes on to
+//! the client. Only an I/O that spans objects is split into sub-requests (and copied).
+//!
+//! The mapping cache and its coherence rules live in `cache.rs`; splitting an I/O at object
+//! boundaries and composing its reply in `plan.rs`; this file is the request loop.
+//!
+//! A volume opened *shared* (`flags::SHARED`: attached on two nodes for a live-migration
+//! handover) is never cached here: another node may move its blocks at any moment, so every
+//! I/O asks the mapper, which reads the map afresh unless this node holds the lock.
+//!
+//! QoS: each volume's reads and writes pass a rate limiter (`throttle.rs`) before anything
+//! else, with the limits the mapper stores for the volume, read again every few seconds.
+//!
+//! FLUSH waits for the writes of that volume issued before it, then flushes the blocker.
+
+mod cache;
+mod plan;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::runtime::Handle;
+use tokio::sync::oneshot;
+use xseg::protocol::flags;
+use xseg::{AsyncClient, Op, Peer, Request, Sender, Status};
+
+use crate::failure::Failure;
+use crate::wire::{self, CONTROL_BUF, QosReport};
+use cache::{Vol, lock};
+
+/// Where vlmc sends what it does not serve itself.
+#[derive(Clone, Debug)]
+pub struct VlmcConfig {
+    pub mapper_port: u32,
+    pub blocker_port: u32,
+    /// Limit on each call to the mapper or blocker.
+    pub timeout: Duration,
+}
+
+impl Default for VlmcConfig {
+    fn default() -> Self {
+        VlmcConfig {
+            mapper_port: crate::peerset::Ports::MAPPER,
+            blocker_port: crate::peerset::Ports::BLOCKER,
+            timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+struct Inner {
+    /// vlmc's own port: forwarding from it brings replies back to it.
+    port: Sender,
+    /// A dynamic port for vlmc's own calls (MAPR/MAPW, INFO, sub-requests).
+    client: AsyncClient,
+    forwarded: Mutex<HashMap<u32, oneshot::Sender<Request>>>,
+    volumes: Mutex<HashMap<String, Arc<Vol>>>,
+    config: VlmcConfig,
+}
+
+/// The vlmc peer; drive it with an [`xseg::Runner`] on the vlmc port.
+pub struct Vlmc {
+    inner: Arc<Inner>,
+    rt: Handle,
+}
+
+impl Vlmc {
+    /// `port` is the sender of the port the runner serves (forwarded replies come back there);
+    /// `client` is a separate dynamic port for vlmc's own calls.
+    pub fn new(port: Sender, client: AsyncClient, config: VlmcConfig, rt: Handle) -> Self {
+        Vlmc {
+            inner: Arc::new(Inner {
+                port,
+                client,
+                forwarded: Mutex::new(HashMap::new()),
+                volumes: Mutex::new(HashMap::new()),
+                config,
+            }),
+            rt,
+        }
+    }
+}
+
+impl Peer for Vlmc {
+    fn request(&mut self, req: Request, _tx: &Sender) {
+        let inner = self.inner.clone();
+        self.rt.spawn(async move { inner.handle(req).await });
+    }
+
+    fn reply(&mut self, rep: Request, _tx: &Sender) {
+        let waiter = lock(&self.inner.forwarded).remove(&rep.index());
+        match waiter {
+            Some(w) => {
+                // A task that is gone drops the request, which fails or frees it.
+                let _ = w.send(rep);
+            }
+            None => drop(rep),
+        }
+    }
+}
+
+impl Inner {
+    fn vol(&self, name: &str) -> Arc<Vol> {
+        lock(&self.volumes)
+            .entry(name.to_string())
+            .or_default()
+            .clone()
+    }
+
+    async fn handle(self: Arc<Self>, mut req: Request) {
+        let name = match req.target().and_then(|t| t.as_str().map(str::to_string)) {
+            Ok(n) => n,
+            Err(s) => {
+                Failure::from(s).apply(&mut req);
+                self.port.respond(req);
+                return;
+            }
+        };
+        let op = req.op();
+        let result = match op {
+            Op::Read | Op::Write => self.io(&name, req).await,
+            Op::Flush => self.flush(&name, req).await,
+            Op::Discard | Op::WriteZeroes => {
+                let r = self.discard(&name, &mut req).await;
+                r.outcome(req)
+            }
+            // A snapshot without a target is a group: one barrier over all its members.
+            Op::Snapshot if name.is_empty() => self.group_snapshot(req).await,
+            // These can change where blocks live or whether we may write them.
+            Op::Snapshot
+            | Op::Clone
+            | Op::Close
+            | Op::Delete
+            | Op::Resize
+            | Op::Import
+            | Op::Dedup
+            | Op::Release => self.barrier(&name, req).await,
+            Op::Open if req.flags() & flags::SHARED != 0 => self.open_shared(&name, req).await,
+            Op::Qos => self.qos(&name, req).await,
+            Op::Create
+            | Op::Info
+            | Op::List
+            | Op::Open
+            | Op::Acquire
+            | Op::LockInfo
+            | Op::Gc
+            | Op::Verify
+            | Op::MapRead
+            | Op::MapWrite => {
+                let port = self.config.mapper_port;
+                self.forward(req, port).await
+            }
+            op => Err((
+                Failure::new(Status::Unsupported, format!("vlmc does not serve {op:?}")),
+                Some(req),
+            )),
+        };
+        match result {
+            Ok(Some(req)) => self.port.respond(req),
+            Ok(None) => {}
+            Err((f, Some(mut req))) => {
+                f.apply(&mut req);
+                self.port.respond(req);
+            }
+            Err((f, None)) => {
+                tracing::warn!(?op, volume = %name, error = %f.message, "request lost");
+            }
+        }
+    }
+
+    /// Passes `req` on to `port` and returns it once the reply is back here. A request that
+    /// cannot be sent comes back failed.
+    async fn forward(&self, req: Request, port: u32) -> Outcome {
+        let index = req.index();
+        let (w, r) = oneshot::channel();
+        lock(&self.forwarded).insert(index, w);
+        let mut req = req;
+        let mut retry = xseg::SendRetry::new();
+        loop {
+            match self.port.forward(req, port) {
+                Ok(()) => break,
+                Err((e, back)) if retry.allows(&e) => {
+                    // Momentarily full, or a push that lost a race (see xseg's ring): the
+                    // request came back untouched, so send it again.
+                    req = back;
+                    retry.pause().await;
+                }
+                Err((e, back)) => {
+                    lock(&self.forwarded).remove(&index);
+                    return Err((Failure::from(e), Some(back)));
+                }
+            }
+        }
+        match r.await {
+            Ok(rep) => Ok(Some(rep)),
+            Err(_) => Err((Failure::new(Status::Io, "vlmc stopped"), None)),
+        }
+    }
+
+    async fn barrier(&self, name: &str, req: Request) -> Outcome {
+        let vol = self.vol(name);
+        let _exclusive = vol.gate.write().await;
+        let closing = req.op() == Op::Close;
+        let port = self.config.mapper_port;
+        let r = self.forward(req, port).await;
+        if closing && matches!(&r, Ok(Some(rep)) if rep.status() == Status::Ok) {
+            vol.shared.store(false, Ordering::Release);
+        }
+        vol.clear();
+        r
+    }
+
+    /// How long an I/O of `bytes` must wait under the volume's QoS limits, reading the limits
+    /// from the mapper when they are stale. A failure to read them keeps the old ones (the
+    /// I/O itself will report a missing volume).
+    async fn throttle(&self, name: &str, vol: &Vol, bytes: u64) -> Duration {
+        let now = std::time::Instant::now();
+        {
+            // The common case: one lock, one clock read.
+            let mut t = lock(&vol.throttle);
+            if !t.claim_refresh(now) {
+                return t.admit(now, bytes);
+            }
+        }
+        let got = self
+            .call_again(self.config.mapper_port, || {
+                Ok(self.client.alloc(Op::Qos, name.as_bytes(), CONTROL_BUF)?)
+            })
+            .await
+            .and_then(|rep| Ok(QosReport::decode(rep.data()?)?));
+        match got {
+            Ok(r) => lock(&vol.throttle).set_limits(r.limits(), std::time::Instant::now()),
+            Err(f) => tracing::debug!(volume = %name, error = %f.message, "reading QoS limits"),
+        }
+        lock(&vol.throttle).admit(std::time::Instant::now(), bytes)
+    }
+
+    /// QOS: answered by the mapper; a change applies here at once (other nodes pick it up
+    /// within `throttle::REFRESH`), and the reply carries this vlmc's count of delayed I/Os.
+    async fn qos(&self, name: &str, req: Request) -> Outcome {
+        let vol = self.vol(name);
+        let port = self.config.mapper_port;
+        let mut rep = match self.forward(req, port).await? {
+            Some(rep) => rep,
+            None => return Ok(None),
+        };
+        if rep.status() == Status::Ok
+            && let Ok(r) = rep.data().and_then(QosReport::decode)
+        {
+            let delayed = {
+                let mut t = lock(&vol.throttle);
+                t.set_limits(r.limits(), std::time::Instant::now());
+                t.delayed()
+            };
+            let r = QosReport {
+                delayed_ios: delayed,
+                ..r
+            };
+            wire::reply_with(&mut rep, |buf| r.encode(buf));
+        }
+        Ok(Some(rep))
+    }
+
+    /// OPEN shared: from now on nothing of this volume is cached here. Under the drain
+    /// barrier, so no I/O planned from the cache is still in flight when the mode changes.
+    async fn open_shared(&self, name: &str, req: Request) -> Outcome {
+        let vol = self.vol(name);
+        let _exclusive = vol.gate.write().await;
+        vol.shared.store(true, Ordering::Release);
+        vol.clear();
+        let port = self.config.mapper_port;
+        self.forward(req, port).await
+    }
+
+    /// A group snapshot: holds the drain barrier of every member at once (in-flight I/O to
+    /// all of them completes, new I/O waits), cuts every member's snapshot at the mapper, then
+    /// lets I/O resume. No write can land between two members' cuts, so the snapshots are one
+    /// point in time across the volumes (crash-consistent as a set), for I/O that goes through
+    /// this vlmc. Gates are taken in name order, so two groups sharing volumes cannot deadlock,
+    /// and a single-volume barrier holds one gate only. A failed member stops the cut; members
+    /// already cut stay, and the caller deletes them (it named them).
+    async fn group_snapshot(&self, req: Request) -> Outcome {
+        let group = match req.data().and_then(wire::GroupSnapshotRequest::decode) {
+            Ok(g) => g,
+            Err(s) => {
+                let f = Failure::new(s, "vlmc: malformed group snapshot request");
+                return Err((f, Some(req)));
+            }
+        };
+        let names: BTreeSet<&str> = group.members.iter().map(|(v, _)| v.as_str()).collect();
+        let vols: Vec<Arc<Vol>> = names.iter().map(|n| self.vol(n)).collect();
+        let mut held = Vec::with_capacity(vols.len());
+        for vol in &vols {
+            held.push(vol.gate.write().await);
+        }
+        let mut result = Ok(());
+        for (volume, snapshot) in &group.members {
+            let make = || {
+                let mut sub = self
+                    .client
+                    .alloc(Op::Snapshot, volume.as_bytes(), CONTROL_BUF)?;
+                let payload = xseg::protocol::NamePayload {
+                    name: snapshot.clone(),
+                    size: 0,
+                };
+                let n = payload.encode(sub.buffer_mut()?)?;
+                sub.set_data_len(n as u64)?;
+                Ok(sub)
+            };
+            if let Err(f) = self.call_again(self.config.mapper_port, make).await {
+                result = Err(Failure {
+                    message: format!("group snapshot member {volume}: {}", f.message),
+                    ..f
+                });
+                break;
+            }
+        }
+        for vol in &vols {
+            vol.clear();
+        }
+        drop(held);
+        let mut req = req;
+        match result.and_then(|()| req.set_data_len(0).map_err(Failure::from)) {
+            Ok(()) => {
+                req.complete(0);
+                Ok(Some(req))
+            }
+            Err(f) => Err((f, Some(req))),
+        }
+    }
+
+    /// One call of vlmc's own, for a request `make` can build again; a failed reply becomes a
+    /// failure with its message. A send to a queue that is momentarily full (or reported
+    /// corrupt by a racing producer, see xseg's ring) is retried with a fresh request
+    /// ([`AsyncClient::call_again`], by xseg's one retry policy).
+    async fn call_again(
+        &self,
+        port: u32,
+        make: impl Fn() -> Result<Request, Failure>,
+    ) -> Result<Request, Failure> {
+        let rep = self
+            .client
+            .call_again(make, port, self.config.timeout)
+            .await?;
+        if rep.status() == Status::Ok {
+            Ok(rep)
+        } else {
+            Err(Failure::from_reply(&rep))
+        }
+    }
+
+    async fn flush(&self, name: &str, req: Request) -> Outcome {
+        let vol = self.vol(name);
+        let _shared = vol.gate.read().await;
+        vol.drain_writes_before_now().await;
+        let port = self.config.blocker_port;
+        self.forward(req, port).await
+    }
+}
+
+/// A finished request to respond with, or the failure to put in it (with the request, unless
+/// it was lost on the way).
+type Outcome = Result<Option<Request>, (Failure, Option<Request>)>;
+
+trait IntoOutcome {
+    fn outcome(self, req: Request) -> Outcome;
+}
+
+impl IntoOutcome for Result<(), Failure> {
+    fn outcome(self, req: Request) -> Outcome {
+        match self {
+            Ok(()) => Ok(Some(req)),
+            Err(f) => Err((f, Some(req))),
+        }
+    }
+}
