@@ -15,8 +15,8 @@
 //!
 //! How the holder is found: the lock names an owner id; the host-local
 //! [registry](peers::registry) maps a live owner to its segment. Only a peer set on this host
-//! can be reached (segments are shared memory), and only one over the same backend directory
-//! (compared by device and inode, so different mount paths of one directory match). Anything
+//! can be reached (segments are shared memory), and only one over the same backend (compared by
+//! [`BackendId`]: for files, device and inode, so different mount paths of one directory match). Anything
 //! else keeps FAILED_PRECONDITION, now with a message that names the holder and the way out:
 //! a dead node's lock is broken by ControllerUnpublishVolume or `archip lock break`.
 //!
@@ -38,6 +38,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use peers::backend::{BackendConfig, Store};
+use peers::blocker::BackendId;
 use peers::client::{ClientError, LockState, VolumeClient};
 use peers::peerset::Ports;
 use peers::registry::{PeerSetEntry, Registry};
@@ -56,13 +58,52 @@ struct Remote {
     client: Arc<VolumeClient>,
 }
 
+/// The backend this controller serves, which every reachable holder must share.
+#[derive(Debug, Clone)]
+pub(crate) enum OwnBackend {
+    Config(BackendConfig),
+    /// The file backend's objects directory, as the controller configuration names it today.
+    ObjectsDir(PathBuf),
+}
+
+impl From<BackendConfig> for OwnBackend {
+    fn from(b: BackendConfig) -> Self {
+        OwnBackend::Config(b)
+    }
+}
+
+impl From<PathBuf> for OwnBackend {
+    fn from(dir: PathBuf) -> Self {
+        OwnBackend::ObjectsDir(dir)
+    }
+}
+
+impl OwnBackend {
+    /// Found again on every use, as a registry entry is read again: the objects directory may
+    /// appear only once our own peer set has started.
+    fn identity(&self) -> Result<BackendId, String> {
+        match self {
+            OwnBackend::Config(b) => b.identity().map_err(|e| e.to_string()),
+            OwnBackend::ObjectsDir(dir) => peers::blocker::file::dir_identity(dir)
+                .map_err(|e| format!("identifying {}: {e}", dir.display())),
+        }
+    }
+
+    fn location(&self) -> String {
+        match self {
+            OwnBackend::Config(b) => b.location(Store::Objects),
+            OwnBackend::ObjectsDir(dir) => format!("file:{}", dir.display()),
+        }
+    }
+}
+
 /// The controller's forwarding state.
 #[derive(Debug)]
 pub(crate) struct Delegation {
     /// Where peer sets register (`None`: forwarding is off).
     registry: Option<Registry>,
     /// The backend every reachable holder must share with us.
-    objects_dir: PathBuf,
+    backend: OwnBackend,
     /// This controller's own segment, never a forwarding target.
     own_segment: PathBuf,
     remotes: Mutex<HashMap<String, Arc<Remote>>>,
@@ -73,10 +114,14 @@ pub(crate) struct Delegation {
 struct Unreachable(String);
 
 impl Delegation {
-    pub(crate) fn new(registry: Option<PathBuf>, objects_dir: PathBuf, own_segment: &Path) -> Self {
+    pub(crate) fn new(
+        registry: Option<PathBuf>,
+        backend: impl Into<OwnBackend>,
+        own_segment: &Path,
+    ) -> Self {
         Self {
             registry: registry.map(Registry::new),
-            objects_dir,
+            backend: backend.into(),
             own_segment: own_segment.to_owned(),
             remotes: Mutex::new(HashMap::new()),
         }
@@ -115,11 +160,20 @@ impl Delegation {
                 "{owner} is registered with this controller's own segment"
             )));
         }
-        if !entry.same_backend(&self.objects_dir) {
+        let ours = self.backend.identity().map_err(|e| {
+            Unreachable(format!(
+                "this controller's backend {} cannot be compared with the one {owner}'s peer set serves: {e}",
+                self.backend.location()
+            ))
+        })?;
+        if !entry.same_backend(&ours) {
+            let theirs = match &entry.backend_id {
+                Some(_) => entry.location.clone(),
+                None => "a backend named by an older version".to_owned(),
+            };
             return Err(Unreachable(format!(
-                "the peer set of {owner} on this host serves {}, not this controller's {}",
-                entry.objects_dir.display(),
-                self.objects_dir.display()
+                "the peer set of {owner} on this host serves {theirs}, not this controller's {}",
+                self.backend.location()
             )));
         }
         if !entry.segment.exists() {
@@ -293,8 +347,10 @@ mod tests {
 
     fn registered(reg: &Path, owner: &str, segment: &Path, objects: &Path) -> Registration {
         std::fs::create_dir_all(objects).unwrap();
+        let id = peers::blocker::file::dir_identity(objects).unwrap();
+        let location = objects.display().to_string();
         Registry::new(reg)
-            .register(PeerSetEntry::current(owner, segment, objects).unwrap())
+            .register(PeerSetEntry::current(owner, segment, &location, id).unwrap())
             .unwrap()
     }
 
@@ -336,5 +392,20 @@ mod tests {
 
         let off = Delegation::new(None, ours, &own_segment);
         assert!(why(off.client("node-4").await).contains("off"));
+
+        // The same, with the backend described as configuration: its objects are `a/objects`.
+        let d = Delegation::new(
+            Some(reg.clone()),
+            BackendConfig::file(dir.path().join("a")),
+            &own_segment,
+        );
+        assert!(why(d.client("node-2").await).contains("serves"));
+        assert!(why(d.client("node-4").await).contains("is gone"));
+        let elsewhere = Delegation::new(
+            Some(reg),
+            BackendConfig::file(dir.path().join("b")),
+            &own_segment,
+        );
+        assert!(why(elsewhere.client("node-4").await).contains("serves"));
     }
 }

@@ -30,7 +30,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use peers::blocker::{BlockerError, FileBlocker};
+use peers::backend::{BackendConfig, BackendError};
 use peers::client::{ClientError, VolumeClient};
 use tonic::service::Routes;
 use xseg::Segment;
@@ -58,8 +58,9 @@ pub const DRIVER_NAME: &str = "csi.archipelago.io";
 pub const VENDOR_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// Where the controller keeps its records, under a file backend's data
-/// directory (beside the peers' `objects/`).
-pub const RECORDS_DIR: &str = "csi";
+/// directory (beside the peers' `objects/`). The backend module owns the
+/// layout; this names it for tests and tools that look inside.
+pub const RECORDS_DIR: &str = peers::backend::RECORDS_SUBDIR;
 
 /// How `archip controller` runs.
 #[derive(Debug, Clone)]
@@ -78,9 +79,9 @@ pub enum RunError {
     /// No connection to the peer set.
     #[error("connecting to the peer set: {0}")]
     Peers(#[from] ClientError),
-    /// The records directory cannot be opened.
+    /// The records store cannot be opened.
     #[error("opening the controller records: {0}")]
-    Records(#[from] BlockerError),
+    Records(#[from] BackendError),
     /// Serving failed.
     #[error(transparent)]
     Serve(#[from] server::ServeError),
@@ -101,8 +102,8 @@ impl ControllerPlugin {
     /// peer-set registry, another default capacity).
     pub fn open_with(segment: &Arc<Segment>, config: ControllerConfig) -> Result<Self, RunError> {
         let client = Arc::new(VolumeClient::connect(segment)?);
-        let records = FileBlocker::open(config.data_dir.join(RECORDS_DIR))?;
-        let meta = meta::MetaStore::new(Arc::new(records));
+        // The controller's configuration names a data directory, which is the file backend's.
+        let meta = meta::MetaStore::open(&BackendConfig::file(&config.data_dir))?;
         Ok(ControllerPlugin::new(client, meta, config))
     }
 

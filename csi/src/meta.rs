@@ -19,7 +19,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use peers::blocker::{Blocker, BlockerError, Expect, ObjectName};
+use peers::backend::{BackendConfig, BackendError, Store};
+use peers::blocker::{Blocker, BlockerError, Capacity, Expect, ObjectName};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -189,6 +190,19 @@ impl MetaStore {
         Self { backend }
     }
 
+    /// Records in the records store of a configured backend (for the file backend,
+    /// `<dir>/csi`), apart from the volumes' objects.
+    pub fn open(backend: &BackendConfig) -> Result<Self, BackendError> {
+        Ok(Self::new(backend.open(Store::Records)?))
+    }
+
+    /// Total and available bytes of the backend that holds the records, which is the
+    /// volumes' backend too (the filesystem of the file backend's directory, a RADOS pool):
+    /// what GetCapacity reports, without a path of its own to `statvfs`.
+    pub async fn capacity(&self) -> Result<Capacity, MetaError> {
+        Ok(self.backend.capacity().await?)
+    }
+
     fn object(kind: RecordKind, id: &str) -> Result<ObjectName, MetaError> {
         Ok(ObjectName::new(format!("{}{id}", kind.prefix()))?)
     }
@@ -333,6 +347,21 @@ mod tests {
         store.delete(RecordKind::Snapshot, "s-1").await.unwrap();
         assert!(store.ids(RecordKind::Snapshot).await.unwrap().is_empty());
         assert_eq!(store.ids(RecordKind::Volume).await.unwrap(), ["v-1"]);
+    }
+
+    #[tokio::test]
+    async fn capacity_is_the_backends() {
+        let store = MetaStore::new(Arc::new(MemoryBlocker::with_capacity(1 << 20)));
+        let c = store.capacity().await.unwrap();
+        assert_eq!((c.total, c.available), (1 << 20, 1 << 20));
+        let dir = tempfile::tempdir().unwrap();
+        let files = MetaStore::open(&BackendConfig::file(dir.path())).unwrap();
+        let c = files.capacity().await.unwrap();
+        assert!(c.total > 0 && c.available <= c.total, "{c:?}");
+        assert!(
+            dir.path().join("csi").is_dir(),
+            "records keep their directory"
+        );
     }
 
     #[tokio::test]

@@ -10,9 +10,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use peers::backend::BackendKind;
+
 use crate::status::{CsiError, CsiResult, SUPPORTED_FS_TYPES};
 
-/// Parameter: which backend holds the volume. Only `file` exists today.
+/// Parameter: which backend holds the volume, by the names of
+/// [`BackendKind`] (`file` today; `rados` in a build with that feature).
 pub const BACKEND: &str = "backend";
 /// Parameter: bytes per block (data object), a power of two from 4 KiB to
 /// 64 MiB; suffixes `Ki`, `Mi` are accepted.
@@ -33,12 +36,9 @@ pub const QOS_BANDWIDTH: &str = "qosBandwidth";
 /// Keys reserved for the CO.
 pub const CO_PREFIX: &str = "csi.storage.k8s.io/";
 
-/// The storage backends a volume can live on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
-    /// One file per object under a directory.
-    File,
-}
+/// The storage backends a volume can live on: the backend module's
+/// vocabulary, so a StorageClass and the command line name them alike.
+pub type Backend = BackendKind;
 
 /// Validated CreateVolume / GetCapacity parameters.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,7 +104,7 @@ impl VolumeParams {
     pub fn parse(params: &HashMap<String, String>) -> CsiResult<Self> {
         let canonical = canonical(params);
         let mut out = VolumeParams {
-            backend: Backend::File,
+            backend: BackendKind::File,
             block_size: None,
             fs_type: None,
             shared: false,
@@ -112,14 +112,11 @@ impl VolumeParams {
         };
         for (key, value) in &out.canonical {
             match key.as_str() {
-                BACKEND => match value.as_str() {
-                    "file" => out.backend = Backend::File,
-                    other => {
-                        return Err(CsiError::InvalidArgument(format!(
-                            "parameter {BACKEND}={other:?}: this controller serves the \"file\" backend only"
-                        )));
-                    }
-                },
+                BACKEND => {
+                    out.backend = BackendKind::parse(value).map_err(|e| {
+                        CsiError::InvalidArgument(format!("parameter {BACKEND}={value:?}: {e}"))
+                    })?;
+                }
                 BLOCK_SIZE => {
                     let bs = parse_size(key, value)?;
                     if !bs.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&bs) {
@@ -244,6 +241,18 @@ mod tests {
             let e = VolumeParams::parse(&map(&[bad])).unwrap_err();
             assert_eq!(e.code(), tonic::Code::InvalidArgument, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn backend_names_come_from_the_backend_module() {
+        let p = VolumeParams::parse(&map(&[("backend", "file")])).unwrap();
+        assert_eq!(p.backend, BackendKind::File);
+        let e = VolumeParams::parse(&map(&[("backend", "rados")])).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.to_string().contains("cargo feature \"rados\""), "{e}");
+        let e = VolumeParams::parse(&map(&[("backend", "nfs")])).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.to_string().contains("\"file\""), "names what exists: {e}");
     }
 
     #[test]

@@ -4,9 +4,7 @@
 
 mod plugin;
 
-use std::sync::Arc;
-
-use peers::blocker::FileBlocker;
+use peers::backend::BackendConfig;
 use peers::client::VolumeKind;
 use peers::peerset::{PeerConfig, PeerSet};
 use tonic::Code;
@@ -63,9 +61,7 @@ fn unpublish(id: &str, node: &str) -> ControllerUnpublishVolumeRequest {
 }
 
 fn records(p: &Plugin) -> MetaStore {
-    MetaStore::new(Arc::new(
-        FileBlocker::open(p.dir.path().join(csi::RECORDS_DIR)).unwrap(),
-    ))
+    MetaStore::open(&BackendConfig::file(p.dir.path())).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

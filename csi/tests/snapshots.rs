@@ -6,7 +6,7 @@ mod plugin;
 
 use std::sync::Arc;
 
-use peers::blocker::FileBlocker;
+use peers::backend::BackendConfig;
 use peers::client::VolumeKind;
 use tonic::Code;
 
@@ -94,9 +94,7 @@ async fn read(p: &Plugin, id: &str, at: u64, len: usize) -> Vec<u8> {
 }
 
 fn records(p: &Plugin) -> MetaStore {
-    MetaStore::new(Arc::new(
-        FileBlocker::open(p.dir.path().join(csi::RECORDS_DIR)).unwrap(),
-    ))
+    MetaStore::open(&BackendConfig::file(p.dir.path())).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

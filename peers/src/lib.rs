@@ -4,6 +4,7 @@
 //! This layer is plain async Rust over [`blocker::Blocker`]; the xseg peers wrap it and drive
 //! it from their request loops.
 
+pub mod backend;
 pub mod bench;
 pub(crate) mod block_range;
 pub mod blocker;

@@ -6,10 +6,10 @@
 //! independently). Either way the peers meet only through the segment, so the two modes behave
 //! alike.
 //!
-//! The file backend keeps its objects under `DATA_DIR/objects`. Every peer process opens the
-//! directory itself: the file blocker is safe across processes (atomic renames, flocks).
+//! The backend comes from [`PeerConfig::backend`] through [`BackendConfig::open`]; every peer
+//! process opens it itself (the file blocker is safe across processes: atomic renames, flocks).
 //!
-//! A [`PeerSet`] over the file backend records itself in the host's
+//! A [`PeerSet`] records itself in the host's
 //! [registry](crate::registry) under its mapper's lock owner while it runs, so that another
 //! process (the CSI controller) can forward an operation on a volume this mapper holds.
 
@@ -20,8 +20,9 @@ use std::time::{Duration, Instant};
 
 use xseg::{AsyncClient, Op, Peer, Port, Runner, Segment, Status, Stopper};
 
+use crate::backend::{BackendConfig, BackendError, Store};
 use crate::blocker::peer::BlockerPeer;
-use crate::blocker::{Blocker, BlockerError, FileBlocker, LockOwner};
+use crate::blocker::{Blocker, BlockerError, LockOwner};
 use crate::mapper::Mapper;
 use crate::mapper::peer::MapperPeer;
 use crate::registry::{PeerSetEntry, Registration, Registry};
@@ -56,8 +57,11 @@ pub fn peer_port(name: &str) -> Option<u32> {
 /// How to run a peer set.
 #[derive(Clone, Debug)]
 pub struct PeerConfig {
-    /// Objects live under `data_dir/objects`.
+    /// This peer set's host-local directory; by default also the root of its file backend.
     pub data_dir: PathBuf,
+    /// Where volumes are stored. [`PeerConfig::new`] makes it the file backend in `data_dir`
+    /// (objects in `data_dir/objects`).
+    pub backend: BackendConfig,
     /// Segment name (under /dev/shm) or path (anything with a '/').
     pub segment: String,
     /// This node's identity: the owner recorded in the volume locks its mapper takes. Stable
@@ -76,13 +80,16 @@ pub struct PeerConfig {
 }
 
 impl PeerConfig {
+    /// A peer set over the file backend in `data_dir`; set [`PeerConfig::backend`] for another.
     pub fn new(
         data_dir: impl Into<PathBuf>,
         segment: impl Into<String>,
         node: impl Into<String>,
     ) -> Self {
+        let data_dir = data_dir.into();
         PeerConfig {
-            data_dir: data_dir.into(),
+            backend: BackendConfig::file(data_dir.clone()),
+            data_dir,
             segment: segment.into(),
             node: node.into(),
             xseg: xseg::Config::default(),
@@ -90,10 +97,6 @@ impl PeerConfig {
             timeout: Duration::from_secs(600),
             registry: Some(Registry::default_dir()),
         }
-    }
-
-    pub fn objects_dir(&self) -> PathBuf {
-        self.data_dir.join("objects")
     }
 
     pub fn segment_path(&self) -> Result<PathBuf, PeerSetError> {
@@ -118,6 +121,8 @@ pub enum PeerSetError {
     Segment(#[from] xseg::Error),
     #[error(transparent)]
     Blocker(#[from] BlockerError),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
     #[error("unknown peer {0:?} (expected one of blocker, mapper, vlmc)")]
     UnknownPeer(String),
     #[error("bad configuration: {0}")]
@@ -226,11 +231,11 @@ pub fn spawn_peer(
     blocker: Option<Arc<dyn Blocker>>,
 ) -> Result<RunningPeer, PeerSetError> {
     let port_no = peer_port(name).ok_or_else(|| PeerSetError::UnknownPeer(name.into()))?;
-    // vlmc needs no backend of its own; the others open the file backend unless given one.
+    // vlmc needs no backend of its own; the others open the configured one unless given one.
     let backend = || -> Result<Arc<dyn Blocker>, PeerSetError> {
         match blocker {
             Some(b) => Ok(b),
-            None => Ok(Arc::new(FileBlocker::open(config.objects_dir())?)),
+            None => Ok(config.backend.open(Store::Objects)?),
         }
     };
     let workers = config.workers;
@@ -357,24 +362,25 @@ impl std::fmt::Debug for PeerSet {
 
 impl PeerSet {
     /// Creates or attaches the segment and starts blocker, mapper and vlmc. The blocker and
-    /// the mapper share one file blocker instance (one descriptor cache). Once they run, the
+    /// the mapper share one blocker instance (for files: one descriptor cache). Once they run, the
     /// peer set is recorded in the registry (`config.registry`); a registry that cannot be
     /// written costs only the forwarding of operations to this peer set, so that is a warning.
     pub fn start(config: &PeerConfig) -> Result<PeerSet, PeerSetError> {
         let segment = config.open_segment()?;
-        let blocker: Arc<dyn Blocker> = Arc::new(FileBlocker::open(config.objects_dir())?);
-        let mut set = Self::start_with(config, segment, blocker)?;
-        set.registration = set.register();
+        let blocker = config.backend.open(Store::Objects)?;
+        let mut set = Self::start_with(config, segment, blocker.clone())?;
+        set.registration = set.register(blocker.as_ref());
         Ok(set)
     }
 
-    fn register(&self) -> Option<Registration> {
+    fn register(&self, blocker: &dyn Blocker) -> Option<Registration> {
         let dir = self.config.registry.as_ref()?;
         let registry = Registry::new(dir);
         let entry = match PeerSetEntry::current(
             &self.config.node,
             self.segment.path(),
-            &self.config.objects_dir(),
+            &self.config.backend.location(Store::Objects),
+            blocker.identity(),
         ) {
             Ok(e) => e,
             Err(e) => {

@@ -24,9 +24,11 @@
 //! an flock on `.lock` in the directory, so a reader cleaning a dead owner's entry can never
 //! delete the fresh one its restarted peer set just wrote.
 //!
-//! Why entries name their backend (device and inode of the objects directory): forwarding to a
-//! peer set that happens to use the same owner id over another directory would act on the wrong
-//! volumes; a reader compares the backend before trusting an entry.
+//! Why entries name their backend (the [`BackendId`] its blocker reports: for files, device and
+//! inode of the objects directory): forwarding to a peer set that happens to use the same owner
+//! id over another backend would act on the wrong volumes; a reader compares the backend before
+//! trusting an entry. An entry of the first layout (version 1) named a directory instead; it
+//! reads as "another backend", which costs only forwarding until that peer set restarts.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -38,7 +40,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::{Deserialize, Serialize};
 use xseg::owner::ProcessId;
 
-use crate::blocker::{BlockerError, LockOwner};
+use crate::blocker::{BackendId, BlockerError, LockOwner};
 
 /// Where entries live unless [`DIR_ENV`] says otherwise.
 pub const DEFAULT_DIR: &str = "/run/archip/peersets";
@@ -46,8 +48,8 @@ pub const DEFAULT_DIR: &str = "/run/archip/peersets";
 pub const DIR_ENV: &str = "ARCHIP_PEERSET_DIR";
 /// Longest owner id accepted as a file name (lock owners are at most 128 bytes).
 pub const MAX_OWNER_LEN: usize = 128;
-/// Layout version of an entry.
-pub const ENTRY_VERSION: u32 = 1;
+/// Layout version of an entry (2: the backend is a [`BackendId`]).
+pub const ENTRY_VERSION: u32 = 2;
 
 const LOCK_FILE: &str = ".lock";
 const SUFFIX: &str = ".json";
@@ -97,24 +99,6 @@ pub fn check_owner(owner: &str) -> Result<(), RegistryError> {
     }
 }
 
-/// The identity of a directory that survives different mount paths of the same filesystem
-/// (a bind mount in another container): device and inode.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DirId {
-    pub dev: u64,
-    pub ino: u64,
-}
-
-impl DirId {
-    pub fn of(path: &Path) -> io::Result<DirId> {
-        let m = fs::metadata(path)?;
-        Ok(DirId {
-            dev: m.dev(),
-            ino: m.ino(),
-        })
-    }
-}
-
 /// The pid namespace of the calling process (inode of `/proc/self/ns/pid`).
 fn current_pid_ns() -> Option<u64> {
     fs::metadata("/proc/self/ns/pid").ok().map(|m| m.ino())
@@ -134,11 +118,13 @@ pub struct PeerSetEntry {
     /// Pid namespace `pid` belongs to, if known.
     #[serde(default)]
     pub pid_ns: Option<u64>,
-    /// The backend's objects directory, as the peer set sees it (for humans).
-    pub objects_dir: PathBuf,
-    /// Device and inode of that directory (for the comparison).
+    /// Where the backend's objects live, as the peer set sees it (for humans).
     #[serde(default)]
-    pub backend: Option<DirId>,
+    pub location: String,
+    /// Which backend (for the comparison). Fields of its own, not the version-1 `backend`
+    /// (a device and inode), so an old entry still parses and compares as another backend.
+    #[serde(default)]
+    pub backend_id: Option<BackendId>,
 }
 
 /// What a reader can tell about an entry's process.
@@ -152,11 +138,13 @@ pub enum Liveness {
 }
 
 impl PeerSetEntry {
-    /// The entry for a peer set of the calling process.
+    /// The entry for a peer set of the calling process over the backend `backend_id`, whose
+    /// objects are at `location` (for humans).
     pub fn current(
         owner: &str,
         segment: &Path,
-        objects_dir: &Path,
+        location: &str,
+        backend_id: BackendId,
     ) -> Result<PeerSetEntry, RegistryError> {
         check_owner(owner)?;
         let me = ProcessId::current();
@@ -167,8 +155,8 @@ impl PeerSetEntry {
             pid: me.pid,
             start_time: me.start,
             pid_ns: current_pid_ns(),
-            objects_dir: objects_dir.to_owned(),
-            backend: DirId::of(objects_dir).ok(),
+            location: location.to_owned(),
+            backend_id: Some(backend_id),
         })
     }
 
@@ -189,12 +177,10 @@ impl PeerSetEntry {
         }
     }
 
-    /// Whether this peer set serves the backend whose objects live in `objects_dir`.
-    pub fn same_backend(&self, objects_dir: &Path) -> bool {
-        match (self.backend, DirId::of(objects_dir)) {
-            (Some(theirs), Ok(ours)) => theirs == ours,
-            _ => false,
-        }
+    /// Whether this peer set serves the backend `ours`. An entry that names none (version 1)
+    /// is another backend.
+    pub fn same_backend(&self, ours: &BackendId) -> bool {
+        self.backend_id.as_ref() == Some(ours)
     }
 
     /// Same process and segment: the entry a [`Registration`] wrote.
@@ -446,11 +432,18 @@ impl Drop for Registration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::blocker::file::dir_identity;
 
     fn entry_in(dir: &Path, owner: &str, segment: &str) -> PeerSetEntry {
         let objects = dir.join("objects");
         fs::create_dir_all(&objects).unwrap();
-        PeerSetEntry::current(owner, Path::new(segment), &objects).unwrap()
+        PeerSetEntry::current(
+            owner,
+            Path::new(segment),
+            &objects.display().to_string(),
+            dir_identity(&objects).unwrap(),
+        )
+        .unwrap()
     }
 
     #[test]
@@ -496,8 +489,8 @@ mod tests {
         let reg = Registry::new(dir.path().join("peersets"));
         assert_eq!(reg.lookup("node-1").unwrap(), None, "empty registry");
         let entry = entry_in(dir.path(), "node-1", "/dev/shm/seg-1");
-        assert!(entry.same_backend(&dir.path().join("objects")));
-        assert!(!entry.same_backend(dir.path()));
+        assert!(entry.same_backend(&dir_identity(&dir.path().join("objects")).unwrap()));
+        assert!(!entry.same_backend(&dir_identity(dir.path()).unwrap()));
         let r = reg.register(entry.clone()).unwrap();
         assert_eq!(reg.lookup("node-1").unwrap(), Some(entry.clone()));
         assert_eq!(entry.liveness(), Liveness::Alive);
@@ -570,6 +563,33 @@ mod tests {
         )
         .unwrap();
         assert_eq!(reg.lookup("node-b").unwrap(), None);
+    }
+
+    #[test]
+    fn a_version_1_entry_reads_as_another_backend() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::new(dir.path().join("peersets"));
+        let objects = dir.path().join("objects");
+        fs::create_dir_all(&objects).unwrap();
+        let me = ProcessId::current();
+        let v1 = serde_json::json!({
+            "version": 1,
+            "owner": "node-old",
+            "segment": "/dev/shm/seg-old",
+            "pid": me.pid,
+            "start_time": me.start,
+            "pid_ns": current_pid_ns(),
+            "objects_dir": objects,
+            "backend": { "dev": 1, "ino": 2 },
+        });
+        fs::create_dir_all(reg.dir()).unwrap();
+        fs::write(reg.path_of("node-old").unwrap(), v1.to_string()).unwrap();
+        let old = reg
+            .lookup("node-old")
+            .unwrap()
+            .expect("still a live peer set");
+        assert_eq!(old.backend_id, None);
+        assert!(!old.same_backend(&dir_identity(&objects).unwrap()));
     }
 
     #[test]

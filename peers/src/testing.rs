@@ -9,7 +9,8 @@ use std::sync::Arc;
 
 use xseg::Segment;
 
-use crate::blocker::{Blocker, FileBlocker};
+use crate::backend::Store;
+use crate::blocker::Blocker;
 use crate::client::VolumeClient;
 use crate::mapper::{Mapper, MapperError};
 use crate::peerset::{PeerConfig, PeerSet, Ports};
@@ -96,8 +97,7 @@ impl ScratchPeerSet {
         config.xseg = test_config();
         config.workers = 4;
         let seg = Segment::create(&segment, &config.xseg).expect("segment");
-        let blocker: Arc<dyn Blocker> =
-            Arc::new(FileBlocker::open(config.objects_dir()).expect("file blocker"));
+        let blocker: Arc<dyn Blocker> = config.backend.open(Store::Objects).expect("file blocker");
         let set = PeerSet::start_with(&config, seg, blocker.clone()).expect("peer set");
         ScratchPeerSet {
             set: Some(set),

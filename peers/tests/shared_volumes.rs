@@ -3,9 +3,8 @@
 //! first write on a node takes the lock over from the other, and the map stays consistent.
 
 use std::path::Path;
-use std::sync::Arc;
 
-use peers::blocker::{Blocker, FileBlocker};
+use peers::backend::Store;
 use peers::client::{ClientError, VolumeClient};
 use peers::peerset::{PeerConfig, PeerSet};
 use peers::testing::test_config;
@@ -31,8 +30,7 @@ impl Node {
         config.xseg = test_config();
         config.workers = 2;
         let seg = Segment::create(&segment, &config.xseg).expect("segment");
-        let blocker: Arc<dyn Blocker> =
-            Arc::new(FileBlocker::open(config.objects_dir()).expect("file blocker"));
+        let blocker = config.backend.open(Store::Objects).expect("file blocker");
         let set = PeerSet::start_with(&config, seg, blocker).expect("peer set");
         Node {
             set: Some(set),

@@ -1,5 +1,11 @@
 //! One behavioural suite that every blocker must pass, so that the memory blocker used by the
 //! mapper's tests cannot drift from the real backends.
+//!
+//! Compiled for this crate's tests and, with the `testing` feature, for other crates: a
+//! blocker that lives elsewhere (behind a feature, in another crate) proves itself with
+//! [`run_all`] from its own tests. The checks panic on the first failure, like `assert!`.
+
+use std::sync::Arc;
 
 use super::*;
 
@@ -7,13 +13,56 @@ fn n(s: &str) -> ObjectName {
     ObjectName::new(s).unwrap()
 }
 
-pub(crate) async fn run(b: &dyn Blocker) {
+/// Runs every check on one blocker, which must start empty.
+pub async fn run(b: &dyn Blocker) {
     sparse_reads(b).await;
     write_read_copy_delete(b).await;
     listing(b).await;
     map_objects(b).await;
     map_batches(b).await;
     locks_and_fences(b).await;
+    capacity(b).await;
+    identity(b);
+}
+
+/// Runs every check, each group on a fresh blocker from `make`, and checks that separate
+/// backends tell themselves apart. `make` must return a blocker over a new, empty backend
+/// each time (a new directory, a new RADOS namespace), never one that another call returned.
+pub async fn run_all(make: impl Fn() -> Arc<dyn Blocker>) {
+    sparse_reads(&*make()).await;
+    write_read_copy_delete(&*make()).await;
+    listing(&*make()).await;
+    map_objects(&*make()).await;
+    map_batches(&*make()).await;
+    locks_and_fences(&*make()).await;
+    capacity(&*make()).await;
+    identity(&*make());
+    distinct_identities(&*make(), &*make());
+    // And all of it on one instance, as the peers use a blocker: a long-lived one.
+    run(&*make()).await;
+}
+
+async fn capacity(b: &dyn Blocker) {
+    let before = b.capacity().await.unwrap();
+    assert!(before.total > 0, "a backend with no capacity: {before:?}");
+    assert!(before.available <= before.total, "{before:?}");
+    b.write(&n("capacity.0"), 0, &[1u8; 4096]).await.unwrap();
+    b.flush().await.unwrap();
+    let after = b.capacity().await.unwrap();
+    assert!(after.available <= after.total, "{after:?}");
+}
+
+fn identity(b: &dyn Blocker) {
+    assert_eq!(b.identity(), b.identity(), "an identity is stable");
+    assert!(!b.identity().as_str().is_empty());
+}
+
+fn distinct_identities(a: &dyn Blocker, b: &dyn Blocker) {
+    assert_ne!(
+        a.identity(),
+        b.identity(),
+        "two separate backends must not claim to be the same one"
+    );
 }
 
 async fn map_batches(b: &dyn Blocker) {

@@ -27,7 +27,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,8 +35,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::{
-    Blocker, BlockerError, BlockerFuture, Expect, Fence, LockInfo, LockOwner, ObjectInfo,
-    ObjectName, Versioned, check_fence, check_range, name_problem,
+    BackendId, Blocker, BlockerError, BlockerFuture, Capacity, Expect, Fence, LockInfo, LockOwner,
+    ObjectInfo, ObjectName, Versioned, check_fence, check_range, name_problem,
 };
 
 /// Open descriptors kept for data objects; opening a file per I/O would triple the syscalls.
@@ -76,6 +76,7 @@ struct FdCache {
 pub struct FileBlocker {
     root: PathBuf,
     dir: File,
+    identity: BackendId,
     fds: Mutex<FdCache>,
     dirty: Mutex<Dirty>,
     tmp_counter: AtomicU64,
@@ -111,6 +112,36 @@ fn shard(name: &ObjectName) -> u64 {
     crc32c::crc32c(name.as_str().as_bytes()) as u64 % FLOCK_SHARDS
 }
 
+/// The identity of an object directory: device and inode, which survive different mount paths
+/// of one filesystem (a bind mount in another container), where the path would not.
+fn identity_of(dir: &fs::Metadata) -> BackendId {
+    BackendId::new("file", format_args!("dev={},ino={}", dir.dev(), dir.ino()))
+}
+
+/// The [`BackendId`] a [`FileBlocker`] opened on `dir` would report, without opening (or
+/// creating) it: for a process that compares backends but stores nothing there itself.
+pub fn dir_identity(dir: &Path) -> io::Result<BackendId> {
+    fs::metadata(dir).map(|m| identity_of(&m))
+}
+
+/// Size and free space of the filesystem holding `dir`. Available is what an unprivileged
+/// writer may still use (`f_bavail`), the figure that decides whether a volume fits.
+fn fs_capacity(dir: &File) -> io::Result<Capacity> {
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `dir` owns an open descriptor for the whole call and `st` points to writable
+    // memory of the right type, which fstatvfs fills when it returns 0.
+    let rc = unsafe { libc::fstatvfs(dir.as_raw_fd(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fstatvfs returned 0, so it initialised `st`.
+    let st = unsafe { st.assume_init() };
+    let unit = st.f_frsize;
+    let total = st.f_blocks.saturating_mul(unit);
+    let available = st.f_bavail.saturating_mul(unit).min(total);
+    Ok(Capacity { total, available })
+}
+
 /// Held for as long as the descriptor is open; closing it (or dying) releases the flock.
 struct Flock(#[allow(dead_code)] File);
 
@@ -121,9 +152,14 @@ impl FileBlocker {
         let shown = root.display().to_string();
         fs::create_dir_all(&root).map_err(|e| BlockerError::io(&shown, e))?;
         let dir = File::open(&root).map_err(|e| BlockerError::io(&shown, e))?;
+        let identity = dir
+            .metadata()
+            .map(|m| identity_of(&m))
+            .map_err(|e| BlockerError::io(&shown, e))?;
         let blocker = FileBlocker {
             root,
             dir,
+            identity,
             fds: Mutex::new(FdCache {
                 files: HashMap::new(),
                 swept: Instant::now(),
@@ -850,6 +886,14 @@ impl Blocker for FileBlocker {
     fn lock_break<'a>(&'a self, lock: &'a ObjectName) -> BlockerFuture<'a, LockInfo> {
         run(move || self.lock_break_sync(lock))
     }
+
+    fn capacity(&self) -> BlockerFuture<'_, Capacity> {
+        run(move || fs_capacity(&self.dir).map_err(|e| BlockerError::io(self.root.display(), e)))
+    }
+
+    fn identity(&self) -> BackendId {
+        self.identity.clone()
+    }
 }
 
 #[cfg(test)]
@@ -859,8 +903,39 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn conformance() {
         let dir = tempfile::tempdir().unwrap();
+        let fresh = AtomicU64::new(0);
+        super::super::conformance::run_all(|| {
+            let sub = dir
+                .path()
+                .join(fresh.fetch_add(1, Ordering::Relaxed).to_string());
+            Arc::new(FileBlocker::open(sub).unwrap())
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn capacity_is_the_filesystems() {
+        let dir = tempfile::tempdir().unwrap();
         let b = FileBlocker::open(dir.path()).unwrap();
-        super::super::conformance::run(&b).await;
+        let c = b.capacity().await.unwrap();
+        assert!(c.total > 0, "{c:?}");
+        assert!(c.available <= c.total, "{c:?}");
+    }
+
+    #[test]
+    fn identity_follows_the_directory_not_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        let one = FileBlocker::open(&a).unwrap();
+        let two = FileBlocker::open(&a).unwrap();
+        assert_eq!(one.identity(), two.identity(), "two opens of one directory");
+        // Another spelling of the same directory is the same backend.
+        let other_path = FileBlocker::open(dir.path().join("a/../a/.")).unwrap();
+        assert_eq!(one.identity(), other_path.identity());
+        assert_eq!(dir_identity(&a).unwrap(), one.identity());
+        let b = FileBlocker::open(dir.path().join("b")).unwrap();
+        assert_ne!(one.identity(), b.identity(), "two directories");
+        assert!(dir_identity(&dir.path().join("missing")).is_err());
     }
 
     #[tokio::test]

@@ -9,8 +9,8 @@ use std::sync::Mutex;
 use std::time::SystemTime;
 
 use super::{
-    Blocker, BlockerError, BlockerFuture, Expect, Fence, LockInfo, LockOwner, ObjectInfo,
-    ObjectName, Versioned, check_fence, check_range,
+    BackendId, Blocker, BlockerError, BlockerFuture, Capacity, Expect, Fence, LockInfo, LockOwner,
+    ObjectInfo, ObjectName, Versioned, check_fence, check_range,
 };
 
 #[derive(Debug)]
@@ -30,14 +30,35 @@ struct State {
 }
 
 /// Objects in memory; cheap to create, gone when dropped.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct MemoryBlocker {
     state: Mutex<State>,
+    /// The capacity it reports as total; data objects count against it, but nothing stops a
+    /// write past it (tests of a full backend fail writes on purpose, not by accident).
+    total: u64,
+    /// Each instance is its own backend: objects are visible only through it.
+    identity: BackendId,
+}
+
+impl Default for MemoryBlocker {
+    fn default() -> Self {
+        Self::with_capacity(u64::MAX)
+    }
 }
 
 impl MemoryBlocker {
+    /// A blocker of unlimited capacity.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A blocker that reports `total` bytes of capacity.
+    pub fn with_capacity(total: u64) -> Self {
+        MemoryBlocker {
+            state: Mutex::default(),
+            total,
+            identity: BackendId::new("memory", uuid::Uuid::new_v4()),
+        }
     }
 
     /// Sum of the sizes of all data objects whose name starts with `prefix`.
@@ -328,6 +349,18 @@ impl Blocker for MemoryBlocker {
         };
         ready(Ok(before))
     }
+
+    fn capacity(&self) -> BlockerFuture<'_, Capacity> {
+        let used = self.bytes_stored("");
+        ready(Ok(Capacity {
+            total: self.total,
+            available: self.total.saturating_sub(used),
+        }))
+    }
+
+    fn identity(&self) -> BackendId {
+        self.identity.clone()
+    }
 }
 
 #[cfg(test)]
@@ -336,7 +369,19 @@ mod tests {
 
     #[tokio::test]
     async fn conformance() {
-        super::super::conformance::run(&MemoryBlocker::new()).await;
+        super::super::conformance::run_all(|| std::sync::Arc::new(MemoryBlocker::new())).await;
+    }
+
+    #[tokio::test]
+    async fn capacity_is_configured_and_counts_stored_bytes() {
+        let unlimited = MemoryBlocker::new().capacity().await.unwrap();
+        assert_eq!(unlimited.total, u64::MAX);
+        let b = MemoryBlocker::with_capacity(1000);
+        b.write(&ObjectName::new("obj").unwrap(), 0, &[1; 300])
+            .await
+            .unwrap();
+        let c = b.capacity().await.unwrap();
+        assert_eq!((c.total, c.available), (1000, 700));
     }
 
     #[tokio::test]

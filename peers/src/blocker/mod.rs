@@ -278,6 +278,45 @@ pub struct Versioned {
     pub version: u64,
 }
 
+/// How much a backend holds and has left, in bytes: what CSI GetCapacity reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    pub total: u64,
+    /// Never more than `total`.
+    pub available: u64,
+}
+
+/// Which backend a blocker stores into, as a value two processes can compare: equal when
+/// both reach the same objects, whatever path, mount or client each used to get there. The
+/// peer-set registry records it so that the CSI controller forwards an operation only to a
+/// peer set over its own backend.
+///
+/// Opaque on purpose: each backend builds its own from what identifies it (the file blocker:
+/// device and inode of its directory, so two bind mounts of one directory match; RADOS:
+/// cluster fsid, pool and namespace), and adding a backend adds no variant here. The text is
+/// stable across restarts and versions, because it is stored in registry files.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct BackendId(String);
+
+impl BackendId {
+    /// `kind` names the backend (`file`, `memory`, `rados`), `detail` what identifies one
+    /// instance of it.
+    pub fn new(kind: &str, detail: impl fmt::Display) -> Self {
+        BackendId(format!("{kind}:{detail}"))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for BackendId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// A storage backend. All methods may run concurrently from many tasks.
 ///
 /// Durability: `write` is durable only after a later `flush` completes. `copy`, `delete` (when it
@@ -390,6 +429,13 @@ pub trait Blocker: Send + Sync + fmt::Debug {
     /// Free a lock whoever holds it (a dead node's). Returns the state before the break. The
     /// former holder's fence is stale from now on.
     fn lock_break<'a>(&'a self, lock: &'a ObjectName) -> BlockerFuture<'a, LockInfo>;
+
+    /// Total and available bytes of the storage behind this blocker (a filesystem, a pool),
+    /// shared with whatever else uses it. Asynchronous because a remote backend has to ask.
+    fn capacity(&self) -> BlockerFuture<'_, Capacity>;
+
+    /// Which backend this is (see [`BackendId`]); fixed when the blocker is opened.
+    fn identity(&self) -> BackendId;
 }
 
 /// Check that a byte range fits in u64 arithmetic, once, for every backend.
@@ -421,8 +467,8 @@ pub(crate) fn check_fence(fence: &Fence, state: &LockInfo) -> Result<(), Blocker
     }
 }
 
-#[cfg(test)]
-pub(crate) mod conformance;
+#[cfg(any(test, feature = "testing"))]
+pub mod conformance;
 
 #[cfg(test)]
 mod tests {

@@ -116,6 +116,12 @@ impl Blocker for Counting {
     fn lock_break<'a>(&'a self, l: &'a ObjectName) -> BlockerFuture<'a, LockInfo> {
         self.inner.lock_break(l)
     }
+    fn capacity(&self) -> BlockerFuture<'_, crate::blocker::Capacity> {
+        self.inner.capacity()
+    }
+    fn identity(&self) -> crate::blocker::BackendId {
+        self.inner.identity()
+    }
 }
 
 fn setup() -> (Arc<Counting>, Mapper) {

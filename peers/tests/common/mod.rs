@@ -81,4 +81,10 @@ impl Blocker for Yielding {
     fn lock_break<'a>(&'a self, l: &'a ObjectName) -> BlockerFuture<'a, LockInfo> {
         yielding!(self.lock_break(l))
     }
+    fn capacity(&self) -> BlockerFuture<'_, peers::blocker::Capacity> {
+        yielding!(self.capacity())
+    }
+    fn identity(&self) -> peers::blocker::BackendId {
+        self.0.identity()
+    }
 }
