@@ -20,21 +20,19 @@
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use peers::blocker::LockOwner;
-use peers::client::{ClientError, LockState, VolumeClient, VolumeInfo, VolumeKind};
+use peers::client::{ClientError, LockState, VolumeInfo, VolumeKind};
 use tonic::{Request, Response, Status};
 
+use crate::core::{Core, answer, client_error};
 use crate::ids;
-use crate::inflight::InFlight;
 use crate::meta::{
-    MetaStore, Publication, RECORD_VERSION, RecordKind, SnapshotRecord, Source, Stored,
-    VolumeRecord,
+    Publication, RECORD_VERSION, RecordKind, SnapshotRecord, Source, Stored, VolumeRecord,
 };
 use crate::params::{self, DEFAULT_BLOCK_SIZE, MutableParams, VolumeParams};
-use crate::pb::controller_server::{Controller, ControllerServer};
+use crate::pb::controller_server::Controller;
 use crate::pb::controller_service_capability::{self, rpc};
 use crate::pb::volume_capability::access_mode::Mode;
 use crate::pb::volume_content_source as vcs;
@@ -48,7 +46,7 @@ use crate::pb::{
     CreateVolumeRequest, CreateVolumeResponse, DeleteSnapshotRequest, DeleteSnapshotResponse,
     DeleteVolumeRequest, DeleteVolumeResponse, GetCapacityRequest, GetCapacityResponse,
     GetSnapshotRequest, GetSnapshotResponse, ListSnapshotsRequest, ListSnapshotsResponse,
-    ListVolumesRequest, ListVolumesResponse, Snapshot, Topology, TopologyRequirement,
+    ListVolumesRequest, ListVolumesResponse, Topology, TopologyRequirement,
     ValidateVolumeCapabilitiesRequest, ValidateVolumeCapabilitiesResponse, Volume, VolumeCondition,
     VolumeContentSource, controller_get_volume_response, list_snapshots_response,
     list_volumes_response, validate_volume_capabilities_response,
@@ -81,95 +79,10 @@ pub const PUBLISH_ACCESS_MODE: &str = "archipelago.io/accessMode";
 /// Publish context key: `"true"` if published read-only.
 pub const PUBLISH_READONLY: &str = "archipelago.io/readonly";
 
-/// How the controller runs.
-#[derive(Debug, Clone)]
-pub struct ControllerConfig {
-    /// The node holding the file backend's directory: the only node that
-    /// reaches volumes of a StorageClass that does not say `shared: "true"`.
-    pub node_id: String,
-    /// The file backend's directory, for GetCapacity.
-    pub data_dir: PathBuf,
-    /// Size of a volume whose request gives no capacity.
-    pub default_capacity: u64,
-    /// The peer-set registry to find the holder of a volume's lock in, to forward an
-    /// operation to it ([`crate::delegate`]); `None` turns forwarding off.
-    pub peerset_registry: Option<PathBuf>,
-}
-
-impl ControllerConfig {
-    /// A configuration with a 1 GiB default capacity.
-    pub fn new(node_id: impl Into<String>, data_dir: impl Into<PathBuf>) -> Self {
-        Self {
-            node_id: node_id.into(),
-            data_dir: data_dir.into(),
-            default_capacity: 1 << 30,
-            peerset_registry: Some(peers::registry::Registry::default_dir()),
-        }
-    }
-}
+pub use crate::core::ControllerConfig;
 
 /// Most blocks a volume may have (the mapper's bound).
 const MAX_BLOCKS: u64 = peers::map::MAX_BLOCKS;
-
-/// The controller's state, shared by the Controller and GroupController
-/// services.
-#[derive(Debug)]
-pub(crate) struct Core {
-    pub(crate) client: Arc<VolumeClient>,
-    pub(crate) meta: MetaStore,
-    pub(crate) config: ControllerConfig,
-    pub(crate) inflight: Arc<InFlight>,
-    pub(crate) delegation: crate::delegate::Delegation,
-}
-
-/// The controller: build it once, then take its gRPC services.
-#[derive(Debug, Clone)]
-pub struct ControllerPlugin {
-    core: Arc<Core>,
-}
-
-impl ControllerPlugin {
-    /// A controller acting on the peer set behind `client`, keeping its
-    /// records in `meta`.
-    pub fn new(client: Arc<VolumeClient>, meta: MetaStore, config: ControllerConfig) -> Self {
-        let delegation = crate::delegate::Delegation::new(
-            config.peerset_registry.clone(),
-            config.data_dir.join("objects"),
-            client.segment().path(),
-        );
-        Self {
-            core: Arc::new(Core {
-                client,
-                meta,
-                config,
-                inflight: InFlight::new(),
-                delegation,
-            }),
-        }
-    }
-
-    /// The set of ids with an operation in flight. Tests hold an id here to
-    /// see a concurrent RPC refused with ABORTED without racing two RPCs.
-    pub fn in_flight(&self) -> &Arc<InFlight> {
-        &self.core.inflight
-    }
-
-    /// The Controller gRPC service.
-    pub fn controller_server(&self) -> ControllerServer<ControllerService> {
-        ControllerServer::new(ControllerService {
-            core: self.core.clone(),
-        })
-    }
-
-    /// The GroupController gRPC service.
-    pub fn group_controller_server(
-        &self,
-    ) -> crate::pb::group_controller_server::GroupControllerServer<
-        crate::group_controller::GroupControllerService,
-    > {
-        crate::group_controller::GroupControllerService::new(self.core.clone()).into_server()
-    }
-}
 
 /// The Controller service.
 #[derive(Debug, Clone)]
@@ -177,31 +90,9 @@ pub struct ControllerService {
     core: Arc<Core>,
 }
 
-/// Maps a peer error to the code the spec wants. `what` names the object
-/// for the message.
-pub(crate) fn client_error(what: &str, e: ClientError) -> CsiError {
-    match e {
-        ClientError::NotFound(m) => CsiError::NotFound(format!("{what}: {m}")),
-        ClientError::AlreadyExists(m) => CsiError::AlreadyExists(format!("{what}: {m}")),
-        ClientError::InvalidArgument(m) => CsiError::InvalidArgument(format!("{what}: {m}")),
-        ClientError::Locked { holder, message } => {
-            CsiError::FailedPrecondition(format!("{what} is in use by node {holder:?}: {message}"))
-        }
-        ClientError::OutOfRange(m) => CsiError::OutOfRange(format!("{what}: {m}")),
-        ClientError::ReadOnly(m) => CsiError::FailedPrecondition(format!("{what}: {m}")),
-        e @ (ClientError::Fenced(_)
-        | ClientError::PeerGone(_)
-        | ClientError::Timeout(_)
-        | ClientError::Transport(_)) => {
-            CsiError::Unavailable(format!("{what}: the peer set did not answer: {e}"))
-        }
-        ClientError::NoSpace(m) => {
-            CsiError::ResourceExhausted(format!("{what}: the backend is out of space: {m}"))
-        }
-        ClientError::Io(m) if crate::status::says_out_of_space(&m) => {
-            CsiError::ResourceExhausted(format!("{what}: the backend is out of space: {m}"))
-        }
-        ClientError::Io(m) => CsiError::Internal(format!("{what}: {m}")),
+impl ControllerService {
+    pub(crate) fn new(core: Arc<Core>) -> Self {
+        Self { core }
     }
 }
 
@@ -392,13 +283,6 @@ fn page<T>(items: Vec<(String, T)>, max_entries: i32) -> CsiResult<(Vec<T>, Stri
     Ok((out, next))
 }
 
-fn timestamp(secs: u64) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: secs.min(i64::MAX as u64) as i64,
-        nanos: 0,
-    }
-}
-
 /// Free bytes of the filesystem holding `path`.
 fn free_bytes(path: &std::path::Path) -> CsiResult<u64> {
     let c = CString::new(path.as_os_str().as_bytes())
@@ -420,26 +304,6 @@ fn free_bytes(path: &std::path::Path) -> CsiResult<u64> {
 }
 
 impl Core {
-    /// The catalogue entry behind `id`, if it is an entry of `kind`.
-    pub(crate) async fn entry(&self, id: &str, kind: VolumeKind) -> CsiResult<Option<VolumeInfo>> {
-        let Some(name) = ids::backend_name(id) else {
-            return Ok(None);
-        };
-        match self.client.info(name).await {
-            Ok(info) if info.kind == kind => Ok(Some(info)),
-            Ok(_) | Err(ClientError::NotFound(_)) => Ok(None),
-            Err(e) => Err(client_error(id, e)),
-        }
-    }
-
-    pub(crate) async fn volume(&self, id: &str) -> CsiResult<Option<VolumeInfo>> {
-        self.entry(id, VolumeKind::Volume).await
-    }
-
-    pub(crate) async fn snapshot(&self, id: &str) -> CsiResult<Option<VolumeInfo>> {
-        self.entry(id, VolumeKind::Snapshot).await
-    }
-
     /// The record of a volume, or the one it would have had: volumes made
     /// outside CSI (a static PV over `archip create`) live in the
     /// controller's directory, on its node.
@@ -514,26 +378,6 @@ impl Core {
                 abnormal: true,
                 message: format!("the lock state cannot be read: {e}"),
             },
-        }
-    }
-
-    pub(crate) fn csi_snapshot(
-        &self,
-        id: &str,
-        info: &VolumeInfo,
-        rec: Option<&SnapshotRecord>,
-    ) -> Snapshot {
-        Snapshot {
-            size_bytes: info.size.min(i64::MAX as u64) as i64,
-            snapshot_id: id.to_owned(),
-            source_volume_id: rec
-                .map(|r| r.source_volume_id.clone())
-                .or_else(|| info.parent.clone())
-                .unwrap_or_default(),
-            creation_time: Some(timestamp(info.created)),
-            // Copy-on-write: a snapshot is complete when the call returns.
-            ready_to_use: true,
-            group_snapshot_id: rec.and_then(|r| r.group_id.clone()).unwrap_or_default(),
         }
     }
 
@@ -1303,21 +1147,6 @@ pub fn controller_capabilities() -> Vec<ControllerServiceCapability> {
     .collect()
 }
 
-/// Runs one RPC body and turns its error into a status; logs failures
-/// (never the request: it may carry secrets, and `Debug` hides them anyway).
-pub(crate) async fn answer<T>(
-    rpc: &'static str,
-    f: impl std::future::Future<Output = CsiResult<T>>,
-) -> Result<Response<T>, Status> {
-    match f.await {
-        Ok(r) => Ok(Response::new(r)),
-        Err(e) => {
-            tracing::debug!(rpc, code = ?e.code(), error = %e, "rpc failed");
-            Err(e.into())
-        }
-    }
-}
-
 #[tonic::async_trait]
 impl Controller for ControllerService {
     async fn create_volume(
@@ -1479,51 +1308,6 @@ mod tests {
     const MI: u64 = 1 << 20;
 
     /// A reply as a peer sends it for a blocker error, decoded as the client does.
-    fn reply_error(e: peers::blocker::BlockerError) -> ClientError {
-        let status = peers::blocker_peer::status_of(&e);
-        let reply = peers::wire::ErrorReply {
-            message: format!("mapper: {e}"),
-            holder: None,
-        };
-        let mut buf = [0u8; 512];
-        let n = reply.encode(&mut buf).unwrap();
-        ClientError::from_reply(status, &buf[..n])
-    }
-
-    #[test]
-    fn a_full_backend_is_resource_exhausted_not_internal() {
-        let io = |code| {
-            reply_error(peers::blocker::BlockerError::Io {
-                object: "v1.0001".into(),
-                source: std::io::Error::from_raw_os_error(code),
-            })
-        };
-        for code in [libc::ENOSPC, libc::EDQUOT] {
-            assert!(
-                matches!(io(code), ClientError::NoSpace(_)),
-                "typed, not text"
-            );
-            let e = client_error("snapshotting v1", io(code));
-            assert!(matches!(e, CsiError::ResourceExhausted(_)), "{e:?}");
-            assert_eq!(Status::from(e).code(), tonic::Code::ResourceExhausted);
-        }
-        // A bare NoSpace status, without a message.
-        let e = client_error("x", ClientError::from_reply(xseg::Status::NoSpace, &[]));
-        assert!(matches!(e, CsiError::ResourceExhausted(_)), "{e:?}");
-        // Other I/O errors stay INTERNAL.
-        let e = client_error("x", io(libc::EIO));
-        assert!(matches!(e, CsiError::Internal(_)), "{e:?}");
-        // The controller's own records on a full disk.
-        let meta = crate::meta::MetaError::Backend(peers::blocker::BlockerError::Io {
-            object: "volume-x".into(),
-            source: std::io::Error::from_raw_os_error(libc::ENOSPC),
-        });
-        assert!(matches!(
-            CsiError::from(meta),
-            CsiError::ResourceExhausted(_)
-        ));
-    }
-
     fn range(required: i64, limit: i64) -> CapacityRange {
         CapacityRange {
             required_bytes: required,

@@ -43,7 +43,7 @@ use peers::peerset::Ports;
 use peers::registry::{PeerSetEntry, Registry};
 use xseg::Segment;
 
-use crate::controller::{Core, client_error};
+use crate::core::{Core, client_error};
 use crate::status::{CsiError, CsiResult};
 
 /// How long a freshly connected holder has to answer a PING.

@@ -11,14 +11,13 @@
 //!
 //! Consistency: all members are cut under one barrier; see [`cut_members`].
 
-use crate::controller::answer;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use peers::client::ClientError;
 use tonic::{Request, Response, Status};
 
-use crate::controller::{Core, client_error};
+use crate::core::{Core, answer, client_error};
 use crate::ids;
 use crate::meta::{GroupRecord, RECORD_VERSION, RecordKind, SnapshotRecord, Stored};
 use crate::params;

@@ -13,6 +13,7 @@
 
 pub mod bench;
 pub mod controller;
+mod core;
 pub mod delegate;
 pub mod dial;
 pub mod group_controller;
@@ -22,6 +23,7 @@ pub mod ids;
 pub mod inflight;
 pub mod meta;
 pub mod params;
+mod plugin;
 pub mod redact;
 pub mod server;
 pub mod status;
@@ -35,7 +37,8 @@ use peers::client::{ClientError, VolumeClient};
 use tonic::service::Routes;
 use xseg::Segment;
 
-pub use controller::{ControllerConfig, ControllerPlugin};
+pub use crate::core::ControllerConfig;
+pub use plugin::ControllerPlugin;
 
 /// Generated CSI v1.12 messages, clients and servers (package `csi.v1`).
 #[allow(
