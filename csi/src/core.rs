@@ -153,6 +153,7 @@ impl Core {
 mod tests {
     use super::*;
 
+    /// A reply as a peer sends it for a blocker error, decoded as the client does.
     fn reply_error(e: peers::blocker::BlockerError) -> ClientError {
         let status = peers::blocker_peer::status_of(&e);
         let reply = peers::wire::ErrorReply {
