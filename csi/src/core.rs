@@ -12,11 +12,11 @@ use std::sync::Arc;
 use peers::client::{ClientError, VolumeClient, VolumeInfo, VolumeKind};
 use tonic::{Response, Status};
 
+use crate::errors::{CsiError, CsiResult};
 use crate::ids;
 use crate::inflight::InFlight;
 use crate::meta::{MetaStore, SnapshotRecord};
 use crate::pb::Snapshot;
-use crate::status::{CsiError, CsiResult};
 
 /// How the controller runs.
 #[derive(Debug, Clone)]
@@ -77,7 +77,7 @@ pub(crate) fn client_error(what: &str, e: ClientError) -> CsiError {
         ClientError::NoSpace(m) => {
             CsiError::ResourceExhausted(format!("{what}: the backend is out of space: {m}"))
         }
-        ClientError::Io(m) if crate::status::says_out_of_space(&m) => {
+        ClientError::Io(m) if crate::errors::says_out_of_space(&m) => {
             CsiError::ResourceExhausted(format!("{what}: the backend is out of space: {m}"))
         }
         ClientError::Io(m) => CsiError::Internal(format!("{what}: {m}")),

@@ -18,6 +18,7 @@ use peers::client::ClientError;
 use tonic::{Request, Response, Status};
 
 use crate::core::{Core, answer, client_error};
+use crate::errors::{CsiError, CsiResult};
 use crate::ids;
 use crate::meta::{GroupRecord, RECORD_VERSION, RecordKind, SnapshotRecord, Stored};
 use crate::params;
@@ -30,7 +31,7 @@ use crate::pb::{
     GroupControllerGetCapabilitiesRequest, GroupControllerGetCapabilitiesResponse,
     GroupControllerServiceCapability, VolumeGroupSnapshot,
 };
-use crate::status::{CsiError, CsiResult, check_id, check_name, check_secrets};
+use crate::validate::{check_id, check_name, check_secrets};
 
 /// Most volumes in one group: vlmc's bound on one barrier (it holds I/O
 /// to every member while the group is cut).
@@ -117,7 +118,7 @@ impl GroupControllerService {
     ) -> CsiResult<CreateVolumeGroupSnapshotResponse> {
         check_name("name", &req.name)?;
         check_secrets("secrets", &req.secrets)?;
-        crate::status::check_map("parameters", &req.parameters)?;
+        crate::validate::check_map("parameters", &req.parameters)?;
         let parameters = params::check_snapshot_params(&req.parameters)?;
         if req.source_volume_ids.is_empty() {
             return Err(CsiError::missing("source_volume_ids"));

@@ -8,14 +8,15 @@
 //! [`server::serve`].
 //!
 //! The spec's request rules (size limits, required fields, capability
-//! checks) and the mapping of our errors to gRPC codes live in [`status`] so
-//! that every RPC enforces them the same way.
+//! checks) live in [`validate`] and the mapping of our errors to gRPC codes
+//! in [`errors`], so that every RPC enforces them the same way.
 
 pub mod bench;
 pub mod controller;
 mod core;
 pub mod delegate;
 pub mod dial;
+pub mod errors;
 pub mod group_controller;
 pub mod health;
 pub mod identity;
@@ -26,7 +27,7 @@ pub mod params;
 mod plugin;
 pub mod redact;
 pub mod server;
-pub mod status;
+pub mod validate;
 
 use std::future::Future;
 use std::path::PathBuf;

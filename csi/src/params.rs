@@ -10,7 +10,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::status::{CsiError, CsiResult, SUPPORTED_FS_TYPES};
+use crate::errors::{CsiError, CsiResult};
+use crate::validate::SUPPORTED_FS_TYPES;
 
 /// Parameter: which backend holds the volume. Only `file` exists today.
 pub const BACKEND: &str = "backend";

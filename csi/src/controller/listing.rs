@@ -10,6 +10,7 @@ use peers::client::{VolumeInfo, VolumeKind};
 use super::MAX_BLOCKS;
 use super::topology::topology_admits;
 use crate::core::{Core, client_error};
+use crate::errors::{CsiError, CsiResult};
 use crate::ids;
 use crate::meta::RecordKind;
 use crate::params::{DEFAULT_BLOCK_SIZE, VolumeParams};
@@ -17,7 +18,7 @@ use crate::pb::{
     GetCapacityRequest, GetCapacityResponse, ListVolumesRequest, ListVolumesResponse,
     list_volumes_response,
 };
-use crate::status::{CsiError, CsiResult, check_capabilities, check_map};
+use crate::validate::{check_capabilities, check_map};
 
 /// Pagination tokens: "start after this id". A prefix makes a token we did
 /// not issue recognisable, so it gets ABORTED rather than a silent restart.

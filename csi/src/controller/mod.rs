@@ -2,7 +2,7 @@
 //! expansion, capacity and listing, over a running peer set.
 //!
 //! Every RPC has the same shape: check the request (INVALID_ARGUMENT, via
-//! [`crate::status`]), take the object's id in the [in-flight
+//! [`crate::validate`]), take the object's id in the [in-flight
 //! set](crate::inflight) (ABORTED), then act on the volume catalogue through
 //! [`VolumeClient`](peers::client::VolumeClient) and on the controller's
 //! [records](crate::meta).

@@ -8,6 +8,7 @@ use peers::client::{ClientError, LockState};
 
 use super::volumes::check_supported;
 use crate::core::{Core, client_error};
+use crate::errors::{CsiError, CsiResult};
 use crate::ids;
 use crate::meta::{Publication, RecordKind, Stored, VolumeRecord};
 use crate::pb::volume_capability::access_mode::Mode;
@@ -15,9 +16,7 @@ use crate::pb::{
     ControllerPublishVolumeRequest, ControllerPublishVolumeResponse,
     ControllerUnpublishVolumeRequest, ControllerUnpublishVolumeResponse,
 };
-use crate::status::{
-    CsiError, CsiResult, check_capability, check_id, check_map, check_node_id, check_secrets,
-};
+use crate::validate::{check_capability, check_id, check_map, check_node_id, check_secrets};
 
 /// Publish context key: the access mode the volume was published with, so
 /// that the node knows whether to expect a second node (the live-migration

@@ -7,6 +7,7 @@ use peers::client::{ClientError, VolumeInfo, VolumeKind};
 
 use super::listing::{page, parse_token};
 use crate::core::{Core, client_error};
+use crate::errors::{CsiError, CsiResult};
 use crate::ids;
 use crate::meta::{RECORD_VERSION, RecordKind, SnapshotRecord, Stored};
 use crate::params;
@@ -15,7 +16,7 @@ use crate::pb::{
     GetSnapshotRequest, GetSnapshotResponse, ListSnapshotsRequest, ListSnapshotsResponse,
     list_snapshots_response,
 };
-use crate::status::{CsiError, CsiResult, check_id, check_map, check_name, check_secrets};
+use crate::validate::{check_id, check_map, check_name, check_secrets};
 
 impl Core {
     pub(super) async fn create_snapshot(

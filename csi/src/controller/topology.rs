@@ -1,8 +1,8 @@
 //! Where a volume can be reached: the topology a node-local volume is pinned
 //! by, and the check of a CreateVolume's accessibility requirements against it.
 
+use crate::errors::{CsiError, CsiResult};
 use crate::pb::{Topology, TopologyRequirement};
-use crate::status::{CsiError, CsiResult};
 
 /// The topology segment a node-local volume is pinned by. The node service
 /// reports the same key with its node id in NodeGetInfo.

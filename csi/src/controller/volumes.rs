@@ -10,6 +10,7 @@ use peers::client::{ClientError, LockState, VolumeInfo};
 use super::MAX_BLOCKS;
 use super::topology::{TOPOLOGY_KEY, check_requirements};
 use crate::core::{Core, client_error};
+use crate::errors::{CsiError, CsiResult};
 use crate::ids;
 use crate::meta::{RECORD_VERSION, RecordKind, Source, Stored, VolumeRecord};
 use crate::params::{self, DEFAULT_BLOCK_SIZE, MutableParams, VolumeParams};
@@ -22,9 +23,7 @@ use crate::pb::{
     ValidateVolumeCapabilitiesResponse, Volume, VolumeCondition, VolumeContentSource,
     controller_get_volume_response, validate_volume_capabilities_response,
 };
-use crate::status::{
-    Access, CsiError, CsiResult, check_capabilities, check_id, check_map, check_name, check_secrets,
-};
+use crate::validate::{Access, check_capabilities, check_id, check_map, check_name, check_secrets};
 
 /// Volume context keys handed to the node service (NodeStageVolume).
 pub mod context {
@@ -461,7 +460,7 @@ impl Core {
             .volume_capability
             .as_ref()
             .map(|c| {
-                let a = crate::status::Access::from_capability("volume_capability", c)?;
+                let a = crate::validate::Access::from_capability("volume_capability", c)?;
                 check_supported(std::slice::from_ref(&a))?;
                 Ok::<_, CsiError>(a)
             })
