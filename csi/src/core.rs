@@ -128,6 +128,20 @@ impl Core {
         self.entry(id, VolumeKind::Snapshot).await
     }
 
+    /// Removes the catalogue entry `name`. One already gone counts as
+    /// removed, so a retried delete converges; `what` names the action for
+    /// the error.
+    pub(crate) async fn remove_entry(
+        &self,
+        name: &str,
+        what: impl FnOnce() -> String,
+    ) -> CsiResult<()> {
+        match self.client.delete(name).await {
+            Ok(()) | Err(ClientError::NotFound(_)) => Ok(()),
+            Err(e) => Err(client_error(&what(), e)),
+        }
+    }
+
     pub(crate) fn csi_snapshot(
         &self,
         id: &str,

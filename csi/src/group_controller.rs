@@ -14,10 +14,9 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use peers::client::ClientError;
 use tonic::{Request, Response, Status};
 
-use crate::core::{Core, answer, client_error};
+use crate::core::{Core, answer, timestamp};
 use crate::errors::{CsiError, CsiResult};
 use crate::ids;
 use crate::meta::{GroupRecord, RECORD_VERSION, RecordKind, SnapshotRecord, Stored};
@@ -104,10 +103,7 @@ impl GroupControllerService {
         Ok(VolumeGroupSnapshot {
             group_snapshot_id: gid.to_owned(),
             snapshots,
-            creation_time: Some(prost_types::Timestamp {
-                seconds: rec.created.min(i64::MAX as u64) as i64,
-                nanos: 0,
-            }),
+            creation_time: Some(timestamp(rec.created)),
             ready_to_use: true,
         })
     }
@@ -203,10 +199,9 @@ impl GroupControllerService {
             // Left over from an interrupted attempt: not consistent with
             // the members about to be cut.
             if let Some(stale) = self.core.snapshot(sid).await? {
-                match self.core.client.delete(&stale.name).await {
-                    Ok(()) | Err(ClientError::NotFound(_)) => {}
-                    Err(e) => return Err(client_error(&format!("removing stale member {sid}"), e)),
-                }
+                self.core
+                    .remove_entry(&stale.name, || format!("removing stale member {sid}"))
+                    .await?;
             }
             let member = SnapshotRecord {
                 version: RECORD_VERSION,
@@ -286,10 +281,9 @@ impl GroupControllerService {
         Self::check_members(gid, &req.snapshot_ids, &record)?;
         for sid in &record.snapshot_ids {
             if let Some(info) = self.core.snapshot(sid).await? {
-                match self.core.client.delete(&info.name).await {
-                    Ok(()) | Err(ClientError::NotFound(_)) => {}
-                    Err(e) => return Err(client_error(&format!("deleting member {sid}"), e)),
-                }
+                self.core
+                    .remove_entry(&info.name, || format!("deleting member {sid}"))
+                    .await?;
             }
             self.core.meta.delete(RecordKind::Snapshot, sid).await?;
         }

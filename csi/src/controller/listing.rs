@@ -39,17 +39,19 @@ pub(super) fn parse_token(token: &str) -> CsiResult<Option<&str>> {
         })
 }
 
-pub(super) fn page<T>(items: Vec<(String, T)>, max_entries: i32) -> CsiResult<(Vec<T>, String)> {
-    if max_entries < 0 {
-        return Err(CsiError::InvalidArgument(format!(
+/// The most entries a page may hold: `max_entries`, where 0 means no limit.
+pub(super) fn check_max_entries(max_entries: i32) -> CsiResult<usize> {
+    match max_entries {
+        ..0 => Err(CsiError::InvalidArgument(format!(
             "max_entries must not be negative, got {max_entries}"
-        )));
+        ))),
+        0 => Ok(usize::MAX),
+        n => Ok(n as usize),
     }
-    let max = if max_entries == 0 {
-        usize::MAX
-    } else {
-        max_entries as usize
-    };
+}
+
+pub(super) fn page<T>(items: Vec<(String, T)>, max_entries: i32) -> CsiResult<(Vec<T>, String)> {
+    let max = check_max_entries(max_entries)?;
     let more = items.len() > max;
     let mut out = Vec::with_capacity(items.len().min(max));
     let mut last = String::new();
@@ -86,26 +88,33 @@ pub(super) fn free_bytes(path: &std::path::Path) -> CsiResult<u64> {
 }
 
 impl Core {
+    /// Every catalogue entry of `kind`, by name: what listings join their
+    /// records with. `what` names the listing for the error.
+    pub(super) async fn catalogue(
+        &self,
+        kind: VolumeKind,
+        what: &str,
+    ) -> CsiResult<HashMap<String, VolumeInfo>> {
+        Ok(self
+            .client
+            .list()
+            .await
+            .map_err(|e| client_error(what, e))?
+            .into_iter()
+            .filter(|v| v.kind == kind)
+            .map(|v| (v.name.clone(), v))
+            .collect())
+    }
+
     pub(super) async fn list_volumes(
         &self,
         req: ListVolumesRequest,
     ) -> CsiResult<ListVolumesResponse> {
-        if req.max_entries < 0 {
-            return Err(CsiError::InvalidArgument(format!(
-                "max_entries must not be negative, got {}",
-                req.max_entries
-            )));
-        }
+        check_max_entries(req.max_entries)?;
         let after = parse_token(&req.starting_token)?;
-        let catalogue: HashMap<String, VolumeInfo> = self
-            .client
-            .list()
-            .await
-            .map_err(|e| client_error("listing volumes", e))?
-            .into_iter()
-            .filter(|v| v.kind == VolumeKind::Volume)
-            .map(|v| (v.name.clone(), v))
-            .collect();
+        let catalogue = self
+            .catalogue(VolumeKind::Volume, "listing volumes")
+            .await?;
         let ids: Vec<String> = self
             .meta
             .ids(RecordKind::Volume)

@@ -1,12 +1,10 @@
 //! Snapshots: CreateSnapshot (cut by the peer set holding the volume's lock),
 //! DeleteSnapshot, ListSnapshots and GetSnapshot.
 
-use std::collections::HashMap;
+use peers::client::VolumeKind;
 
-use peers::client::{ClientError, VolumeInfo, VolumeKind};
-
-use super::listing::{page, parse_token};
-use crate::core::{Core, client_error};
+use super::listing::{check_max_entries, page, parse_token};
+use crate::core::Core;
 use crate::errors::{CsiError, CsiResult};
 use crate::ids;
 use crate::meta::{RECORD_VERSION, RecordKind, SnapshotRecord, Stored};
@@ -116,10 +114,8 @@ impl Core {
             )));
         }
         if let Some(info) = self.snapshot(id).await? {
-            match self.client.delete(&info.name).await {
-                Ok(()) | Err(ClientError::NotFound(_)) => {}
-                Err(e) => return Err(client_error(&format!("deleting snapshot {id}"), e)),
-            }
+            self.remove_entry(&info.name, || format!("deleting snapshot {id}"))
+                .await?;
             tracing::info!(snapshot = %id, "snapshot deleted");
         }
         self.meta.delete(RecordKind::Snapshot, id).await?;
@@ -131,22 +127,11 @@ impl Core {
         req: ListSnapshotsRequest,
     ) -> CsiResult<ListSnapshotsResponse> {
         check_secrets("secrets", &req.secrets)?;
-        if req.max_entries < 0 {
-            return Err(CsiError::InvalidArgument(format!(
-                "max_entries must not be negative, got {}",
-                req.max_entries
-            )));
-        }
+        check_max_entries(req.max_entries)?;
         let after = parse_token(&req.starting_token)?;
-        let catalogue: HashMap<String, VolumeInfo> = self
-            .client
-            .list()
-            .await
-            .map_err(|e| client_error("listing snapshots", e))?
-            .into_iter()
-            .filter(|v| v.kind == VolumeKind::Snapshot)
-            .map(|v| (v.name.clone(), v))
-            .collect();
+        let catalogue = self
+            .catalogue(VolumeKind::Snapshot, "listing snapshots")
+            .await?;
         let mut items = Vec::new();
         for id in self.meta.ids(RecordKind::Snapshot).await? {
             if !req.snapshot_id.is_empty() && id != req.snapshot_id {

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use peers::client::{ClientError, LockState, VolumeInfo};
+use peers::client::{LockState, VolumeInfo};
 
 use super::MAX_BLOCKS;
 use super::topology::{TOPOLOGY_KEY, check_requirements};
@@ -381,10 +381,8 @@ impl Core {
         // Only a volume: a snapshot id passed here must not delete the
         // snapshot.
         if self.volume(id).await?.is_some() {
-            match self.client.delete(name).await {
-                Ok(()) | Err(ClientError::NotFound(_)) => {}
-                Err(e) => return Err(client_error(&format!("deleting volume {id}"), e)),
-            }
+            self.remove_entry(name, || format!("deleting volume {id}"))
+                .await?;
             tracing::info!(volume = %id, "volume deleted");
         }
         self.meta.delete(RecordKind::Volume, id).await?;
