@@ -99,6 +99,45 @@ pub(crate) async fn answer<T>(
     }
 }
 
+/// Implements a CSI service trait whose RPCs each hand their request to one
+/// method and run it in [`answer`]: one line per RPC says which method
+/// serves it and what the logs call it, so the entry points cannot drift
+/// apart. RPCs that do more than that are written out after the table.
+///
+/// ```ignore
+/// rpc_service! {
+///     impl Controller for ControllerService {
+///         create_volume(CreateVolumeRequest) -> CreateVolumeResponse
+///             = "CreateVolume" => core.create_volume;
+///     }
+///     // other trait methods, written as usual
+/// }
+/// ```
+macro_rules! rpc_service {
+    (
+        impl $service_trait:ident for $service:ty {
+            $(
+                $rpc:ident($request:ty) -> $response:ty = $name:literal => $($method:ident).+;
+            )*
+        }
+        $($other:item)*
+    ) => {
+        #[tonic::async_trait]
+        impl $service_trait for $service {
+            $(
+                async fn $rpc(
+                    &self,
+                    request: tonic::Request<$request>,
+                ) -> Result<tonic::Response<$response>, tonic::Status> {
+                    $crate::core::answer($name, self.$($method).+(request.into_inner())).await
+                }
+            )*
+            $($other)*
+        }
+    };
+}
+pub(crate) use rpc_service;
+
 /// A catalogue time (seconds since the epoch) as a protobuf timestamp.
 pub(crate) fn timestamp(secs: u64) -> prost_types::Timestamp {
     prost_types::Timestamp {

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use crate::core::{Core, answer, timestamp};
+use crate::core::{Core, rpc_service, timestamp};
 use crate::errors::{CsiError, CsiResult};
 use crate::ids;
 use crate::meta::{GroupRecord, RECORD_VERSION, RecordKind, SnapshotRecord, Stored};
@@ -319,8 +319,18 @@ impl GroupControllerService {
     }
 }
 
-#[tonic::async_trait]
-impl GroupController for GroupControllerService {
+rpc_service! {
+    impl GroupController for GroupControllerService {
+        create_volume_group_snapshot(CreateVolumeGroupSnapshotRequest)
+            -> CreateVolumeGroupSnapshotResponse
+            = "CreateVolumeGroupSnapshot" => create;
+        delete_volume_group_snapshot(DeleteVolumeGroupSnapshotRequest)
+            -> DeleteVolumeGroupSnapshotResponse
+            = "DeleteVolumeGroupSnapshot" => delete;
+        get_volume_group_snapshot(GetVolumeGroupSnapshotRequest) -> GetVolumeGroupSnapshotResponse
+            = "GetVolumeGroupSnapshot" => get;
+    }
+
     async fn group_controller_get_capabilities(
         &self,
         _request: Request<GroupControllerGetCapabilitiesRequest>,
@@ -334,34 +344,5 @@ impl GroupController for GroupControllerService {
                 )),
             }],
         }))
-    }
-
-    async fn create_volume_group_snapshot(
-        &self,
-        request: Request<CreateVolumeGroupSnapshotRequest>,
-    ) -> Result<Response<CreateVolumeGroupSnapshotResponse>, Status> {
-        answer(
-            "CreateVolumeGroupSnapshot",
-            self.create(request.into_inner()),
-        )
-        .await
-    }
-
-    async fn delete_volume_group_snapshot(
-        &self,
-        request: Request<DeleteVolumeGroupSnapshotRequest>,
-    ) -> Result<Response<DeleteVolumeGroupSnapshotResponse>, Status> {
-        answer(
-            "DeleteVolumeGroupSnapshot",
-            self.delete(request.into_inner()),
-        )
-        .await
-    }
-
-    async fn get_volume_group_snapshot(
-        &self,
-        request: Request<GetVolumeGroupSnapshotRequest>,
-    ) -> Result<Response<GetVolumeGroupSnapshotResponse>, Status> {
-        answer("GetVolumeGroupSnapshot", self.get(request.into_inner())).await
     }
 }

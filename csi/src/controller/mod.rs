@@ -32,7 +32,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use crate::core::{Core, answer};
+use crate::core::{Core, rpc_service};
 use crate::pb::controller_server::Controller;
 use crate::pb::controller_service_capability::{self, rpc};
 use crate::pb::{
@@ -98,75 +98,38 @@ pub fn controller_capabilities() -> Vec<ControllerServiceCapability> {
     .collect()
 }
 
-#[tonic::async_trait]
-impl Controller for ControllerService {
-    async fn create_volume(
-        &self,
-        request: Request<CreateVolumeRequest>,
-    ) -> Result<Response<CreateVolumeResponse>, Status> {
-        answer(
-            "CreateVolume",
-            self.core.create_volume(request.into_inner()),
-        )
-        .await
-    }
-
-    async fn delete_volume(
-        &self,
-        request: Request<DeleteVolumeRequest>,
-    ) -> Result<Response<DeleteVolumeResponse>, Status> {
-        answer(
-            "DeleteVolume",
-            self.core.delete_volume(request.into_inner()),
-        )
-        .await
-    }
-
-    async fn controller_publish_volume(
-        &self,
-        request: Request<ControllerPublishVolumeRequest>,
-    ) -> Result<Response<ControllerPublishVolumeResponse>, Status> {
-        answer(
-            "ControllerPublishVolume",
-            self.core.publish(request.into_inner()),
-        )
-        .await
-    }
-
-    async fn controller_unpublish_volume(
-        &self,
-        request: Request<ControllerUnpublishVolumeRequest>,
-    ) -> Result<Response<ControllerUnpublishVolumeResponse>, Status> {
-        answer(
-            "ControllerUnpublishVolume",
-            self.core.unpublish(request.into_inner()),
-        )
-        .await
-    }
-
-    async fn validate_volume_capabilities(
-        &self,
-        request: Request<ValidateVolumeCapabilitiesRequest>,
-    ) -> Result<Response<ValidateVolumeCapabilitiesResponse>, Status> {
-        answer(
-            "ValidateVolumeCapabilities",
-            self.core.validate(request.into_inner()),
-        )
-        .await
-    }
-
-    async fn list_volumes(
-        &self,
-        request: Request<ListVolumesRequest>,
-    ) -> Result<Response<ListVolumesResponse>, Status> {
-        answer("ListVolumes", self.core.list_volumes(request.into_inner())).await
-    }
-
-    async fn get_capacity(
-        &self,
-        request: Request<GetCapacityRequest>,
-    ) -> Result<Response<GetCapacityResponse>, Status> {
-        answer("GetCapacity", self.core.get_capacity(request.into_inner())).await
+rpc_service! {
+    impl Controller for ControllerService {
+        create_volume(CreateVolumeRequest) -> CreateVolumeResponse
+            = "CreateVolume" => core.create_volume;
+        delete_volume(DeleteVolumeRequest) -> DeleteVolumeResponse
+            = "DeleteVolume" => core.delete_volume;
+        controller_publish_volume(ControllerPublishVolumeRequest) -> ControllerPublishVolumeResponse
+            = "ControllerPublishVolume" => core.publish;
+        controller_unpublish_volume(ControllerUnpublishVolumeRequest)
+            -> ControllerUnpublishVolumeResponse
+            = "ControllerUnpublishVolume" => core.unpublish;
+        validate_volume_capabilities(ValidateVolumeCapabilitiesRequest)
+            -> ValidateVolumeCapabilitiesResponse
+            = "ValidateVolumeCapabilities" => core.validate;
+        list_volumes(ListVolumesRequest) -> ListVolumesResponse
+            = "ListVolumes" => core.list_volumes;
+        get_capacity(GetCapacityRequest) -> GetCapacityResponse
+            = "GetCapacity" => core.get_capacity;
+        create_snapshot(CreateSnapshotRequest) -> CreateSnapshotResponse
+            = "CreateSnapshot" => core.create_snapshot;
+        delete_snapshot(DeleteSnapshotRequest) -> DeleteSnapshotResponse
+            = "DeleteSnapshot" => core.delete_snapshot;
+        list_snapshots(ListSnapshotsRequest) -> ListSnapshotsResponse
+            = "ListSnapshots" => core.list_snapshots;
+        get_snapshot(GetSnapshotRequest) -> GetSnapshotResponse
+            = "GetSnapshot" => core.get_snapshot;
+        controller_expand_volume(ControllerExpandVolumeRequest) -> ControllerExpandVolumeResponse
+            = "ControllerExpandVolume" => core.expand;
+        controller_get_volume(ControllerGetVolumeRequest) -> ControllerGetVolumeResponse
+            = "ControllerGetVolume" => core.get_volume;
+        controller_modify_volume(ControllerModifyVolumeRequest) -> ControllerModifyVolumeResponse
+            = "ControllerModifyVolume" => core.modify;
     }
 
     async fn controller_get_capabilities(
@@ -176,78 +139,5 @@ impl Controller for ControllerService {
         Ok(Response::new(ControllerGetCapabilitiesResponse {
             capabilities: controller_capabilities(),
         }))
-    }
-
-    async fn create_snapshot(
-        &self,
-        request: Request<CreateSnapshotRequest>,
-    ) -> Result<Response<CreateSnapshotResponse>, Status> {
-        answer(
-            "CreateSnapshot",
-            self.core.create_snapshot(request.into_inner()),
-        )
-        .await
-    }
-
-    async fn delete_snapshot(
-        &self,
-        request: Request<DeleteSnapshotRequest>,
-    ) -> Result<Response<DeleteSnapshotResponse>, Status> {
-        answer(
-            "DeleteSnapshot",
-            self.core.delete_snapshot(request.into_inner()),
-        )
-        .await
-    }
-
-    async fn list_snapshots(
-        &self,
-        request: Request<ListSnapshotsRequest>,
-    ) -> Result<Response<ListSnapshotsResponse>, Status> {
-        answer(
-            "ListSnapshots",
-            self.core.list_snapshots(request.into_inner()),
-        )
-        .await
-    }
-
-    async fn get_snapshot(
-        &self,
-        request: Request<GetSnapshotRequest>,
-    ) -> Result<Response<GetSnapshotResponse>, Status> {
-        answer("GetSnapshot", self.core.get_snapshot(request.into_inner())).await
-    }
-
-    async fn controller_expand_volume(
-        &self,
-        request: Request<ControllerExpandVolumeRequest>,
-    ) -> Result<Response<ControllerExpandVolumeResponse>, Status> {
-        answer(
-            "ControllerExpandVolume",
-            self.core.expand(request.into_inner()),
-        )
-        .await
-    }
-
-    async fn controller_get_volume(
-        &self,
-        request: Request<ControllerGetVolumeRequest>,
-    ) -> Result<Response<ControllerGetVolumeResponse>, Status> {
-        answer(
-            "ControllerGetVolume",
-            self.core.get_volume(request.into_inner()),
-        )
-        .await
-    }
-
-    async fn controller_modify_volume(
-        &self,
-        request: Request<ControllerModifyVolumeRequest>,
-    ) -> Result<Response<ControllerModifyVolumeResponse>, Status> {
-        answer(
-            "ControllerModifyVolume",
-            self.core.modify(request.into_inner()),
-        )
-        .await
     }
 }
