@@ -2,9 +2,12 @@
 //! services share, the mapping of peer errors to CSI errors, and the one
 //! wrapper every RPC body runs in.
 //!
-//! It sits below the services and the forwarding to lock holders
-//! ([`crate::delegate`]), which all extend [`Core`] and none of which names
-//! another, so each can change without the others.
+//! It sits below the services (`controller`, `group_controller`) and the
+//! forwarding to lock holders ([`crate::delegate`]): each of them extends
+//! [`Core`] with its own methods and none names another, so each can change
+//! without the others. Only [`crate::ControllerPlugin`] puts them together.
+//! The one way back is the [`Delegation`](crate::delegate::Delegation) state
+//! that `Core` carries for the forwarding methods.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -104,7 +107,7 @@ pub(crate) async fn answer<T>(
 /// serves it and what the logs call it, so the entry points cannot drift
 /// apart. RPCs that do more than that are written out after the table.
 ///
-/// ```ignore
+/// ```text
 /// rpc_service! {
 ///     impl Controller for ControllerService {
 ///         create_volume(CreateVolumeRequest) -> CreateVolumeResponse

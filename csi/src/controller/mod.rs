@@ -19,7 +19,7 @@
 //! what makes CreateVolume and CreateSnapshot idempotent across restarts.
 //!
 //! This file holds the RPC entry points, which only hand each request to
-//! the [`Core`] method that serves it; the bodies live by concern in
+//! the `Core` method that serves it; the bodies live by concern in
 //! `volumes`, `publish`, `snapshots`, `listing` and `topology`.
 
 mod listing;
