@@ -162,6 +162,19 @@ impl Core {
         }
     }
 
+    /// The catalogue entry of `kind` behind `id`, or NOT_FOUND naming it as
+    /// `what` ("volume", "source snapshot").
+    pub(crate) async fn existing(
+        &self,
+        id: &str,
+        kind: VolumeKind,
+        what: &str,
+    ) -> CsiResult<VolumeInfo> {
+        self.entry(id, kind)
+            .await?
+            .ok_or_else(|| CsiError::NotFound(format!("{what} {id} does not exist")))
+    }
+
     pub(crate) async fn volume(&self, id: &str) -> CsiResult<Option<VolumeInfo>> {
         self.entry(id, VolumeKind::Volume).await
     }

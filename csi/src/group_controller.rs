@@ -14,6 +14,7 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
+use peers::client::VolumeKind;
 use tonic::{Request, Response, Status};
 
 use crate::core::{Core, rpc_service, timestamp};
@@ -168,11 +169,9 @@ impl GroupControllerService {
             }
         }
         for v in &req.source_volume_ids {
-            if self.core.volume(v).await?.is_none() {
-                return Err(CsiError::NotFound(format!(
-                    "source volume {v} does not exist"
-                )));
-            }
+            self.core
+                .existing(v, VolumeKind::Volume, "source volume")
+                .await?;
         }
         // Intent first: from here a crash leaves an incomplete record that
         // the retry finishes (or DeleteVolumeGroupSnapshot cleans up).

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use peers::blocker::LockOwner;
-use peers::client::{ClientError, LockState};
+use peers::client::{ClientError, LockState, VolumeKind};
 
 use super::volumes::check_supported;
 use crate::core::{Core, client_error};
@@ -56,9 +56,7 @@ impl Core {
         check_supported(std::slice::from_ref(&access))?;
         let id = req.volume_id.as_str();
         let _busy = self.inflight.begin(&[id])?;
-        if self.volume(id).await?.is_none() {
-            return Err(CsiError::NotFound(format!("volume {id} does not exist")));
-        }
+        self.existing(id, VolumeKind::Volume, "volume").await?;
         // A node's peers lock volumes under its node id, so an id that
         // cannot be a lock owner cannot be one of our nodes.
         if let Err(e) = LockOwner::new(req.node_id.clone()) {

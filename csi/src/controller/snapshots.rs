@@ -53,11 +53,8 @@ impl Core {
                 snapshot: Some(self.csi_snapshot(&id, &info, rec.as_ref())),
             });
         }
-        if self.volume(source).await?.is_none() {
-            return Err(CsiError::NotFound(format!(
-                "source volume {source} does not exist"
-            )));
-        }
+        self.existing(source, VolumeKind::Volume, "source volume")
+            .await?;
         let record = SnapshotRecord {
             version: RECORD_VERSION,
             name: req.name.clone(),
@@ -171,10 +168,7 @@ impl Core {
         check_id("snapshot_id", &req.snapshot_id)?;
         check_secrets("secrets", &req.secrets)?;
         let id = req.snapshot_id.as_str();
-        let info = self
-            .snapshot(id)
-            .await?
-            .ok_or_else(|| CsiError::NotFound(format!("snapshot {id} does not exist")))?;
+        let info = self.existing(id, VolumeKind::Snapshot, "snapshot").await?;
         let rec = self
             .meta
             .get::<SnapshotRecord>(RecordKind::Snapshot, id)

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use peers::client::{LockState, VolumeInfo};
+use peers::client::{LockState, VolumeInfo, VolumeKind};
 
 use super::MAX_BLOCKS;
 use super::topology::{TOPOLOGY_KEY, check_requirements};
@@ -290,12 +290,14 @@ impl Core {
         // source changes nothing.
         let source_info = match &source {
             None => None,
-            Some(Source::Snapshot(sid)) => Some(self.snapshot(sid).await?.ok_or_else(|| {
-                CsiError::NotFound(format!("source snapshot {sid} does not exist"))
-            })?),
-            Some(Source::Volume(vid)) => Some(self.volume(vid).await?.ok_or_else(|| {
-                CsiError::NotFound(format!("source volume {vid} does not exist"))
-            })?),
+            Some(Source::Snapshot(sid)) => Some(
+                self.existing(sid, VolumeKind::Snapshot, "source snapshot")
+                    .await?,
+            ),
+            Some(Source::Volume(vid)) => Some(
+                self.existing(vid, VolumeKind::Volume, "source volume")
+                    .await?,
+            ),
         };
         let block = match (&source_info, params.block_size) {
             (Some(s), Some(b)) if s.block_size != b => {
@@ -400,9 +402,7 @@ impl Core {
         check_secrets("secrets", &req.secrets)?;
         let caps = check_capabilities("volume_capabilities", &req.volume_capabilities)?;
         let id = req.volume_id.as_str();
-        if self.volume(id).await?.is_none() {
-            return Err(CsiError::NotFound(format!("volume {id} does not exist")));
-        }
+        self.existing(id, VolumeKind::Volume, "volume").await?;
         let unconfirmed = |message: String| ValidateVolumeCapabilitiesResponse {
             confirmed: None,
             message,
@@ -465,10 +465,7 @@ impl Core {
             .transpose()?;
         let id = req.volume_id.as_str();
         let _busy = self.inflight.begin(&[id])?;
-        let info = self
-            .volume(id)
-            .await?
-            .ok_or_else(|| CsiError::NotFound(format!("volume {id} does not exist")))?;
+        let info = self.existing(id, VolumeKind::Volume, "volume").await?;
         let block = info.block_size as u64;
         let size = capacity(Some(range), block, 0, 0)?;
         let info = if size <= info.size {
@@ -507,10 +504,7 @@ impl Core {
     ) -> CsiResult<ControllerGetVolumeResponse> {
         check_id("volume_id", &req.volume_id)?;
         let id = req.volume_id.as_str();
-        let info = self
-            .volume(id)
-            .await?
-            .ok_or_else(|| CsiError::NotFound(format!("volume {id} does not exist")))?;
+        let info = self.existing(id, VolumeKind::Volume, "volume").await?;
         let (rec, _) = self.volume_record(id).await?;
         Ok(ControllerGetVolumeResponse {
             volume: Some(self.csi_volume(id, &info, &rec)),
@@ -548,9 +542,7 @@ impl Core {
         let changes = MutableParams::parse(&req.mutable_parameters)?;
         let id = req.volume_id.as_str();
         let _busy = self.inflight.begin(&[id])?;
-        if self.volume(id).await?.is_none() {
-            return Err(CsiError::NotFound(format!("volume {id} does not exist")));
-        }
+        self.existing(id, VolumeKind::Volume, "volume").await?;
         let (mut rec, version) = self.volume_record(id).await?;
         let before = rec.mutable_parameters.clone();
         rec.mutable_parameters.extend(changes.0);
