@@ -135,6 +135,14 @@ pub enum AccessKind {
     },
 }
 
+/// Whether an access mode lets more than one node hold the volume at once.
+pub fn is_multi_node_mode(mode: Mode) -> bool {
+    matches!(
+        mode,
+        Mode::MultiNodeReaderOnly | Mode::MultiNodeSingleWriter | Mode::MultiNodeMultiWriter
+    )
+}
+
 /// Filesystems the node service can create and grow.
 pub const SUPPORTED_FS_TYPES: &[&str] = &["ext4", "xfs"];
 
@@ -184,10 +192,7 @@ impl Access {
 
     /// Whether the mode lets the volume be published on several nodes.
     pub fn is_multi_node(&self) -> bool {
-        matches!(
-            self.mode,
-            Mode::MultiNodeReaderOnly | Mode::MultiNodeSingleWriter | Mode::MultiNodeMultiWriter
-        )
+        is_multi_node_mode(self.mode)
     }
 
     /// Whether the mode forbids writing altogether.

@@ -22,7 +22,7 @@ use crate::validate::{check_capabilities, check_map};
 
 /// Pagination tokens: "start after this id". A prefix makes a token we did
 /// not issue recognisable, so it gets ABORTED rather than a silent restart.
-pub(super) const TOKEN_PREFIX: &str = "after:";
+const TOKEN_PREFIX: &str = "after:";
 
 pub(super) fn parse_token(token: &str) -> CsiResult<Option<&str>> {
     if token.is_empty() {
@@ -68,7 +68,7 @@ pub(super) fn page<T>(items: Vec<(String, T)>, max_entries: i32) -> CsiResult<(V
 }
 
 /// Free bytes of the filesystem holding `path`.
-pub(super) fn free_bytes(path: &std::path::Path) -> CsiResult<u64> {
+fn free_bytes(path: &std::path::Path) -> CsiResult<u64> {
     let c = CString::new(path.as_os_str().as_bytes())
         .map_err(|_| CsiError::Internal(format!("{} contains a NUL byte", path.display())))?;
     let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();

@@ -55,7 +55,7 @@ pub use topology::TOPOLOGY_KEY;
 pub use volumes::context;
 
 /// Most blocks a volume may have (the mapper's bound).
-pub(super) const MAX_BLOCKS: u64 = peers::map::MAX_BLOCKS;
+const MAX_BLOCKS: u64 = peers::map::MAX_BLOCKS;
 
 /// The Controller service.
 #[derive(Debug, Clone)]

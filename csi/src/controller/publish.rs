@@ -16,7 +16,9 @@ use crate::pb::{
     ControllerPublishVolumeRequest, ControllerPublishVolumeResponse,
     ControllerUnpublishVolumeRequest, ControllerUnpublishVolumeResponse,
 };
-use crate::validate::{check_capability, check_id, check_map, check_node_id, check_secrets};
+use crate::validate::{
+    check_capability, check_id, check_map, check_node_id, check_secrets, is_multi_node_mode,
+};
 
 /// Publish context key: the access mode the volume was published with, so
 /// that the node knows whether to expect a second node (the live-migration
@@ -25,18 +27,16 @@ pub const PUBLISH_ACCESS_MODE: &str = "archipelago.io/accessMode";
 /// Publish context key: `"true"` if published read-only.
 pub const PUBLISH_READONLY: &str = "archipelago.io/readonly";
 
-pub(super) fn mode_name(mode: i32) -> String {
+fn mode_name(mode: i32) -> String {
     Mode::try_from(mode).map_or_else(|_| mode.to_string(), |m| m.as_str_name().to_owned())
 }
 
-pub(super) fn is_multi_node(mode: i32) -> bool {
-    matches!(
-        Mode::try_from(mode),
-        Ok(Mode::MultiNodeReaderOnly | Mode::MultiNodeSingleWriter | Mode::MultiNodeMultiWriter)
-    )
+/// [`is_multi_node_mode`] of a mode as stored in a publication.
+fn is_multi_node(mode: i32) -> bool {
+    Mode::try_from(mode).is_ok_and(is_multi_node_mode)
 }
 
-pub(super) fn publish_context(p: &Publication) -> HashMap<String, String> {
+fn publish_context(p: &Publication) -> HashMap<String, String> {
     HashMap::from([
         (PUBLISH_ACCESS_MODE.to_owned(), mode_name(p.mode)),
         (PUBLISH_READONLY.to_owned(), p.readonly.to_string()),

@@ -38,18 +38,13 @@ pub mod context {
 }
 
 /// Rounds `bytes` up to a multiple of `block`, or `None` on overflow.
-pub(super) fn round_up(bytes: u64, block: u64) -> Option<u64> {
+fn round_up(bytes: u64, block: u64) -> Option<u64> {
     bytes.div_ceil(block).checked_mul(block)
 }
 
 /// The size a CreateVolume gets: the request rounded up to the block size,
 /// at least `floor` (a clone's source size), within `limit_bytes`.
-pub(crate) fn capacity(
-    range: Option<&CapacityRange>,
-    block: u64,
-    default: u64,
-    floor: u64,
-) -> CsiResult<u64> {
+fn capacity(range: Option<&CapacityRange>, block: u64, default: u64, floor: u64) -> CsiResult<u64> {
     let (required, limit) = range.map_or((0, 0), |r| (r.required_bytes, r.limit_bytes));
     if required < 0 || limit < 0 {
         return Err(CsiError::InvalidArgument(format!(
@@ -96,7 +91,7 @@ pub(crate) fn capacity(
     Ok(size)
 }
 
-pub(super) fn source_of(src: &VolumeContentSource) -> CsiResult<Source> {
+fn source_of(src: &VolumeContentSource) -> CsiResult<Source> {
     match &src.r#type {
         Some(vcs::Type::Snapshot(s)) => {
             check_id("volume_content_source.snapshot.snapshot_id", &s.snapshot_id)?;
@@ -112,7 +107,7 @@ pub(super) fn source_of(src: &VolumeContentSource) -> CsiResult<Source> {
     }
 }
 
-pub(super) fn source_to_pb(src: &Source) -> VolumeContentSource {
+fn source_to_pb(src: &Source) -> VolumeContentSource {
     VolumeContentSource {
         r#type: Some(match src {
             Source::Snapshot(id) => vcs::Type::Snapshot(vcs::SnapshotSource {
