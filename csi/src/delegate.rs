@@ -45,8 +45,8 @@ use peers::peerset::Ports;
 use peers::registry::{PeerSetEntry, Registry};
 use xseg::Segment;
 
-use crate::controller::{Core, client_error};
-use crate::status::{CsiError, CsiResult};
+use crate::core::{Core, client_error};
+use crate::errors::{CsiError, CsiResult};
 
 /// How long a freshly connected holder has to answer a PING.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);

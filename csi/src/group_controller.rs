@@ -11,14 +11,14 @@
 //!
 //! Consistency: all members are cut under one barrier; see [`cut_members`].
 
-use crate::controller::answer;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use peers::client::ClientError;
+use peers::client::VolumeKind;
 use tonic::{Request, Response, Status};
 
-use crate::controller::{Core, client_error};
+use crate::core::{Core, rpc_service, timestamp};
+use crate::errors::{CsiError, CsiResult};
 use crate::ids;
 use crate::meta::{GroupRecord, RECORD_VERSION, RecordKind, SnapshotRecord, Stored};
 use crate::params;
@@ -31,7 +31,7 @@ use crate::pb::{
     GroupControllerGetCapabilitiesRequest, GroupControllerGetCapabilitiesResponse,
     GroupControllerServiceCapability, VolumeGroupSnapshot,
 };
-use crate::status::{CsiError, CsiResult, check_id, check_name, check_secrets};
+use crate::validate::{check_id, check_name, check_secrets};
 
 /// Most volumes in one group: vlmc's bound on one barrier (it holds I/O
 /// to every member while the group is cut).
@@ -104,10 +104,7 @@ impl GroupControllerService {
         Ok(VolumeGroupSnapshot {
             group_snapshot_id: gid.to_owned(),
             snapshots,
-            creation_time: Some(prost_types::Timestamp {
-                seconds: rec.created.min(i64::MAX as u64) as i64,
-                nanos: 0,
-            }),
+            creation_time: Some(timestamp(rec.created)),
             ready_to_use: true,
         })
     }
@@ -118,7 +115,7 @@ impl GroupControllerService {
     ) -> CsiResult<CreateVolumeGroupSnapshotResponse> {
         check_name("name", &req.name)?;
         check_secrets("secrets", &req.secrets)?;
-        crate::status::check_map("parameters", &req.parameters)?;
+        crate::validate::check_map("parameters", &req.parameters)?;
         let parameters = params::check_snapshot_params(&req.parameters)?;
         if req.source_volume_ids.is_empty() {
             return Err(CsiError::missing("source_volume_ids"));
@@ -172,11 +169,9 @@ impl GroupControllerService {
             }
         }
         for v in &req.source_volume_ids {
-            if self.core.volume(v).await?.is_none() {
-                return Err(CsiError::NotFound(format!(
-                    "source volume {v} does not exist"
-                )));
-            }
+            self.core
+                .existing(v, VolumeKind::Volume, "source volume")
+                .await?;
         }
         // Intent first: from here a crash leaves an incomplete record that
         // the retry finishes (or DeleteVolumeGroupSnapshot cleans up).
@@ -203,10 +198,9 @@ impl GroupControllerService {
             // Left over from an interrupted attempt: not consistent with
             // the members about to be cut.
             if let Some(stale) = self.core.snapshot(sid).await? {
-                match self.core.client.delete(&stale.name).await {
-                    Ok(()) | Err(ClientError::NotFound(_)) => {}
-                    Err(e) => return Err(client_error(&format!("removing stale member {sid}"), e)),
-                }
+                self.core
+                    .remove_entry(&stale.name, || format!("removing stale member {sid}"))
+                    .await?;
             }
             let member = SnapshotRecord {
                 version: RECORD_VERSION,
@@ -286,10 +280,9 @@ impl GroupControllerService {
         Self::check_members(gid, &req.snapshot_ids, &record)?;
         for sid in &record.snapshot_ids {
             if let Some(info) = self.core.snapshot(sid).await? {
-                match self.core.client.delete(&info.name).await {
-                    Ok(()) | Err(ClientError::NotFound(_)) => {}
-                    Err(e) => return Err(client_error(&format!("deleting member {sid}"), e)),
-                }
+                self.core
+                    .remove_entry(&info.name, || format!("deleting member {sid}"))
+                    .await?;
             }
             self.core.meta.delete(RecordKind::Snapshot, sid).await?;
         }
@@ -325,8 +318,18 @@ impl GroupControllerService {
     }
 }
 
-#[tonic::async_trait]
-impl GroupController for GroupControllerService {
+rpc_service! {
+    impl GroupController for GroupControllerService {
+        create_volume_group_snapshot(CreateVolumeGroupSnapshotRequest)
+            -> CreateVolumeGroupSnapshotResponse
+            = "CreateVolumeGroupSnapshot" => create;
+        delete_volume_group_snapshot(DeleteVolumeGroupSnapshotRequest)
+            -> DeleteVolumeGroupSnapshotResponse
+            = "DeleteVolumeGroupSnapshot" => delete;
+        get_volume_group_snapshot(GetVolumeGroupSnapshotRequest) -> GetVolumeGroupSnapshotResponse
+            = "GetVolumeGroupSnapshot" => get;
+    }
+
     async fn group_controller_get_capabilities(
         &self,
         _request: Request<GroupControllerGetCapabilitiesRequest>,
@@ -340,34 +343,5 @@ impl GroupController for GroupControllerService {
                 )),
             }],
         }))
-    }
-
-    async fn create_volume_group_snapshot(
-        &self,
-        request: Request<CreateVolumeGroupSnapshotRequest>,
-    ) -> Result<Response<CreateVolumeGroupSnapshotResponse>, Status> {
-        answer(
-            "CreateVolumeGroupSnapshot",
-            self.create(request.into_inner()),
-        )
-        .await
-    }
-
-    async fn delete_volume_group_snapshot(
-        &self,
-        request: Request<DeleteVolumeGroupSnapshotRequest>,
-    ) -> Result<Response<DeleteVolumeGroupSnapshotResponse>, Status> {
-        answer(
-            "DeleteVolumeGroupSnapshot",
-            self.delete(request.into_inner()),
-        )
-        .await
-    }
-
-    async fn get_volume_group_snapshot(
-        &self,
-        request: Request<GetVolumeGroupSnapshotRequest>,
-    ) -> Result<Response<GetVolumeGroupSnapshotResponse>, Status> {
-        answer("GetVolumeGroupSnapshot", self.get(request.into_inner())).await
     }
 }

@@ -11,13 +11,13 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use crate::errors::CsiError;
 use crate::pb::identity_server::Identity;
 use crate::pb::plugin_capability::{self, service, volume_expansion};
 use crate::pb::{
     GetPluginCapabilitiesRequest, GetPluginCapabilitiesResponse, GetPluginInfoRequest,
     GetPluginInfoResponse, PluginCapability, ProbeRequest, ProbeResponse,
 };
-use crate::status::CsiError;
 
 /// Why a probe did not come back healthy.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

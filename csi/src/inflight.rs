@@ -16,7 +16,7 @@
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::status::CsiError;
+use crate::errors::CsiError;
 
 /// The set of ids with an operation in flight.
 #[derive(Debug, Default)]

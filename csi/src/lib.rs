@@ -8,13 +8,15 @@
 //! [`server::serve`].
 //!
 //! The spec's request rules (size limits, required fields, capability
-//! checks) and the mapping of our errors to gRPC codes live in [`status`] so
-//! that every RPC enforces them the same way.
+//! checks) live in [`validate`] and the mapping of our errors to gRPC codes
+//! in [`errors`], so that every RPC enforces them the same way.
 
 pub mod bench;
 pub mod controller;
+mod core;
 pub mod delegate;
 pub mod dial;
+pub mod errors;
 pub mod group_controller;
 pub mod health;
 pub mod identity;
@@ -22,9 +24,10 @@ pub mod ids;
 pub mod inflight;
 pub mod meta;
 pub mod params;
+mod plugin;
 pub mod redact;
 pub mod server;
-pub mod status;
+pub mod validate;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -35,7 +38,8 @@ use peers::client::{ClientError, VolumeClient};
 use tonic::service::Routes;
 use xseg::Segment;
 
-pub use controller::{ControllerConfig, ControllerPlugin};
+pub use crate::core::ControllerConfig;
+pub use plugin::ControllerPlugin;
 
 /// Generated CSI v1.12 messages, clients and servers (package `csi.v1`).
 #[allow(

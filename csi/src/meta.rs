@@ -24,7 +24,7 @@ use peers::blocker::{Blocker, BlockerError, Capacity, Expect, ObjectName};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::status::CsiError;
+use crate::errors::CsiError;
 
 /// Current record format; a record of a newer format is refused rather
 /// than misread.
@@ -169,7 +169,7 @@ impl From<MetaError> for CsiError {
                 "{e}; another controller instance is working on it, retry"
             )),
             MetaError::Backend(BlockerError::Io { ref source, .. })
-                if crate::status::is_out_of_space(source) =>
+                if crate::errors::is_out_of_space(source) =>
             {
                 CsiError::ResourceExhausted(format!("controller metadata: {e}"))
             }

@@ -12,7 +12,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use peers::backend::BackendKind;
 
-use crate::status::{CsiError, CsiResult, SUPPORTED_FS_TYPES};
+use crate::errors::{CsiError, CsiResult};
+use crate::validate::SUPPORTED_FS_TYPES;
 
 /// Parameter: which backend holds the volume, by the names of
 /// [`BackendKind`] (`file` today; `rados` in a build with that feature).

@@ -5,7 +5,8 @@ use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use csi::status::{Access, AccessKind, CsiError, CsiResult};
+use csi::errors::{CsiError, CsiResult};
+use csi::validate::{Access, AccessKind};
 
 use super::{BLANK_CHECK_BYTES, io_err, run, run_ok};
 
@@ -157,7 +158,7 @@ mod tests {
     use super::super::mount_access;
     use super::*;
     use csi::pb::volume_capability::access_mode::Mode;
-    use csi::status::AccessKind;
+    use csi::validate::AccessKind;
 
     #[test]
     fn mount_groups_are_numeric_gids() {

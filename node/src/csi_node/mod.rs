@@ -48,6 +48,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 
+use csi::errors::{CsiError, CsiResult};
 use csi::inflight::InFlight;
 use csi::pb::node_server::{Node, NodeServer};
 use csi::pb::node_service_capability::{self, rpc};
@@ -59,7 +60,7 @@ use csi::pb::{
     NodeStageVolumeResponse, NodeUnpublishVolumeRequest, NodeUnpublishVolumeResponse,
     NodeUnstageVolumeRequest, NodeUnstageVolumeResponse, Topology,
 };
-use csi::status::{self, Access, CsiError, CsiResult};
+use csi::validate::{self, Access};
 use peers::client::{ClientError, VolumeClient};
 use tonic::service::Routes;
 use tonic::{Request, Response, Status};
@@ -172,14 +173,14 @@ where
 }
 
 fn volume_name(id: &str) -> CsiResult<String> {
-    status::check_id("volume_id", id)?;
+    validate::check_id("volume_id", id)?;
     csi::ids::backend_name(id)
         .map(str::to_owned)
         .ok_or_else(|| CsiError::NotFound(format!("volume {id:?} is not an Archipelago volume id")))
 }
 
 fn check_access(field: &str, cap: Option<&csi::pb::VolumeCapability>) -> CsiResult<Access> {
-    let access = status::check_capability(field, cap)?;
+    let access = validate::check_capability(field, cap)?;
     if let Some(why) = access.unsupported_reason() {
         return Err(CsiError::FailedPrecondition(why));
     }
@@ -260,11 +261,11 @@ impl Node for NodeService {
     ) -> Result<Response<NodeStageVolumeResponse>, Status> {
         let r = request.into_inner();
         let name = volume_name(&r.volume_id)?;
-        status::check_path("staging_target_path", &r.staging_target_path)?;
+        validate::check_path("staging_target_path", &r.staging_target_path)?;
         let access = check_access("volume_capability", r.volume_capability.as_ref())?;
         mount_group(&access)?;
-        status::check_secrets("secrets", &r.secrets)?;
-        status::check_map("volume_context", &r.volume_context)?;
+        validate::check_secrets("secrets", &r.secrets)?;
+        validate::check_map("volume_context", &r.volume_context)?;
         let _guard = self.inflight.begin(&[&r.volume_id])?;
         self.volume_size(&name).await?;
         let staging = PathBuf::from(&r.staging_target_path);
@@ -279,7 +280,7 @@ impl Node for NodeService {
     ) -> Result<Response<NodeUnstageVolumeResponse>, Status> {
         let r = request.into_inner();
         let name = volume_name(&r.volume_id)?;
-        status::check_path("staging_target_path", &r.staging_target_path)?;
+        validate::check_path("staging_target_path", &r.staging_target_path)?;
         let _guard = self.inflight.begin(&[&r.volume_id])?;
         let staging = PathBuf::from(&r.staging_target_path);
         self.blocking(move |o| unstage(o, &name, &staging)).await?;
@@ -292,7 +293,7 @@ impl Node for NodeService {
     ) -> Result<Response<NodePublishVolumeResponse>, Status> {
         let r = request.into_inner();
         let name = volume_name(&r.volume_id)?;
-        status::check_path("target_path", &r.target_path)?;
+        validate::check_path("target_path", &r.target_path)?;
         let access = check_access("volume_capability", r.volume_capability.as_ref())?;
         mount_group(&access)?;
         if r.staging_target_path.is_empty() {
@@ -302,7 +303,7 @@ impl Node for NodeService {
             )
             .into());
         }
-        status::check_path("staging_target_path", &r.staging_target_path)?;
+        validate::check_path("staging_target_path", &r.staging_target_path)?;
         let _guard = self.inflight.begin(&[&r.volume_id])?;
         let read_only = r.readonly || access.is_read_only();
         let staging = PathBuf::from(&r.staging_target_path);
@@ -318,7 +319,7 @@ impl Node for NodeService {
     ) -> Result<Response<NodeUnpublishVolumeResponse>, Status> {
         let r = request.into_inner();
         let name = volume_name(&r.volume_id)?;
-        status::check_path("target_path", &r.target_path)?;
+        validate::check_path("target_path", &r.target_path)?;
         let _guard = self.inflight.begin(&[&r.volume_id])?;
         let target = PathBuf::from(&r.target_path);
         self.blocking(move |o| unpublish(o, &name, &target)).await?;
@@ -331,7 +332,7 @@ impl Node for NodeService {
     ) -> Result<Response<NodeGetVolumeStatsResponse>, Status> {
         let r = request.into_inner();
         let name = volume_name(&r.volume_id)?;
-        status::check_path("volume_path", &r.volume_path)?;
+        validate::check_path("volume_path", &r.volume_path)?;
         let path = PathBuf::from(&r.volume_path);
         let resp = self.blocking(move |o| stats(o, &name, &path)).await?;
         Ok(Response::new(resp))
@@ -343,7 +344,7 @@ impl Node for NodeService {
     ) -> Result<Response<NodeExpandVolumeResponse>, Status> {
         let r = request.into_inner();
         let name = volume_name(&r.volume_id)?;
-        status::check_path("volume_path", &r.volume_path)?;
+        validate::check_path("volume_path", &r.volume_path)?;
         let block = match &r.volume_capability {
             Some(c) => Some(check_access("volume_capability", Some(c))?.is_block()),
             None => None,
@@ -412,7 +413,7 @@ pub use mounts::{MountInfo, parse_mountinfo};
 #[cfg(test)]
 fn mount_access(group: &str, mode: csi::pb::volume_capability::access_mode::Mode) -> Access {
     Access {
-        kind: csi::status::AccessKind::Mount {
+        kind: csi::validate::AccessKind::Mount {
             fs_type: "ext4".into(),
             mount_flags: vec!["noatime".into()],
             volume_mount_group: group.into(),

@@ -5,7 +5,7 @@ use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use csi::status::{CsiError, CsiResult};
+use csi::errors::{CsiError, CsiResult};
 
 use super::io_err;
 use crate::devices::DeviceRecord;

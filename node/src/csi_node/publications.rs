@@ -3,8 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
+use csi::errors::{CsiError, CsiResult};
 use csi::pb::volume_capability::access_mode::Mode;
-use csi::status::{Access, AccessKind, CsiError, CsiResult};
+use csi::validate::{Access, AccessKind};
 use serde::{Deserialize, Serialize};
 
 use super::mounts::canonical;

@@ -2,7 +2,8 @@
 
 use std::path::Path;
 
-use csi::status::{Access, AccessKind, CsiError, CsiResult};
+use csi::errors::{CsiError, CsiResult};
+use csi::validate::{Access, AccessKind};
 
 use super::filesystems::{apply_mount_group, mount_group};
 use super::mounts::{

@@ -3,8 +3,9 @@
 
 use std::path::Path;
 
+use csi::errors::{CsiError, CsiResult};
 use csi::pb::volume_capability::access_mode::Mode;
-use csi::status::{Access, AccessKind, CsiError, CsiResult};
+use csi::validate::{Access, AccessKind};
 
 use super::filesystems::{Content, apply_mount_group, mkfs, mount_fs, mount_group, probe};
 use super::mounts::{mount_at, mount_uses, mounts, rw_word, umount, umount_all};

@@ -3,9 +3,9 @@
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
+use csi::errors::{CsiError, CsiResult};
 use csi::pb::volume_usage::Unit;
 use csi::pb::{NodeGetVolumeStatsResponse, VolumeCondition, VolumeUsage};
-use csi::status::{CsiError, CsiResult};
 
 use super::filesystems::grow_fs;
 use super::mounts::{cstr, mount_at, mount_uses};

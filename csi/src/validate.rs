@@ -1,16 +1,12 @@
-//! The spec's request rules and error codes, in one place.
+//! The spec's request rules, in one place.
 //!
-//! Every RPC validates its request with these helpers and reports failures
-//! as a [`CsiError`], whose variants are named after the conditions the
-//! spec lists so the gRPC code follows from the variant, not from whoever
-//! wrote the RPC. Messages must be readable by humans (the CO surfaces
-//! them to users) and the status `details` must stay empty, which
-//! [`tonic::Status::new`] guarantees.
+//! Every RPC checks its request with these helpers before acting, so a
+//! field is distrusted once, at the boundary, and each failure is reported
+//! as the [`CsiError`] the spec prescribes for it (INVALID_ARGUMENT, mostly).
 
 use std::collections::HashMap;
 
-use tonic::{Code, Status};
-
+use crate::errors::{CsiError, CsiResult};
 use crate::pb::VolumeCapability;
 use crate::pb::volume_capability::{self, access_mode::Mode};
 
@@ -23,89 +19,6 @@ pub const MAX_MAP_BYTES: usize = 4096;
 /// Paths only have to be accepted up to 128 bytes, but the SP should take
 /// what the OS takes; kubelet paths easily exceed 128 bytes.
 pub const MAX_PATH_BYTES: usize = 4096;
-
-/// An RPC failure, one variant per gRPC code the spec prescribes.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum CsiError {
-    /// A required field is missing or a field is malformed.
-    #[error("{0}")]
-    InvalidArgument(String),
-    /// The volume, snapshot or node named does not exist.
-    #[error("{0}")]
-    NotFound(String),
-    /// An object with this name exists but is incompatible with the request.
-    #[error("{0}")]
-    AlreadyExists(String),
-    /// The request is valid but the system is not in a state to run it.
-    #[error("{0}")]
-    FailedPrecondition(String),
-    /// A capacity outside what can be provided.
-    #[error("{0}")]
-    OutOfRange(String),
-    /// Another operation on the same name or id is in flight; retry later.
-    #[error("{0}")]
-    Aborted(String),
-    /// No space, or no topology segment can take the volume.
-    #[error("{0}")]
-    ResourceExhausted(String),
-    /// The RPC is not offered; the CO must not retry.
-    #[error("{0}")]
-    Unimplemented(String),
-    /// A dependency (the peer set, a backend) cannot be reached right now.
-    #[error("{0}")]
-    Unavailable(String),
-    /// A bug or an unexpected backend failure.
-    #[error("{0}")]
-    Internal(String),
-}
-
-impl CsiError {
-    /// The gRPC code the spec assigns to this condition.
-    pub fn code(&self) -> Code {
-        match self {
-            CsiError::InvalidArgument(_) => Code::InvalidArgument,
-            CsiError::NotFound(_) => Code::NotFound,
-            CsiError::AlreadyExists(_) => Code::AlreadyExists,
-            CsiError::FailedPrecondition(_) => Code::FailedPrecondition,
-            CsiError::OutOfRange(_) => Code::OutOfRange,
-            CsiError::Aborted(_) => Code::Aborted,
-            CsiError::ResourceExhausted(_) => Code::ResourceExhausted,
-            CsiError::Unimplemented(_) => Code::Unimplemented,
-            CsiError::Unavailable(_) => Code::Unavailable,
-            CsiError::Internal(_) => Code::Internal,
-        }
-    }
-
-    /// Shorthand for the most common failure: a missing required field.
-    pub fn missing(field: &str) -> Self {
-        CsiError::InvalidArgument(format!("{field} is required"))
-    }
-}
-
-impl From<CsiError> for Status {
-    fn from(err: CsiError) -> Self {
-        let code = err.code();
-        Status::new(code, err.to_string())
-    }
-}
-
-/// Result type of the request checks.
-pub type CsiResult<T> = Result<T, CsiError>;
-
-/// Whether an errno means the backend is out of space (ENOSPC, or EDQUOT for a quota).
-pub fn is_out_of_space(e: &std::io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
-}
-
-/// Whether a peer's error message says the backend is out of space. Peers pass backend
-/// failures on as text (an `std::io::Error` printed as "... (os error 28)") and a bare xseg
-/// `NoSpace` status as "no space", so that is what crosses into [`peers::client::ClientError`].
-pub fn says_out_of_space(message: &str) -> bool {
-    message == xseg::Status::NoSpace.to_string()
-        || [libc::ENOSPC, libc::EDQUOT]
-            .iter()
-            .any(|code| message.contains(&format!("(os error {code})")))
-}
 
 /// Checks a CO-chosen name (CreateVolume, CreateSnapshot, group snapshots):
 /// required, at most 128 bytes, and free of the control characters the
@@ -222,6 +135,14 @@ pub enum AccessKind {
     },
 }
 
+/// Whether an access mode lets more than one node hold the volume at once.
+pub fn is_multi_node_mode(mode: Mode) -> bool {
+    matches!(
+        mode,
+        Mode::MultiNodeReaderOnly | Mode::MultiNodeSingleWriter | Mode::MultiNodeMultiWriter
+    )
+}
+
 /// Filesystems the node service can create and grow.
 pub const SUPPORTED_FS_TYPES: &[&str] = &["ext4", "xfs"];
 
@@ -271,10 +192,7 @@ impl Access {
 
     /// Whether the mode lets the volume be published on several nodes.
     pub fn is_multi_node(&self) -> bool {
-        matches!(
-            self.mode,
-            Mode::MultiNodeReaderOnly | Mode::MultiNodeSingleWriter | Mode::MultiNodeMultiWriter
-        )
+        is_multi_node_mode(self.mode)
     }
 
     /// Whether the mode forbids writing altogether.
@@ -333,6 +251,8 @@ pub fn check_capability(field: &str, cap: Option<&VolumeCapability>) -> CsiResul
 
 #[cfg(test)]
 mod tests {
+    use tonic::Code;
+
     use super::*;
     use crate::pb::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
 
@@ -455,34 +375,5 @@ mod tests {
         let btrfs =
             Access::from_capability("c", &cap(mount("btrfs"), Mode::SingleNodeWriter)).unwrap();
         assert!(btrfs.unsupported_reason().unwrap().contains("btrfs"));
-    }
-
-    #[test]
-    fn errors_map_to_spec_codes_with_empty_details() {
-        let cases = [
-            (CsiError::missing("x"), Code::InvalidArgument),
-            (CsiError::NotFound("x".into()), Code::NotFound),
-            (CsiError::AlreadyExists("x".into()), Code::AlreadyExists),
-            (
-                CsiError::FailedPrecondition("x".into()),
-                Code::FailedPrecondition,
-            ),
-            (CsiError::OutOfRange("x".into()), Code::OutOfRange),
-            (CsiError::Aborted("x".into()), Code::Aborted),
-            (
-                CsiError::ResourceExhausted("x".into()),
-                Code::ResourceExhausted,
-            ),
-            (CsiError::Unimplemented("x".into()), Code::Unimplemented),
-            (CsiError::Unavailable("x".into()), Code::Unavailable),
-            (CsiError::Internal("x".into()), Code::Internal),
-        ];
-        for (err, code) in cases {
-            let msg = err.to_string();
-            let status = Status::from(err);
-            assert_eq!(status.code(), code);
-            assert_eq!(status.message(), msg);
-            assert!(status.details().is_empty());
-        }
     }
 }
