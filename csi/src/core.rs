@@ -17,6 +17,8 @@ use tonic::{Response, Status};
 
 use crate::errors::{CsiError, CsiResult};
 use crate::ids;
+use peers::backend::BackendConfig;
+
 use crate::inflight::InFlight;
 use crate::meta::{MetaStore, SnapshotRecord};
 use crate::pb::Snapshot;
@@ -27,8 +29,11 @@ pub struct ControllerConfig {
     /// The node holding the file backend's directory: the only node that
     /// reaches volumes of a StorageClass that does not say `shared: "true"`.
     pub node_id: String,
-    /// The file backend's directory, for GetCapacity.
+    /// The file backend's directory (the data directory of this node).
     pub data_dir: PathBuf,
+    /// The backend the volumes and the records live on: what GetCapacity asks, and what a
+    /// lock holder's peer set must share before an operation is forwarded to it.
+    pub backend: BackendConfig,
     /// Size of a volume whose request gives no capacity.
     pub default_capacity: u64,
     /// The peer-set registry to find the holder of a volume's lock in, to forward an
@@ -39,9 +44,11 @@ pub struct ControllerConfig {
 impl ControllerConfig {
     /// A configuration with a 1 GiB default capacity.
     pub fn new(node_id: impl Into<String>, data_dir: impl Into<PathBuf>) -> Self {
+        let data_dir = data_dir.into();
         Self {
             node_id: node_id.into(),
-            data_dir: data_dir.into(),
+            backend: BackendConfig::file(&data_dir),
+            data_dir,
             default_capacity: 1 << 30,
             peerset_registry: Some(peers::registry::Registry::default_dir()),
         }

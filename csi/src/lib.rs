@@ -33,7 +33,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use peers::backend::{BackendConfig, BackendError};
+use peers::backend::BackendError;
 use peers::client::{ClientError, VolumeClient};
 use tonic::service::Routes;
 use xseg::Segment;
@@ -106,8 +106,7 @@ impl ControllerPlugin {
     /// peer-set registry, another default capacity).
     pub fn open_with(segment: &Arc<Segment>, config: ControllerConfig) -> Result<Self, RunError> {
         let client = Arc::new(VolumeClient::connect(segment)?);
-        // The controller's configuration names a data directory, which is the file backend's.
-        let meta = meta::MetaStore::open(&BackendConfig::file(&config.data_dir))?;
+        let meta = meta::MetaStore::open(&config.backend)?;
         Ok(ControllerPlugin::new(client, meta, config))
     }
 

@@ -25,7 +25,7 @@ impl ControllerPlugin {
     pub fn new(client: Arc<VolumeClient>, meta: MetaStore, config: ControllerConfig) -> Self {
         let delegation = crate::delegate::Delegation::new(
             config.peerset_registry.clone(),
-            config.data_dir.join("objects"),
+            config.backend.clone(),
             client.segment().path(),
         );
         Self {

@@ -2,8 +2,6 @@
 //! GetCapacity.
 
 use std::collections::HashMap;
-use std::ffi::CString;
-use std::os::unix::ffi::OsStrExt;
 
 use peers::client::{VolumeInfo, VolumeKind};
 
@@ -65,26 +63,6 @@ pub(super) fn page<T>(items: Vec<(String, T)>, max_entries: i32) -> CsiResult<(V
         String::new()
     };
     Ok((out, next))
-}
-
-/// Free bytes of the filesystem holding `path`.
-fn free_bytes(path: &std::path::Path) -> CsiResult<u64> {
-    let c = CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| CsiError::Internal(format!("{} contains a NUL byte", path.display())))?;
-    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
-    // SAFETY: `c` is a valid NUL-terminated path and `st` points to writable
-    // memory of the right type; statvfs writes it fully when it returns 0.
-    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
-    if rc != 0 {
-        let e = std::io::Error::last_os_error();
-        return Err(CsiError::Internal(format!(
-            "statvfs {}: {e}",
-            path.display()
-        )));
-    }
-    // SAFETY: statvfs returned 0, so it initialised `st`.
-    let st = unsafe { st.assume_init() };
-    Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
 impl Core {
@@ -169,7 +147,8 @@ impl Core {
             .is_none_or(|t| topology_admits(t, node));
         let supported = caps.iter().all(|c| c.unsupported_reason().is_none());
         let available = if reachable && supported {
-            free_bytes(&self.config.data_dir)?.min(i64::MAX as u64) as i64
+            let capacity = self.meta.capacity().await.map_err(CsiError::from)?;
+            i64::try_from(capacity.available).unwrap_or(i64::MAX)
         } else {
             0
         };
