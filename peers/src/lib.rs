@@ -8,6 +8,7 @@ pub mod bench;
 pub mod blocker;
 pub mod blocker_peer;
 pub mod client;
+pub mod fence;
 pub mod map;
 pub mod mapper;
 pub mod mapper_peer;
