@@ -21,6 +21,7 @@ pub mod identity;
 pub mod ids;
 pub mod inflight;
 pub mod meta;
+pub mod node_loss;
 pub mod params;
 pub mod redact;
 pub mod server;
