@@ -104,13 +104,12 @@ impl NodeLoss {
         }
         tracing::warn!(node = %name, volumes = fenced.len(), "out-of-service node: volume locks fenced");
         let pvs: Api<PersistentVolume> = Api::all(self.kube.clone());
-        let list = pvs
-            .list(&ListParams::default())
-            .await
-            .map_err(|source| NodeLossError::ListVolumes {
+        let list = pvs.list(&ListParams::default()).await.map_err(|source| {
+            NodeLossError::ListVolumes {
                 node: name.clone(),
                 source,
-            })?;
+            }
+        })?;
         for f in &fenced {
             let Some(claim) = list.items.iter().find_map(|pv| claim_of(pv, &f.volume)) else {
                 tracing::info!(volume = %f.volume, node = %name, "fenced volume has no bound claim; no event recorded");
@@ -186,7 +185,10 @@ impl NodeLoss {
         let mut retry = tokio::time::interval(RETRY);
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failed: BTreeSet<String> = BTreeSet::new();
-        tracing::info!(taint = OUT_OF_SERVICE_TAINT, "watching Nodes for node-loss recovery");
+        tracing::info!(
+            taint = OUT_OF_SERVICE_TAINT,
+            "watching Nodes for node-loss recovery"
+        );
         loop {
             tokio::select! {
                 () = &mut shutdown => break,

@@ -144,11 +144,12 @@ async fn fake_api(
             (&Method::GET, "/api/v1/nodes") => {
                 send.send_response(json(StatusCode::OK, &list("NodeList", &nodes)))
             }
-            (&Method::GET, "/api/v1/persistentvolumes") if !watch => send.send_response(json(
-                StatusCode::OK,
-                &list("PersistentVolumeList", &pvs),
-            )),
-            (&Method::POST, p) if p.starts_with("/api/v1/namespaces/") && p.ends_with("/events") => {
+            (&Method::GET, "/api/v1/persistentvolumes") if !watch => {
+                send.send_response(json(StatusCode::OK, &list("PersistentVolumeList", &pvs)))
+            }
+            (&Method::POST, p)
+                if p.starts_with("/api/v1/namespaces/") && p.ends_with("/events") =>
+            {
                 let namespace = p.split('/').nth(4).unwrap().to_string();
                 let bytes = body.collect_bytes().await.unwrap();
                 let mut event: Event = serde_json::from_slice(&bytes).unwrap();
@@ -191,7 +192,12 @@ async fn an_out_of_service_node_loses_its_locks_and_its_claims_are_told() {
         pv("pv-db", crate::DRIVER_NAME, "v-db", ("shop", "db")),
         pv("pv-web", crate::DRIVER_NAME, "v-web", ("shop", "web")),
         // Another driver's volume with the same handle: not ours.
-        pv("pv-foreign", "other.csi.io", "v-db", ("elsewhere", "foreign")),
+        pv(
+            "pv-foreign",
+            "other.csi.io",
+            "v-db",
+            ("elsewhere", "foreign"),
+        ),
         pv("pv-cache", crate::DRIVER_NAME, "v-cache", ("shop", "cache")),
     ];
     let api = tokio::spawn(fake_api(handle, nodes, pvs, events_tx));
@@ -236,7 +242,10 @@ async fn an_out_of_service_node_loses_its_locks_and_its_claims_are_told() {
             Some(format!("uid-{}", e.involved_object.name.as_deref().unwrap()).as_str())
         );
     }
-    assert!(events.try_recv().is_err(), "no event beyond the fenced volumes");
+    assert!(
+        events.try_recv().is_err(),
+        "no event beyond the fenced volumes"
+    );
 
     // The locks are free, node-b's is untouched.
     for v in ["v-db", "v-web"] {
@@ -262,17 +271,36 @@ async fn an_out_of_service_node_loses_its_locks_and_its_claims_are_told() {
     assert_eq!(&buf, b"node-a data");
     let taken = controller.client.lock_info("v-db").await.unwrap();
     assert_eq!(taken.holder.as_deref(), Some("node-b"));
-    assert!(taken.generation > held.generation, "a new fencing generation");
+    assert!(
+        taken.generation > held.generation,
+        "a new fencing generation"
+    );
 
     // A second pass fences nothing and posts nothing.
     let again = NodeLoss::new(kube.clone(), controller.client.clone());
-    assert!(again.reconcile(&node("node-a", true)).await.unwrap().is_empty());
+    assert!(
+        again
+            .reconcile(&node("node-a", true))
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert!(events.try_recv().is_err());
 
     // A node without the taint keeps its locks, whatever it holds.
-    controller.client.create("v-new", 16 * MI, None).await.unwrap();
+    controller
+        .client
+        .create("v-new", 16 * MI, None)
+        .await
+        .unwrap();
     node_a.client.open("v-new").await.unwrap();
-    assert!(again.reconcile(&node("node-a", false)).await.unwrap().is_empty());
+    assert!(
+        again
+            .reconcile(&node("node-a", false))
+            .await
+            .unwrap()
+            .is_empty()
+    );
     let new = controller.client.lock_info("v-new").await.unwrap();
     assert_eq!(new.holder.as_deref(), Some("node-a"));
 

@@ -95,11 +95,9 @@ pub fn dynamic(
     namespace: &str,
     (group, version, kind, plural): (&str, &str, &str, &str),
 ) -> (Api<DynamicObject>, ApiResource) {
-    let ar = ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural);
-    (
-        Api::namespaced_with(client.clone(), namespace, &ar),
-        ar,
-    )
+    let ar =
+        ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural);
+    (Api::namespaced_with(client.clone(), namespace, &ar), ar)
 }
 
 /// Creates an object from its JSON (which must name its kind and apiVersion).
@@ -169,7 +167,10 @@ pub async fn exec(
     let mut stderr = attached.stderr().context("exec stderr")?;
     let status = attached.take_status().context("exec status")?;
     let (mut out, mut err) = (String::new(), String::new());
-    let (r1, r2) = tokio::join!(stdout.read_to_string(&mut out), stderr.read_to_string(&mut err));
+    let (r1, r2) = tokio::join!(
+        stdout.read_to_string(&mut out),
+        stderr.read_to_string(&mut err)
+    );
     r1?;
     r2?;
     let status = status.await;

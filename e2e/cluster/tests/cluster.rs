@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 use anyhow::{Context, bail, ensure};
 use cluster_e2e::{
-    REQUIRED_ENV, create, crd_exists, delete_and_wait, dynamic, exec, field, helm_install,
+    REQUIRED_ENV, crd_exists, create, delete_and_wait, dynamic, exec, field, helm_install,
     helm_uninstall, reach, required, wait_for,
 };
 use k8s_openapi::api::core::v1::{Namespace, PersistentVolume, PersistentVolumeClaim, Pod};
@@ -67,8 +67,12 @@ impl Settings {
 
 const PAYLOAD: &str = "archipelago-e2e-payload-7f3a";
 
-const SNAPSHOT: (&str, &str, &str, &str) =
-    ("snapshot.storage.k8s.io", "v1", "VolumeSnapshot", "volumesnapshots");
+const SNAPSHOT: (&str, &str, &str, &str) = (
+    "snapshot.storage.k8s.io",
+    "v1",
+    "VolumeSnapshot",
+    "volumesnapshots",
+);
 const SNAPSHOT_CONTENT: (&str, &str, &str, &str) = (
     "snapshot.storage.k8s.io",
     "v1",
@@ -100,7 +104,9 @@ async fn chart_volumes_snapshots_clones_expansion_groups_and_vms() {
     let client = match reach().await {
         Ok(c) => c,
         Err(why) if !required() => {
-            eprintln!("SKIP cluster e2e: no cluster reachable: {why} (set {REQUIRED_ENV}=1 to fail instead)");
+            eprintln!(
+                "SKIP cluster e2e: no cluster reachable: {why} (set {REQUIRED_ENV}=1 to fail instead)"
+            );
             return;
         }
         Err(why) => panic!("{REQUIRED_ENV}=1 but no cluster is reachable: {why}"),
@@ -164,9 +170,12 @@ async fn suite(client: &Client, s: &Settings) -> anyhow::Result<()> {
         }),
     )
     .await?;
-    let snap = wait_for(&snapshots, "data-snap", "ready to use", |o: Option<&DynamicObject>| {
-        field(o, "/status/readyToUse") == Some(&json!(true))
-    })
+    let snap = wait_for(
+        &snapshots,
+        "data-snap",
+        "ready to use",
+        |o: Option<&DynamicObject>| field(o, "/status/readyToUse") == Some(&json!(true)),
+    )
     .await?;
     let mut snapshot_handles = vec![snapshot_handle(client, &snap).await?];
 
@@ -179,7 +188,10 @@ async fn suite(client: &Client, s: &Settings) -> anyhow::Result<()> {
         let pod = format!("reader-{claim}");
         run_pod(&pods, s, &pod, claim, "cat /data/file").await?;
         let log = pods.logs(&pod, &LogParams::default()).await?;
-        ensure!(log.contains(PAYLOAD), "{claim} reads {log:?}, not the payload");
+        ensure!(
+            log.contains(PAYLOAD),
+            "{claim} reads {log:?}, not the payload"
+        );
         handles.push(bound_handle(client, &pvcs, claim).await?);
     }
 
@@ -192,12 +204,17 @@ async fn suite(client: &Client, s: &Settings) -> anyhow::Result<()> {
     .await?;
     // A filesystem grows when a pod mounts it (offline expansion) or at once (online).
     run_pod(&pods, s, "grown", "restored", "df -k /data").await?;
-    wait_for(&pvcs, "restored", "expanded to 128Mi", |o: Option<&PersistentVolumeClaim>| {
-        o.and_then(|p| p.status.as_ref())
-            .and_then(|st| st.capacity.as_ref())
-            .and_then(|c| c.get("storage"))
-            .is_some_and(|q| q.0 == "128Mi")
-    })
+    wait_for(
+        &pvcs,
+        "restored",
+        "expanded to 128Mi",
+        |o: Option<&PersistentVolumeClaim>| {
+            o.and_then(|p| p.status.as_ref())
+                .and_then(|st| st.capacity.as_ref())
+                .and_then(|c| c.get("storage"))
+                .is_some_and(|q| q.0 == "128Mi")
+        },
+    )
     .await?;
     let df = pods.logs("grown", &LogParams::default()).await?;
     eprintln!("e2e: df after expansion: {}", df.trim());
@@ -223,9 +240,12 @@ async fn suite(client: &Client, s: &Settings) -> anyhow::Result<()> {
             }),
         )
         .await?;
-        wait_for(&groups, "group", "ready to use", |o: Option<&DynamicObject>| {
-            field(o, "/status/readyToUse") == Some(&json!(true))
-        })
+        wait_for(
+            &groups,
+            "group",
+            "ready to use",
+            |o: Option<&DynamicObject>| field(o, "/status/readyToUse") == Some(&json!(true)),
+        )
         .await?;
         // Its member snapshots are VolumeSnapshots owned by the group.
         for member in snapshots.list(&ListParams::default()).await? {
@@ -281,7 +301,12 @@ async fn node_pods_ready(client: &Client, s: &Settings) -> anyhow::Result<Vec<Po
     Ok(list)
 }
 
-fn pvc(s: &Settings, name: &str, size: &str, source: Option<serde_json::Value>) -> serde_json::Value {
+fn pvc(
+    s: &Settings,
+    name: &str,
+    size: &str,
+    source: Option<serde_json::Value>,
+) -> serde_json::Value {
     let mut spec = json!({
         "storageClassName": s.storage_class,
         "accessModes": ["ReadWriteOnce"],
@@ -322,7 +347,10 @@ async fn run_pod(
     .await?;
     let phase = done.status.and_then(|st| st.phase).unwrap_or_default();
     if phase != "Succeeded" {
-        let log = pods.logs(name, &LogParams::default()).await.unwrap_or_default();
+        let log = pods
+            .logs(name, &LogParams::default())
+            .await
+            .unwrap_or_default();
         bail!("pod {name} {phase}: {log}");
     }
     Ok(())
@@ -360,9 +388,12 @@ async fn snapshot_handle(client: &Client, snap: &DynamicObject) -> anyhow::Resul
     // Cluster-scoped: only the ApiResource of the namespaced helper is used.
     let (_, ar) = dynamic(client, "", SNAPSHOT_CONTENT);
     let contents: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
-    let c = wait_for(&contents, &content, "with a snapshot handle", |o: Option<&DynamicObject>| {
-        field(o, "/status/snapshotHandle").is_some()
-    })
+    let c = wait_for(
+        &contents,
+        &content,
+        "with a snapshot handle",
+        |o: Option<&DynamicObject>| field(o, "/status/snapshotHandle").is_some(),
+    )
     .await?;
     Ok(field(Some(&c), "/status/snapshotHandle")
         .and_then(|v| v.as_str())
@@ -381,11 +412,17 @@ async fn backend_has_none_of(client: &Client, s: &Settings, ids: &[String]) -> a
             &pods,
             &name,
             "archip-node",
-            &["sh", "-c", "ls -1 \"$ARCHIP_DATA_DIR/objects\" 2>/dev/null || true"],
+            &[
+                "sh",
+                "-c",
+                "ls -1 \"$ARCHIP_DATA_DIR/objects\" 2>/dev/null || true",
+            ],
         )
         .await?;
         if listing.trim().is_empty() {
-            step(&format!("{name}: no file backend objects here (RADOS backend or empty)"));
+            step(&format!(
+                "{name}: no file backend objects here (RADOS backend or empty)"
+            ));
         }
         for id in ids {
             if listing.lines().any(|l| l == format!("vol.{id}")) {
@@ -480,12 +517,17 @@ async fn vm_boot_and_migrate(
         }),
     )
     .await?;
-    let done = wait_for(&migrations, "vm-migration", "finished", |o: Option<&DynamicObject>| {
-        matches!(
-            field(o, "/status/phase").and_then(|v| v.as_str()),
-            Some("Succeeded" | "Failed")
-        )
-    })
+    let done = wait_for(
+        &migrations,
+        "vm-migration",
+        "finished",
+        |o: Option<&DynamicObject>| {
+            matches!(
+                field(o, "/status/phase").and_then(|v| v.as_str()),
+                Some("Succeeded" | "Failed")
+            )
+        },
+    )
     .await?;
     let phase = field(Some(&done), "/status/phase").cloned();
     ensure!(phase == Some(json!("Succeeded")), "migration {phase:?}");
