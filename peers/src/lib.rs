@@ -10,6 +10,7 @@ pub(crate) mod block_range;
 pub mod blocker;
 pub mod client;
 pub mod failure;
+pub mod fence;
 pub mod map_format;
 pub mod mapper;
 pub mod peerset;

@@ -15,6 +15,10 @@ pub struct ControllerArgs {
         default_value = "unix:///var/lib/kubelet/plugins/csi.archipelago.io/controller.sock"
     )]
     pub endpoint: String,
+    /// Watch Nodes and fence the volume locks of every Node tainted node.kubernetes.io/out-of-service
+    /// (csi/src/node_loss.rs). Default: on inside a cluster (KUBERNETES_SERVICE_HOST set).
+    #[arg(long, env = "ARCHIP_WATCH_NODES", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub watch_nodes: Option<bool>,
 }
 
 /// The lock owner of the controller's own peer set. It must differ from the node plugin's (the
@@ -40,17 +44,51 @@ pub fn controller(inst: &Instance, args: &ControllerArgs) -> anyhow::Result<()> 
         .build()
         .context("starting the gRPC runtime")?;
     tracing::info!(endpoint = %args.endpoint, node = %node, lock_owner = %config.node, "CSI controller serving");
-    let served = rt.block_on(csi::run_controller(
-        set.segment(),
-        csi::ControllerOptions {
-            endpoint: args.endpoint.clone(),
-            node_id: node,
-            data_dir: config.data_dir.clone(),
-        },
-        csi::server::shutdown_signal(),
-    ));
+    let served = rt.block_on(async {
+        let watch = watch_nodes(args.watch_nodes, set.segment()).await?;
+        let served = csi::run_controller(
+            set.segment(),
+            csi::ControllerOptions {
+                endpoint: args.endpoint.clone(),
+                node_id: node,
+                data_dir: config.data_dir.clone(),
+            },
+            csi::server::shutdown_signal(),
+        )
+        .await;
+        if let Some(w) = watch {
+            w.abort();
+        }
+        anyhow::Ok(served)
+    })?;
     set.stop();
     served.context("serving CSI")
+}
+
+/// Start node-loss recovery if asked, or by default inside a cluster; say which either way.
+async fn watch_nodes(
+    asked: Option<bool>,
+    segment: &std::sync::Arc<xseg::Segment>,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+    if !asked.unwrap_or(in_cluster) {
+        tracing::info!(
+            in_cluster,
+            "node-loss recovery off: out-of-service nodes keep their volume locks (--watch-nodes to enable)"
+        );
+        return Ok(None);
+    }
+    let volumes = std::sync::Arc::new(
+        peers::client::VolumeClient::connect(segment).context("node-loss recovery: peer set")?,
+    );
+    let watcher = csi::node_loss::NodeLoss::in_cluster(volumes)
+        .await
+        .context("node-loss recovery (--watch-nodes=false to run without it)")?;
+    tracing::info!(
+        in_cluster,
+        "node-loss recovery on: locks of nodes tainted out-of-service are fenced"
+    );
+    Ok(Some(tokio::spawn(watcher.run(std::future::pending()))))
 }
 
 /// `archip bench csi`.
