@@ -250,7 +250,7 @@ impl Drop for Cleanup<'_> {
             }
         }
         for r in self.0.table().load().unwrap_or_default() {
-            let _ = node::ublk::unmap(&self.0.table(), &r.dev_id.to_string());
+            let _ = node::ublk::unmap(&self.0.table(), &node::devices::Target::Device(r.dev_id));
         }
     }
 }

@@ -75,16 +75,50 @@ impl DeviceRecord {
         process_start_time(self.pid) == Some(self.pid_start)
     }
 
-    /// Whether `target` names this device: `/dev/ublkbN`, `ublkbN`, `N`, or the volume name.
-    pub fn matches(&self, target: &str) -> bool {
-        parse_device(target) == Some(self.dev_id) || target == self.volume
+    /// Whether `target` names this device.
+    pub fn matches(&self, target: &Target) -> bool {
+        match target {
+            Target::Device(id) => self.dev_id == *id,
+            Target::Volume(v) => self.volume == *v,
+        }
     }
 }
 
-/// The device id in `/dev/ublkbN`, `ublkbN` or `N`.
+/// What a user or a caller means by "this mapping": a device or a volume, never a guess.
+///
+/// A volume may be named `1`, so a string that could be either is ambiguous; matching both
+/// made `archip map b` print the device of volume `1`. The one rule: only `/dev/ublkbN` or
+/// `ublkbN` (or an explicit device id) means a device; anything else, a bare number
+/// included, is a volume name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    Device(u32),
+    Volume(String),
+}
+
+impl Target {
+    /// Parses user input by the rule above.
+    pub fn parse(input: &str) -> Target {
+        match parse_device(input) {
+            Some(id) => Target::Device(id),
+            None => Target::Volume(input.to_owned()),
+        }
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Device(id) => write!(f, "/dev/ublkb{id}"),
+            Target::Volume(v) => write!(f, "volume {v}"),
+        }
+    }
+}
+
+/// The device id in `/dev/ublkbN` or `ublkbN`; a bare `N` is not a device path.
 pub fn parse_device(target: &str) -> Option<u32> {
     let t = target.strip_prefix("/dev/").unwrap_or(target);
-    let t = t.strip_prefix("ublkb").unwrap_or(t);
+    let t = t.strip_prefix("ublkb")?;
     if t.is_empty() || !t.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
@@ -252,9 +286,19 @@ impl DeviceTable {
         })
     }
 
-    /// The record that `target` names (device path, device id or volume name).
-    pub fn find(&self, target: &str) -> Result<Option<DeviceRecord>, DevicesError> {
+    /// The record that `target` names.
+    pub fn find(&self, target: &Target) -> Result<Option<DeviceRecord>, DevicesError> {
         Ok(self.load()?.into_iter().find(|d| d.matches(target)))
+    }
+
+    /// The record of device `/dev/ublkb{dev_id}`.
+    pub fn by_id(&self, dev_id: u32) -> Result<Option<DeviceRecord>, DevicesError> {
+        self.find(&Target::Device(dev_id))
+    }
+
+    /// The record of the device serving `volume`.
+    pub fn by_volume(&self, volume: &str) -> Result<Option<DeviceRecord>, DevicesError> {
+        self.find(&Target::Volume(volume.to_owned()))
     }
 }
 
@@ -282,7 +326,7 @@ mod tests {
     fn parse_device_names() {
         assert_eq!(parse_device("/dev/ublkb3"), Some(3));
         assert_eq!(parse_device("ublkb12"), Some(12));
-        assert_eq!(parse_device("7"), Some(7));
+        assert_eq!(parse_device("7"), None, "a bare number is a volume name");
         assert_eq!(parse_device("vol7"), None);
         assert_eq!(parse_device("/dev/ublkb"), None);
         assert_eq!(parse_device("/dev/ublkc1"), None);
@@ -305,15 +349,33 @@ mod tests {
             [0, 1],
             "sorted"
         );
-        assert_eq!(t.find("db").unwrap().unwrap().dev_id, 1);
-        assert_eq!(t.find("/dev/ublkb0").unwrap().unwrap().volume, "web");
-        assert!(t.find("nothing").unwrap().is_none());
+        assert_eq!(t.by_volume("db").unwrap().unwrap().dev_id, 1);
+        let dev0 = Target::parse("/dev/ublkb0");
+        assert_eq!(t.find(&dev0).unwrap().unwrap().volume, "web");
+        assert!(t.by_volume("nothing").unwrap().is_none());
         // Replacing keeps one record per device id.
         let mut again = rec(1, "db2");
         again.size = 5;
         t.insert(again.clone()).unwrap();
-        assert_eq!(t.find("1").unwrap().unwrap(), again);
+        assert_eq!(t.by_id(1).unwrap().unwrap(), again);
         assert_eq!(t.load().unwrap().len(), 2);
+    }
+
+    /// Issue 13: with volume `1` on device 0, looking up the new device 1 (by its number as a
+    /// string) found volume `1`, and `archip map b` printed /dev/ublkb0.
+    #[test]
+    fn a_numeric_volume_name_is_not_a_device_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = DeviceTable::new(dir.path().join("state.json"));
+        t.insert(rec(0, "1")).unwrap();
+        t.insert(rec(1, "b")).unwrap();
+        assert_eq!(t.by_id(1).unwrap().unwrap().volume, "b");
+        assert_eq!(t.by_volume("1").unwrap().unwrap().dev_id, 0);
+        // Typed by a user, a bare number is a volume name; a device path is a device.
+        assert_eq!(Target::parse("1"), Target::Volume("1".into()));
+        assert_eq!(t.find(&Target::parse("1")).unwrap().unwrap().dev_id, 0);
+        assert_eq!(Target::parse("/dev/ublkb1"), Target::Device(1));
+        assert_eq!(t.find(&Target::parse("ublkb1")).unwrap().unwrap().volume, "b");
     }
 
     #[test]

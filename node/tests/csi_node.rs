@@ -22,7 +22,7 @@ use csi::pb::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolum
 use csi::pb::volume_usage::Unit;
 use csi::pb::*;
 use node::csi_node::{self, NodeOptions, NodeService};
-use node::devices::DeviceTable;
+use node::devices::{DeviceTable, Target};
 use node::ublk::{self, Launcher, UblkConfig};
 use peers::client::VolumeClient;
 use peers::peerset::{PeerConfig, PeerSet};
@@ -236,7 +236,7 @@ impl Drop for Env {
         }
         if ublk::available() {
             for r in self.table.load().unwrap_or_default() {
-                let _ = ublk::unmap(&self.table, &r.dev_id.to_string());
+                let _ = ublk::unmap(&self.table, &Target::Device(r.dev_id));
             }
         }
         if let Some(tx) = self.stop.take() {

@@ -12,7 +12,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc;
 
-use node::devices::{DeviceRecord, DeviceTable};
+use node::devices::{DeviceRecord, DeviceTable, Target};
 use node::ublk::{self, ServeMode, ServeRequest, UblkConfig};
 use peers::client::VolumeClient;
 use peers::peerset::{PeerConfig, PeerSet};
@@ -85,7 +85,7 @@ fn roundtrip(user_copy: bool) {
         rec.user_copy, user_copy,
         "the kernels we test on all have USER_COPY"
     );
-    assert_eq!(table.find(vol).unwrap().as_ref(), Some(&rec), "recorded");
+    assert_eq!(table.by_volume(vol).unwrap().as_ref(), Some(&rec), "recorded");
     assert_eq!(ublk::device_state(rec.dev_id), ublk::DeviceState::Live);
     let path = rec.block_device();
     let mut dev = OpenOptions::new()
@@ -136,7 +136,7 @@ fn roundtrip(user_copy: bool) {
     );
     drop(dev);
 
-    let gone = ublk::unmap(&table, &path.display().to_string()).unwrap();
+    let gone = ublk::unmap(&table, &Target::parse(&path.display().to_string())).unwrap();
     assert_eq!(gone, Some(rec.clone()));
     let report = server.join().unwrap().unwrap();
     assert!(
@@ -312,13 +312,13 @@ fn live_migration_handover_between_two_devices() {
 
     // The source detaches (its pod ends); the target keeps the lock and the data.
     drop(dev_a);
-    ublk::unmap(&table_a, &rec_a.dev_id.to_string()).unwrap();
+    ublk::unmap(&table_a, &Target::Device(rec_a.dev_id)).unwrap();
     server_a.join().unwrap().unwrap();
     assert_eq!(holder(&cb).as_deref(), Some("node-b"));
     let b2 = io(&mut dev_b, 12 << 20, Some(33), 1 << 20);
     assert!(io(&mut dev_b, 12 << 20, None, 1 << 20) == b2);
     drop(dev_b);
-    ublk::unmap(&table_b, &rec_b.dev_id.to_string()).unwrap();
+    ublk::unmap(&table_b, &Target::Device(rec_b.dev_id)).unwrap();
     server_b.join().unwrap().unwrap();
     assert_eq!(
         holder(&cb),

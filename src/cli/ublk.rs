@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use node::devices::DeviceTable;
+use node::devices::{DeviceTable, Target};
 use node::ublk::{self, Launcher, MapRequest, UblkConfig};
 
 use super::Instance;
@@ -53,10 +53,26 @@ pub struct DeviceArgs {
 
 #[derive(Args, Debug)]
 pub struct UnmapArgs {
-    /// /dev/ublkbN, ublkbN, N or the volume name.
-    pub target: String,
+    /// The volume name, or the device as /dev/ublkbN or ublkbN. A bare number is a volume
+    /// name (a volume may be called `1`); use --id N for device N.
+    #[arg(required_unless_present = "id", conflicts_with = "id")]
+    pub target: Option<String>,
+    /// Unmap device /dev/ublkbN by its number N.
+    #[arg(long)]
+    pub id: Option<u32>,
     #[command(flatten)]
     pub device: DeviceArgs,
+}
+
+impl UnmapArgs {
+    fn target(&self) -> Target {
+        match (self.id, &self.target) {
+            (Some(id), _) => Target::Device(id),
+            (None, Some(t)) => Target::parse(t),
+            // clap requires one of the two.
+            (None, None) => unreachable!("clap requires a target or --id"),
+        }
+    }
 }
 
 fn table(state: &Option<PathBuf>) -> DeviceTable {
@@ -89,9 +105,10 @@ pub fn map(inst: &Instance, args: &MapArgs) -> anyhow::Result<()> {
 }
 
 pub fn unmap(args: &UnmapArgs) -> anyhow::Result<()> {
-    match ublk::unmap(&table(&args.device.state), &args.target)? {
+    let target = args.target();
+    match ublk::unmap(&table(&args.device.state), &target)? {
         Some(rec) => println!("unmapped {} ({})", rec.block_device().display(), rec.volume),
-        None => println!("unmapped {}", args.target),
+        None => println!("unmapped {target}"),
     }
     Ok(())
 }

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use node::devices::DeviceTable;
+use node::devices::{DeviceTable, Target};
 use node::ublk::{self, Launcher, MapRequest, UblkConfig};
 use peers::client::VolumeClient;
 use peers::peerset::{PeerConfig, PeerSet};
@@ -171,8 +171,8 @@ fn run(cli: Cli) -> Res<ExitCode> {
         Cmd::Resize { volume, size: s } => {
             let (rt, c) = client(&seg)?;
             let i = rt.block_on(c.resize(&volume, size(&s)?))?;
-            if table.find(&volume)?.is_some_and(|r| r.volume == volume) {
-                match ublk::resize(&table, &volume, i.size) {
+            if table.by_volume(&volume)?.is_some() {
+                match ublk::resize(&table, &Target::Volume(volume.clone()), i.size) {
                     Ok(n) => println!("device resized to {n}"),
                     Err(e @ ublk::UblkError::Unsupported(_)) => {
                         println!("volume resized to {}; device not: {e}", i.size);
@@ -270,7 +270,7 @@ fn run(cli: Cli) -> Res<ExitCode> {
             println!("{}", rec.block_device().display());
         }
         Cmd::Unmap { target } => {
-            ublk::unmap(&table, &target)?;
+            ublk::unmap(&table, &Target::parse(&target))?;
         }
         Cmd::Showmapped => {
             for d in ublk::showmapped(&table)? {

@@ -10,7 +10,7 @@ use csi::validate::{Access, AccessKind};
 use super::filesystems::{Content, apply_mount_group, mkfs, mount_fs, mount_group, probe};
 use super::mounts::{mount_at, mount_uses, mounts, rw_word, umount, umount_all};
 use super::{BLOCK_DEVICE_FILE, DEFAULT_FS_TYPE, NodeOptions, io_err, record, ublk_err};
-use crate::devices::DeviceRecord;
+use crate::devices::{DeviceRecord, Target};
 use crate::ublk::{self, DeviceState, MapRequest, UblkConfig, UblkError};
 
 /// The live device of `volume`: the existing mapping (recovered if its server died), or a new one.
@@ -34,7 +34,7 @@ pub(super) fn ensure_mapped(
         match ublk::device_state(r.dev_id) {
             DeviceState::Live if r.server_alive() => return Ok(r),
             DeviceState::Gone => {
-                let _ = ublk::unmap(&o.table, &r.dev_id.to_string());
+                let _ = ublk::unmap(&o.table, &Target::Device(r.dev_id));
             }
             _ => {
                 for res in ublk::recover(&o.table, &o.launcher, &o.ublk).map_err(ublk_err)? {
@@ -201,6 +201,6 @@ pub(super) fn unstage(o: &NodeOptions, name: &str, staging: &Path) -> CsiResult<
             m.mount_point.display()
         )));
     }
-    ublk::unmap(&o.table, &rec.dev_id.to_string()).map_err(ublk_err)?;
+    ublk::unmap(&o.table, &Target::Device(rec.dev_id)).map_err(ublk_err)?;
     Ok(())
 }

@@ -10,7 +10,7 @@ use csi::pb::{NodeGetVolumeStatsResponse, VolumeCondition, VolumeUsage};
 use super::filesystems::grow_fs;
 use super::mounts::{cstr, mount_at, mount_uses};
 use super::{NodeOptions, io_err, record, ublk_err};
-use crate::devices::DeviceRecord;
+use crate::devices::{DeviceRecord, Target};
 use crate::ublk::{self, DeviceState, UblkError};
 
 pub(super) fn block_size_of(path: &Path) -> CsiResult<u64> {
@@ -139,7 +139,7 @@ pub(super) fn expand(
     let dev = rec.block_device();
     let mut current = block_size_of(&dev)?;
     if current < size {
-        current = ublk::resize(&o.table, &rec.dev_id.to_string(), size).map_err(|e| match e {
+        current = ublk::resize(&o.table, &Target::Device(rec.dev_id), size).map_err(|e| match e {
             UblkError::Unsupported(what) => CsiError::FailedPrecondition(format!(
                 "cannot grow {} online: {what} is missing; unstage and stage the volume again \
                  to see its new size",

@@ -15,7 +15,7 @@ use serde::Serialize;
 use super::features::{features, has};
 use super::server::{ServeMode, ServeRequest, attach, close_volume};
 use super::{Result, UblkConfig, UblkError, available, driver, io_err};
-use crate::devices::{DeviceRecord, DeviceTable, parse_device};
+use crate::devices::{DeviceRecord, DeviceTable, Target};
 
 /// How to start a device server process: `program args... <serve args>`.
 #[derive(Clone, Debug)]
@@ -114,8 +114,7 @@ pub(super) fn launch(launcher: &Launcher, req: &ServeRequest, log: &Path) -> Res
 /// Refuses a second device for a volume whose recorded device still exists: two servers
 /// of one volume on one node would each believe they hold its lock.
 pub(super) fn refuse_if_mapped(table: &DeviceTable, volume: &str) -> Result<()> {
-    if let Some(r) = table.find(volume)?
-        && r.volume == volume
+    if let Some(r) = table.by_volume(volume)?
         && device_exists(r.dev_id)
     {
         return Err(UblkError::AlreadyMapped {
@@ -143,7 +142,7 @@ pub fn map(req: &MapRequest, launcher: &Launcher) -> Result<DeviceRecord> {
     let log = log_path(&req.table, &req.volume, req.log.as_deref());
     let id = launch(launcher, &sreq, &log)?;
     req.table
-        .find(&id.to_string())?
+        .by_id(id)?
         .ok_or_else(|| UblkError::Server(format!("device {id} is live but was not recorded")))
 }
 
@@ -233,12 +232,13 @@ pub(super) fn wait_exit(pid: u32, timeout: Duration) -> bool {
 
 /// `archip unmap DEVICE|VOLUME`: stops and deletes the device, waits for its server to exit,
 /// and forgets it. A device whose server is dead (quiesced) is deleted too, failing its held I/O.
-pub fn unmap(table: &DeviceTable, target: &str) -> Result<Option<DeviceRecord>> {
+pub fn unmap(table: &DeviceTable, target: &Target) -> Result<Option<DeviceRecord>> {
     let rec = table.find(target)?;
-    let id = match (&rec, parse_device(target)) {
+    let id = match (&rec, target) {
         (Some(r), _) => r.dev_id,
-        (None, Some(id)) => id,
-        (None, None) => return Err(UblkError::NotMapped(target.into())),
+        // An unrecorded device (a leftover of a lost state file) can still be deleted.
+        (None, Target::Device(id)) => *id,
+        (None, Target::Volume(_)) => return Err(UblkError::NotMapped(target.to_string())),
     };
     if !available() {
         return Err(UblkError::NoDriver);
@@ -310,7 +310,7 @@ pub fn recover(
         let log = log_path(table, &r.volume, None);
         out.push(launch(launcher, &req, &log).and_then(|id| {
             table
-                .find(&id.to_string())?
+                .by_id(id)?
                 .ok_or_else(|| UblkError::Server(format!("device {id} recovered but not recorded")))
         }));
     }
@@ -319,10 +319,10 @@ pub fn recover(
 
 /// Online resize of a mapped device to `new_size` bytes (rounded down to its block size), after
 /// the volume itself was resized. Needs `UBLK_F_UPDATE_SIZE` (Linux 6.16+).
-pub fn resize(table: &DeviceTable, target: &str, new_size: u64) -> Result<u64> {
+pub fn resize(table: &DeviceTable, target: &Target, new_size: u64) -> Result<u64> {
     let rec = table
         .find(target)?
-        .ok_or_else(|| UblkError::NotMapped(target.into()))?;
+        .ok_or_else(|| UblkError::NotMapped(target.to_string()))?;
     if !has(features()?, sys::UBLK_F_UPDATE_SIZE as u64) {
         return Err(UblkError::Unsupported(
             "online resize (UBLK_F_UPDATE_SIZE, Linux 6.16+)",
