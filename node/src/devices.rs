@@ -375,7 +375,10 @@ mod tests {
         assert_eq!(Target::parse("1"), Target::Volume("1".into()));
         assert_eq!(t.find(&Target::parse("1")).unwrap().unwrap().dev_id, 0);
         assert_eq!(Target::parse("/dev/ublkb1"), Target::Device(1));
-        assert_eq!(t.find(&Target::parse("ublkb1")).unwrap().unwrap().volume, "b");
+        assert_eq!(
+            t.find(&Target::parse("ublkb1")).unwrap().unwrap().volume,
+            "b"
+        );
     }
 
     #[test]

@@ -85,7 +85,11 @@ fn roundtrip(user_copy: bool) {
         rec.user_copy, user_copy,
         "the kernels we test on all have USER_COPY"
     );
-    assert_eq!(table.by_volume(vol).unwrap().as_ref(), Some(&rec), "recorded");
+    assert_eq!(
+        table.by_volume(vol).unwrap().as_ref(),
+        Some(&rec),
+        "recorded"
+    );
     assert_eq!(ublk::device_state(rec.dev_id), ublk::DeviceState::Live);
     let path = rec.block_device();
     let mut dev = OpenOptions::new()

@@ -139,14 +139,15 @@ pub(super) fn expand(
     let dev = rec.block_device();
     let mut current = block_size_of(&dev)?;
     if current < size {
-        current = ublk::resize(&o.table, &Target::Device(rec.dev_id), size).map_err(|e| match e {
-            UblkError::Unsupported(what) => CsiError::FailedPrecondition(format!(
-                "cannot grow {} online: {what} is missing; unstage and stage the volume again \
+        current =
+            ublk::resize(&o.table, &Target::Device(rec.dev_id), size).map_err(|e| match e {
+                UblkError::Unsupported(what) => CsiError::FailedPrecondition(format!(
+                    "cannot grow {} online: {what} is missing; unstage and stage the volume again \
                  to see its new size",
-                dev.display()
-            )),
-            e => ublk_err(e),
-        })?;
+                    dev.display()
+                )),
+                e => ublk_err(e),
+            })?;
     }
     let block = block.unwrap_or_else(|| meta.file_type().is_block_device());
     if !block {

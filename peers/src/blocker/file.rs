@@ -60,10 +60,20 @@ const MAP_MAGIC: &[u8; 8] = b"ARCHMV01";
 const MAP_PREFIX: usize = 16;
 const LOCK_MAGIC: &[u8; 8] = b"ARCHLK01";
 
+/// What the next flush must make durable, and what no flush can any longer promise.
+///
+/// After a failed fsync Linux may have dropped the dirty pages and cleared the error, so a
+/// retried fsync can succeed although the data is gone (PostgreSQL's "fsyncgate"). A failed
+/// object is therefore latched: every later flush fails until the object is emptied
+/// (truncate) or deleted, which makes its contents known again, or the process restarts.
 #[derive(Default)]
 struct Dirty {
     names: HashSet<ObjectName>,
     overflow: bool,
+    /// Objects whose fsync failed, with the error, reported by every later flush.
+    failed: HashMap<ObjectName, String>,
+    /// A failed `syncfs`: any object may have lost data; latched until restart.
+    fs_failed: Option<String>,
 }
 
 /// The per-process descriptor cache of data objects.
@@ -80,6 +90,9 @@ pub struct FileBlocker {
     fds: Mutex<FdCache>,
     dirty: Mutex<Dirty>,
     tmp_counter: AtomicU64,
+    /// Objects whose next `sync_data` fails with EIO: fault injection for tests.
+    #[cfg(test)]
+    fail_sync: Mutex<HashSet<ObjectName>>,
 }
 
 impl std::fmt::Debug for FileBlocker {
@@ -168,10 +181,12 @@ impl FileBlocker {
             // restarted) may still be only in the page cache, and no list of them survived:
             // the first flush syncs the whole filesystem.
             dirty: Mutex::new(Dirty {
-                names: HashSet::new(),
                 overflow: true,
+                ..Dirty::default()
             }),
             tmp_counter: AtomicU64::new(0),
+            #[cfg(test)]
+            fail_sync: Mutex::new(HashSet::new()),
         };
         blocker.remove_stale_temporaries(STALE_TMP_AGE)?;
         Ok(blocker)
@@ -306,28 +321,76 @@ impl FileBlocker {
         Ok(())
     }
 
+    /// fsync of one data object's contents; the single place a test can make it fail.
+    fn sync_data(&self, name: &ObjectName, file: &File) -> io::Result<()> {
+        let _ = name;
+        #[cfg(test)]
+        if lock(&self.fail_sync).remove(name) {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        file.sync_data()
+    }
+
     fn flush_sync(&self) -> Result<(), BlockerError> {
-        let dirty = std::mem::take(&mut *lock(&self.dirty));
-        if dirty.overflow {
+        let (names, overflow) = {
+            let mut d = lock(&self.dirty);
+            (
+                std::mem::take(&mut d.names),
+                std::mem::take(&mut d.overflow),
+            )
+        };
+        if overflow {
             // SAFETY: `self.dir` is an open descriptor for the whole call; syncfs reads no
             // memory of ours.
             let rc = unsafe { libc::syncfs(self.dir.as_raw_fd()) };
             if rc != 0 {
-                return Err(BlockerError::io(
-                    self.root.display(),
-                    io::Error::last_os_error(),
-                ));
+                let e = io::Error::last_os_error();
+                let mut d = lock(&self.dirty);
+                d.fs_failed = Some(e.to_string());
+                d.names.extend(names);
+                return Err(BlockerError::io(self.root.display(), e));
             }
-            return Ok(());
-        }
-        for name in &dirty.names {
-            if let Some(file) = self.file(name, false)? {
-                file.sync_data().map_err(|e| BlockerError::io(name, e))?;
+        } else {
+            let mut pending = names.iter();
+            while let Some(name) = pending.next() {
+                let synced = match self.file(name, false) {
+                    Ok(Some(file)) => self.sync_data(name, &file),
+                    Ok(None) => Ok(()),
+                    Err(e) => {
+                        // Not synced, not known lost: keep it and the rest for the next flush.
+                        let mut d = lock(&self.dirty);
+                        d.names.insert(name.clone());
+                        d.names.extend(pending.cloned());
+                        return Err(e);
+                    }
+                };
+                if let Err(e) = synced {
+                    let mut d = lock(&self.dirty);
+                    d.failed.insert(name.clone(), e.to_string());
+                    d.names.extend(pending.cloned());
+                    return Err(BlockerError::io(name, e));
+                }
+            }
+            if !names.is_empty()
+                && let Err(e) = self.sync_dir()
+            {
+                // New files are only durable once their directory entry is: retry them all.
+                lock(&self.dirty).names.extend(names);
+                return Err(e);
             }
         }
-        if !dirty.names.is_empty() {
-            // New files are only durable once their directory entry is.
-            self.sync_dir()?;
+        let d = lock(&self.dirty);
+        if let Some(e) = &d.fs_failed {
+            return Err(BlockerError::io(
+                self.root.display(),
+                io::Error::other(format!("an earlier syncfs failed ({e}); data may be lost")),
+            ));
+        }
+        if let Some((name, e)) = d.failed.iter().next() {
+            return Err(BlockerError::io(
+                name,
+                io::Error::other(format!("an earlier fsync failed ({e}); data may be lost")),
+            ));
         }
         Ok(())
     }
@@ -342,7 +405,12 @@ impl FileBlocker {
                 Err(e) => return Err(BlockerError::io(name, e)),
             }
         };
-        lock(&self.dirty).names.remove(name);
+        {
+            let mut d = lock(&self.dirty);
+            d.names.remove(name);
+            // Gone: nothing of it is left to lose.
+            d.failed.remove(name);
+        }
         if removed {
             self.sync_dir()?;
         }
@@ -362,6 +430,8 @@ impl FileBlocker {
         // Durable now, like a delete: the mapper persists map entries relying on it, and a
         // truncation undone by a crash would bring discarded data back.
         file.sync_all().map_err(|e| BlockerError::io(name, e))?;
+        // Empty and durable: whatever an earlier failed fsync lost no longer matters.
+        lock(&self.dirty).failed.remove(name);
         Ok(true)
     }
 
@@ -911,6 +981,34 @@ mod tests {
             Arc::new(FileBlocker::open(sub).unwrap())
         })
         .await;
+    }
+
+    /// Issue 13: a failed fsync dropped the dirty names, and the next flush succeeded without
+    /// syncing them. After a failed fsync the kernel may have dropped the dirty pages (and
+    /// cleared the error), so no later flush may claim durability for that object.
+    #[tokio::test]
+    async fn a_failed_fsync_fails_every_later_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = FileBlocker::open(dir.path()).unwrap();
+        b.flush().await.unwrap(); // the first flush after open syncs the filesystem
+        let names: Vec<ObjectName> = (0..8)
+            .map(|i| ObjectName::new(format!("ob.{i}")).unwrap())
+            .collect();
+        for n in &names {
+            b.write(n, 0, b"data").await.unwrap();
+        }
+        lock(&b.fail_sync).insert(names[3].clone());
+        assert!(b.flush().await.is_err(), "the injected EIO is reported");
+        for attempt in 0..3 {
+            let err = b.flush().await.unwrap_err();
+            assert!(err.to_string().contains("ob.3"), "attempt {attempt}: {err}");
+        }
+        // Writing other objects does not clear the failure of ob.3.
+        b.write(&names[0], 0, b"more").await.unwrap();
+        assert!(b.flush().await.is_err());
+        // Emptying the object makes its state known again: flushes succeed.
+        b.truncate(&names[3]).await.unwrap();
+        b.flush().await.unwrap();
     }
 
     #[tokio::test]
