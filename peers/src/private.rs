@@ -8,8 +8,9 @@
 
 use std::fs::DirBuilder;
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Mode of the directories we create.
 pub const DIR_MODE: u32 = 0o700;
@@ -25,6 +26,30 @@ pub fn create_dir_all(dir: &Path) -> io::Result<()> {
         }
         _ => DirBuilder::new().recursive(true).mode(DIR_MODE).create(dir),
     }
+}
+
+/// Creates `path` as a new 0600 file, exclusively and without following a link there: a file
+/// or symlink planted in advance under a temporary name makes this fail instead of sending our
+/// write (and a later rename) through the attacker's link.
+pub fn create_new_file(path: &Path) -> io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(FILE_MODE)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
+
+/// A temporary name beside `path`, unique to this process and call: `path.tmp.PID.N`.
+pub fn temp_name(path: &Path) -> std::path::PathBuf {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(
+        ".tmp.{}.{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    name.into()
 }
 
 /// Whether a mode lets anyone but the owner in.
@@ -45,6 +70,26 @@ fn warn_if_shared(dir: &Path, mode: u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn new_files_are_owner_only_and_never_follow_a_planted_link() {
+        let base = tempfile::tempdir().unwrap();
+        let target = base.path().join("victim");
+        std::fs::write(&target, b"keep").unwrap();
+        let planted = temp_name(&base.path().join("state.json"));
+        std::os::unix::fs::symlink(&target, &planted).unwrap();
+        assert!(
+            create_new_file(&planted).is_err(),
+            "followed or reused a planted symlink"
+        );
+        assert_eq!(std::fs::read(&target).unwrap(), b"keep");
+
+        let fresh = temp_name(&base.path().join("state.json"));
+        assert_ne!(fresh, planted, "temporary names are unique");
+        create_new_file(&fresh).unwrap();
+        let mode = std::fs::metadata(&fresh).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
 
     #[test]
     fn new_directories_are_owner_only_and_existing_ones_keep_their_mode() {
