@@ -12,6 +12,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -173,7 +174,7 @@ impl DeviceTable {
     /// never races with a lock holder).
     fn lock(&self) -> Result<File, DevicesError> {
         if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| self.io_err(e))?;
+            peers::private::create_dir_all(dir).map_err(|e| self.io_err(e))?;
         }
         let mut lock_path = self.path.clone().into_os_string();
         lock_path.push(".lock");
@@ -181,6 +182,7 @@ impl DeviceTable {
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(peers::private::FILE_MODE)
             .open(&lock_path)
             .map_err(|e| self.io_err(e))?;
         loop {
@@ -223,12 +225,12 @@ impl DeviceTable {
     }
 
     fn write_doc(&self, doc: &StateDoc) -> Result<(), DevicesError> {
-        let mut tmp = self.path.clone().into_os_string();
-        tmp.push(format!(".tmp.{}", std::process::id()));
-        let tmp = PathBuf::from(tmp);
+        // A unique name created exclusively, never through a link: `/run/archip` may be
+        // reachable by others, and a predictable name could be planted in advance.
+        let tmp = peers::private::temp_name(&self.path);
         let text = serde_json::to_vec_pretty(doc).expect("state serialises");
         let write = || -> std::io::Result<()> {
-            let mut f = File::create(&tmp)?;
+            let mut f = peers::private::create_new_file(&tmp)?;
             f.write_all(&text)?;
             f.sync_all()?;
             std::fs::rename(&tmp, &self.path)
@@ -320,6 +322,20 @@ mod tests {
             size: 1 << 30,
             shared: false,
         }
+    }
+
+    #[test]
+    fn table_directory_and_files_are_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let base = tempfile::tempdir().unwrap();
+        let path = base.path().join("run/ublk-devices.json");
+        DeviceTable::new(&path).insert(rec(1, "v")).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&base.path().join("run")), 0o700);
+        assert_eq!(mode(&path), 0o600);
+        let mut lock = path.clone().into_os_string();
+        lock.push(".lock");
+        assert_eq!(mode(Path::new(&lock)), 0o600);
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod fence;
 pub mod map_format;
 pub mod mapper;
 pub mod peerset;
+pub mod private;
 pub mod registry;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

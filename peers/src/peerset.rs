@@ -74,6 +74,9 @@ pub struct PeerConfig {
     pub workers: usize,
     /// Limit on each call vlmc makes to the mapper or blocker.
     pub timeout: Duration,
+    /// Permission bits of the segment if it has to be created ([`xseg::segment::DEFAULT_MODE`],
+    /// owner only, unless widened for peers that run as several users of one group).
+    pub segment_mode: u32,
     /// The peer-set registry directory [`PeerSet::start`] records itself in (`None`: not
     /// recorded). Defaults to [`Registry::default_dir`].
     pub registry: Option<PathBuf>,
@@ -93,6 +96,7 @@ impl PeerConfig {
             segment: segment.into(),
             node: node.into(),
             xseg: xseg::Config::default(),
+            segment_mode: xseg::segment::DEFAULT_MODE,
             workers: std::thread::available_parallelism().map_or(4, |n| n.get().clamp(2, 8)),
             timeout: Duration::from_secs(600),
             registry: Some(Registry::default_dir()),
@@ -111,7 +115,11 @@ impl PeerConfig {
                 self.xseg.dynamic_start
             )));
         }
-        Ok(Segment::open_or_create(&self.segment_path()?, &self.xseg)?)
+        Ok(Segment::open_or_create_with_mode(
+            &self.segment_path()?,
+            &self.xseg,
+            self.segment_mode,
+        )?)
     }
 }
 

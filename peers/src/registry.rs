@@ -279,9 +279,7 @@ impl Registry {
             Err(e) => return Err(io_err(path)(e)),
         };
         let uid = f.metadata().map_err(io_err(path))?.uid();
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        let me = unsafe { libc::geteuid() };
-        if uid != 0 && uid != me {
+        if !xseg::owner::trusted_owner(uid) {
             tracing::warn!(path = %path.display(), uid, "ignoring a peer-set registry entry of another user");
             return Ok(None);
         }
@@ -354,6 +352,40 @@ impl Registry {
                 Ok(None)
             }
         }
+    }
+
+    /// The live peer sets other than `ours` that serve the same backend: whoever could have
+    /// objects of an operation in flight that a GC without grace would take for garbage.
+    /// Entries from another pid namespace count as live (their pids cannot be checked).
+    pub fn others_on_backend(
+        &self,
+        ours: &PeerSetEntry,
+    ) -> Result<Vec<PeerSetEntry>, RegistryError> {
+        let Some(backend) = ours.backend_id.as_ref() else {
+            return Ok(Vec::new());
+        };
+        let entries = match fs::read_dir(&self.dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_err(&self.dir)(e)),
+        };
+        let mut others = Vec::new();
+        for dirent in entries {
+            let path = dirent.map_err(io_err(&self.dir))?.path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if name.starts_with('.') || !name.ends_with(SUFFIX) {
+                continue;
+            }
+            if let Some(Ok(e)) = self.read(&path)?
+                && e.liveness() != Liveness::Dead
+                && e.same_backend(backend)
+                && !e.same_instance(ours)
+            {
+                others.push(e);
+            }
+        }
+        others.sort_by(|a, b| a.owner.cmp(&b.owner));
+        Ok(others)
     }
 
     /// Removes a stale entry unless it changed since it was read (a restarted peer set
@@ -444,6 +476,29 @@ mod tests {
             dir_identity(&objects).unwrap(),
         )
         .unwrap()
+    }
+
+    #[test]
+    fn others_on_backend_lists_live_peer_sets_of_the_same_backend_only() {
+        let base = tempfile::tempdir().unwrap();
+        let reg = Registry::new(base.path().join("reg"));
+        let ours = entry_in(base.path(), "ours", "/dev/shm/a");
+        let _mine = reg.register(ours.clone()).unwrap();
+        assert!(reg.others_on_backend(&ours).unwrap().is_empty());
+        // A second peer set over the same objects (another process: a live pid of ours with
+        // another segment is another instance).
+        let second = entry_in(base.path(), "second", "/dev/shm/b");
+        let _second = reg.register(second).unwrap();
+        // A peer set over another backend does not count.
+        let elsewhere = entry_in(&base.path().join("other"), "elsewhere", "/dev/shm/c");
+        let _elsewhere = reg.register(elsewhere).unwrap();
+        let others: Vec<_> = reg
+            .others_on_backend(&ours)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.owner)
+            .collect();
+        assert_eq!(others, ["second"]);
     }
 
     #[test]

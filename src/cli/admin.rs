@@ -23,6 +23,10 @@ pub struct GcArgs {
     /// operation still in progress in another process). Default: the mapper's.
     #[arg(long, value_name = "SECS")]
     pub grace: Option<u64>,
+    /// With `--grace 0`: collect even while other peer sets use the backend (their
+    /// in-flight objects are then deleted as garbage).
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Args, Debug)]
@@ -83,6 +87,7 @@ pub fn gc(ctx: &Context, args: GcArgs) -> anyhow::Result<()> {
         &Request::Gc {
             dry_run: args.dry_run,
             grace_secs: args.grace,
+            force: args.force,
         },
     )?;
     if ctx.json {

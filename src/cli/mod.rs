@@ -30,6 +30,10 @@ pub struct Instance {
     /// Shared-memory segment: a name under /dev/shm, or a path. Default: archipelago.
     #[arg(long, global = true, env = "ARCHIP_SEGMENT", value_name = "NAME")]
     pub segment: Option<String>,
+    /// Permission bits (octal) of the segment if this command creates it. Default: 600, since
+    /// whoever can open it reads every I/O buffer; 660 for peers running as users of one group.
+    #[arg(long, global = true, env = "ARCHIP_SEGMENT_MODE", value_name = "MODE", value_parser = parse_mode)]
+    pub segment_mode: Option<u32>,
     /// This node's identity, recorded in the volume locks it takes. Default: the host name.
     #[arg(long, global = true, env = "ARCHIP_NODE", value_name = "ID")]
     pub node: Option<String>,
@@ -73,6 +77,14 @@ impl Instance {
         self.control
             .clone()
             .unwrap_or_else(|| self.data_dir().join("control.sock"))
+    }
+}
+
+/// An octal permission mode such as `600` or `0660`.
+pub fn parse_mode(text: &str) -> Result<u32, String> {
+    match u32::from_str_radix(text, 8) {
+        Ok(mode) if mode <= 0o777 => Ok(mode),
+        _ => Err(format!("{text:?} is not an octal mode like 600")),
     }
 }
 

@@ -4,7 +4,7 @@
 //! Lifecycle of `up`:
 //! 1. refuse to start if another `up` answers on the control socket; remove a stale socket;
 //! 2. create or attach the segment and start blocker, mapper, vlmc ([`PeerSet::start`]);
-//! 3. bind the control socket (mode 0660), print `archip: ready control=... segment=...` on
+//! 3. bind the control socket (mode 0600; callers other than root and our user are refused), print `archip: ready control=... segment=...` on
 //!    stdout (scripts and tests wait for that line), serve until SIGINT or SIGTERM;
 //! 4. stop: close the socket, stop the peers (vlmc, then the mapper, which releases this node's
 //!    locks, then the blocker), and remove the segment file if no live process has a port bound
@@ -28,7 +28,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use super::{Instance, absolute};
 use crate::control::client::Refused;
-use crate::control::server::{Server, serve};
+use crate::control::server::{Limits, Server, serve};
 
 #[derive(Args, Debug)]
 pub struct UpArgs {
@@ -78,11 +78,14 @@ pub struct PeerArgs {
 
 pub(crate) fn config(inst: &Instance, workers: Option<usize>) -> anyhow::Result<PeerConfig> {
     let data_dir = absolute(&inst.data_dir());
-    std::fs::create_dir_all(&data_dir)
+    peers::private::create_dir_all(&data_dir)
         .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
     let node = inst.node();
     peers::blocker::LockOwner::new(node.clone()).map_err(|e| Refused::invalid(e.to_string()))?;
     let mut config = PeerConfig::new(data_dir, inst.segment(), node);
+    if let Some(mode) = inst.segment_mode {
+        config.segment_mode = mode;
+    }
     if let Some(w) = workers {
         config.workers = w.max(1);
     }
@@ -148,6 +151,9 @@ pub fn up(inst: &Instance, args: &UpArgs) -> anyhow::Result<()> {
         segment: set.segment().clone(),
         node: config.node.clone(),
         data_dir: config.data_dir.clone(),
+        registration: set
+            .registration()
+            .map(|r| (r.registry().clone(), r.entry().clone())),
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -173,8 +179,8 @@ pub fn up(inst: &Instance, args: &UpArgs) -> anyhow::Result<()> {
     let served = rt.block_on(async {
         let listener = tokio::net::UnixListener::bind(&control)
             .with_context(|| format!("binding the control socket {}", control.display()))?;
-        std::fs::set_permissions(&control, std::fs::Permissions::from_mode(0o660))
-            .with_context(|| format!("chmod 0660 {}", control.display()))?;
+        std::fs::set_permissions(&control, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("chmod 0600 {}", control.display()))?;
         let stop = stop_signals()?;
         tracing::info!(
             control = %control.display(),
@@ -194,7 +200,7 @@ pub fn up(inst: &Instance, args: &UpArgs) -> anyhow::Result<()> {
         )?;
         out.flush()?;
         drop(out);
-        serve(listener, server.clone(), async {
+        serve(listener, server.clone(), Limits::default(), async {
             let which = stop.await;
             tracing::info!(signal = which, "stopping");
         })

@@ -36,6 +36,9 @@ pub const VERSION: u32 = 1;
 /// Longest JSON line either side accepts: names are at most 128 bytes, so a request is small;
 /// replies (a list of thousands of volumes, status) are bounded by this too.
 pub const MAX_LINE: usize = 16 << 20;
+/// Longest request line the server reads: requests are small (names, sizes), and a bound far
+/// below [`MAX_LINE`] keeps a flood of huge lines from holding memory.
+pub const MAX_REQUEST_LINE: usize = 64 << 10;
 
 /// Largest data frame: a few blocks of the largest block size (64 MiB).
 pub const MAX_FRAME: u64 = 64 << 20;
@@ -118,6 +121,9 @@ pub enum Request {
         dry_run: bool,
         /// Unreferenced objects younger than this are kept; `None` takes the mapper's default.
         grace_secs: Option<u64>,
+        /// Collect without grace even while other peer sets use the backend.
+        #[serde(default)]
+        force: bool,
     },
     LockInfo {
         volume: String,
@@ -154,6 +160,10 @@ pub enum ErrorKind {
     Protocol,
     /// The client speaks another protocol version.
     Version,
+    /// The caller is neither root nor the user `archip up` runs as.
+    PermissionDenied,
+    /// Too many connections at once: retry later.
+    Busy,
 }
 
 impl ErrorKind {

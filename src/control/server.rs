@@ -19,8 +19,8 @@ use xseg::Segment;
 
 use super::protocol::{
     DedupSummary, Envelope, ErrorKind, ExportSummary, Frame, GcSummary, ImportSummary, Lock,
-    MAX_FRAME, MAX_LINE, PeerStatus, PortStatus, QosSummary, Reply, Request, Status, VERSION,
-    Volume,
+    MAX_FRAME, MAX_LINE, MAX_REQUEST_LINE, PeerStatus, PortStatus, QosSummary, Reply, Request,
+    Status, VERSION, Volume,
 };
 
 /// What a request failed with, as sent to the client.
@@ -90,25 +90,93 @@ pub struct Server {
     pub segment: Arc<Segment>,
     pub node: String,
     pub data_dir: PathBuf,
+    /// This peer set's registry entry and registry: who else uses the backend (a GC without
+    /// grace is refused while anyone does). `None`: not registered, nobody is known.
+    pub registration: Option<(peers::registry::Registry, peers::registry::PeerSetEntry)>,
 }
 
-/// Accepts connections until `shutdown` resolves; each connection is one task.
-pub async fn serve(
+/// Bounds on what clients can make `archip up` hold, so that a flood of connections cannot
+/// exhaust it.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Connections served at once; one more is refused with a `busy` error.
+    pub max_connections: usize,
+    /// How long a connection may stay silent before its request line arrives.
+    pub idle: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 64,
+            idle: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Who may use the control socket: root, or the user `archip up` runs as (the socket's owner).
+/// The socket is 0600 already; this also holds when an administrator widens it, and says why.
+fn check_caller(stream: &UnixStream) -> Result<(), Failure> {
+    let cred = stream
+        .peer_cred()
+        .map_err(|e| Failure::new(ErrorKind::PermissionDenied, format!("SO_PEERCRED: {e}")))?;
+    let me = xseg::owner::euid();
+    if cred.uid() == 0 || cred.uid() == me {
+        return Ok(());
+    }
+    Err(Failure::new(
+        ErrorKind::PermissionDenied,
+        format!(
+            "permission denied: uid {} may not control this archip up (it runs as {}); run the \
+             command as that user or as root",
+            cred.uid(),
+            xseg::owner::user_name(me)
+        ),
+    ))
+}
+
+/// Sends `failure` as the connection's only line and closes it; best effort.
+async fn refuse(mut stream: UnixStream, failure: Failure) {
+    tracing::warn!(kind = ?failure.kind, message = %failure.message, "control connection refused");
+    let _ = send(&mut stream, &failure.reply()).await;
+    let _ = stream.shutdown().await;
+}
+
+/// Accepts connections until `shutdown` resolves, checks each caller and the connection bound,
+/// and runs `handle` for each admitted one as its own task.
+pub async fn accept<F, Fut>(
     listener: UnixListener,
-    server: Arc<Server>,
+    limits: Limits,
     shutdown: impl std::future::Future<Output = ()>,
-) {
+    handle: F,
+) where
+    F: Fn(UnixStream) -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<()>> + Send + 'static,
+{
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = &mut shutdown => return,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    let server = server.clone();
+                    if let Err(f) = check_caller(&stream) {
+                        tokio::spawn(refuse(stream, f));
+                        continue;
+                    }
+                    let Ok(slot) = slots.clone().try_acquire_owned() else {
+                        tokio::spawn(refuse(stream, Failure::new(
+                            ErrorKind::Busy,
+                            format!("too many control connections (at most {}); retry later", limits.max_connections),
+                        )));
+                        continue;
+                    };
+                    let task = handle(stream);
                     tokio::spawn(async move {
-                        if let Err(e) = connection(server, stream).await {
+                        if let Err(e) = task.await {
                             tracing::debug!(error = %e, "control connection ended early");
                         }
+                        drop(slot);
                     });
                 }
                 Err(e) => {
@@ -121,13 +189,45 @@ pub async fn serve(
     }
 }
 
+/// Reads the request line of a connection: at most [`MAX_REQUEST_LINE`] bytes, within `idle`.
+pub async fn read_request<R: AsyncBufRead + Unpin>(
+    r: &mut R,
+    idle: Duration,
+) -> std::io::Result<Option<Vec<u8>>> {
+    match tokio::time::timeout(idle, read_line_max(r, MAX_REQUEST_LINE)).await {
+        Ok(line) => line,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no request within {idle:?}"),
+        )),
+    }
+}
+
+/// Accepts connections until `shutdown` resolves; each admitted connection is one task.
+pub async fn serve(
+    listener: UnixListener,
+    server: Arc<Server>,
+    limits: Limits,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    accept(listener, limits, shutdown, move |stream| {
+        connection(server.clone(), stream, limits.idle)
+    })
+    .await
+}
+
 /// Reads one `\n`-terminated line of at most [`MAX_LINE`] bytes; `None` at a clean EOF.
 pub async fn read_line<R: AsyncBufRead + Unpin>(r: &mut R) -> std::io::Result<Option<Vec<u8>>> {
+    read_line_max(r, MAX_LINE).await
+}
+
+/// [`read_line`] with a bound of `max` bytes.
+async fn read_line_max<R: AsyncBufRead + Unpin>(
+    r: &mut R,
+    max: usize,
+) -> std::io::Result<Option<Vec<u8>>> {
     let mut line = Vec::new();
-    let n = r
-        .take(MAX_LINE as u64 + 1)
-        .read_until(b'\n', &mut line)
-        .await?;
+    let n = r.take(max as u64 + 1).read_until(b'\n', &mut line).await?;
     if n == 0 {
         return Ok(None);
     }
@@ -169,10 +269,14 @@ fn parse_request(line: &[u8]) -> Outcome<Request> {
     Ok(env.request)
 }
 
-async fn connection(server: Arc<Server>, stream: UnixStream) -> std::io::Result<()> {
+async fn connection(
+    server: Arc<Server>,
+    stream: UnixStream,
+    idle: Duration,
+) -> std::io::Result<()> {
     let (r, mut w) = stream.into_split();
     let mut r = BufReader::with_capacity(1 << 20, r);
-    let Some(line) = read_line(&mut r).await? else {
+    let Some(line) = read_request(&mut r, idle).await? else {
         return Ok(());
     };
     let request = match parse_request(&line) {
@@ -225,6 +329,40 @@ fn check_size(size: u64) -> Outcome<()> {
 }
 
 impl Server {
+    /// Without grace, GC deletes every unreferenced object, including the ones another peer
+    /// set on this backend has written for an operation whose map update is still to come:
+    /// refused while the registry knows of such a peer set.
+    fn check_alone_on_backend(&self) -> Outcome<()> {
+        let Some((registry, ours)) = &self.registration else {
+            return Ok(());
+        };
+        let others = registry
+            .others_on_backend(ours)
+            .map_err(|e| Failure::new(ErrorKind::Io, format!("peer-set registry: {e}")))?;
+        if others.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<String> = others
+            .iter()
+            .map(|e| {
+                format!(
+                    "{} (pid {}, segment {})",
+                    e.owner,
+                    e.pid,
+                    e.segment.display()
+                )
+            })
+            .collect();
+        Err(Failure::new(
+            ErrorKind::InvalidArgument,
+            format!(
+                "gc --grace 0 refused: other peer sets use this backend and may have objects in \
+                 flight: {}; use a grace period, stop them, or pass --force",
+                names.join(", ")
+            ),
+        ))
+    }
+
     async fn info(&self, name: &str) -> Outcome<Volume> {
         check_name(name)?;
         Ok(self.client.info(name).await?.into())
@@ -348,11 +486,16 @@ impl Server {
             Request::Gc {
                 dry_run,
                 grace_secs,
+                force,
             } => {
                 let d = GcRequest::default();
+                let grace_secs = grace_secs.unwrap_or(d.grace_secs);
+                if grace_secs == 0 && !dry_run && !force {
+                    self.check_alone_on_backend()?;
+                }
                 let r = c
                     .gc_with(GcRequest {
-                        grace_secs: grace_secs.unwrap_or(d.grace_secs),
+                        grace_secs,
                         dry_run,
                     })
                     .await?;
@@ -661,5 +804,152 @@ impl Server {
             at += n;
         }
         Ok(sum)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+
+    const DEADLINE: Duration = Duration::from_secs(20);
+    const CHILD_ENV: &str = "ARCHIP_TEST_CONTROL_CONNECT";
+
+    /// Serves `path` with `limits`; each admitted connection waits for its request line and
+    /// answers `ok`.
+    fn start(path: &std::path::Path, limits: Limits) -> tokio::sync::oneshot::Sender<()> {
+        let listener = UnixListener::bind(path).unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(accept(
+            listener,
+            limits,
+            async move {
+                let _ = stopped.await;
+            },
+            move |stream| async move {
+                let (r, mut w) = stream.into_split();
+                let mut r = BufReader::new(r);
+                read_request(&mut r, limits.idle).await?;
+                w.write_all(b"ok\n").await
+            },
+        ));
+        stop
+    }
+
+    async fn first_line(stream: &mut UnixStream) -> String {
+        let mut buf = Vec::new();
+        tokio::time::timeout(DEADLINE, stream.read_to_end(&mut buf))
+            .await
+            .expect("the server answers or closes within the deadline")
+            .unwrap();
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+
+    #[tokio::test]
+    async fn connections_are_bounded_and_idle_ones_are_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        let limits = Limits {
+            max_connections: 2,
+            idle: Duration::from_secs(2),
+        };
+        let _stop = start(&path, limits);
+        let mut idle = Vec::new();
+        for _ in 0..limits.max_connections {
+            idle.push(UnixStream::connect(&path).await.unwrap());
+        }
+        let mut extra = UnixStream::connect(&path).await.unwrap();
+        let refused = first_line(&mut extra).await;
+        assert!(
+            refused.contains("\"busy\""),
+            "one connection too many: {refused:?}"
+        );
+        for mut c in idle {
+            // Closed without an answer once idle: EOF, not "ok".
+            assert_eq!(first_line(&mut c).await, "", "idle connection closed");
+        }
+        // The slots are free again.
+        let mut c = UnixStream::connect(&path).await.unwrap();
+        c.write_all(b"{}\n").await.unwrap();
+        assert_eq!(first_line(&mut c).await, "ok\n");
+    }
+
+    #[tokio::test]
+    async fn request_lines_are_bounded() {
+        let long = vec![b'x'; MAX_REQUEST_LINE + 10];
+        let mut r = BufReader::new(&long[..]);
+        assert!(read_request(&mut r, DEADLINE).await.is_err());
+        let mut r = BufReader::new(&b"{}\n"[..]);
+        assert_eq!(
+            read_request(&mut r, DEADLINE).await.unwrap().unwrap(),
+            b"{}"
+        );
+    }
+
+    /// The other user's side of [`callers_other_than_root_and_our_user_are_refused`]: run as a
+    /// child process with `CHILD_ENV` set; does nothing in a normal test run.
+    #[test]
+    fn control_connect_child() {
+        let Some(path) = std::env::var_os(CHILD_ENV) else {
+            return;
+        };
+        let mut s = std::os::unix::net::UnixStream::connect(path).unwrap();
+        // A refused caller may find the socket closed before its request is written.
+        let _ = std::io::Write::write_all(&mut s, b"{}\n");
+        let mut out = String::new();
+        let _ = std::io::Read::read_to_string(&mut s, &mut out);
+        println!("REPLY:{out}");
+    }
+
+    #[tokio::test]
+    async fn callers_other_than_root_and_our_user_are_refused() {
+        if xseg::owner::euid() != 0 {
+            eprintln!("skipped: needs root to connect as another user");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = dir.path().join("control.sock");
+        let _stop = start(&path, Limits::default());
+        // Widened on purpose: the file mode must not be what keeps the other user out.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777)).unwrap();
+
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap());
+        child
+            .args([
+                "--exact",
+                "control::server::tests::control_connect_child",
+                "--nocapture",
+            ])
+            .env(CHILD_ENV, &path);
+        // SAFETY: setgid/setuid are async-signal-safe and touch no memory of the parent.
+        unsafe {
+            child.pre_exec(|| {
+                if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let out = tokio::task::spawn_blocking(move || child.output().unwrap())
+            .await
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "child: {stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.contains("REPLY:") && stdout.contains("permission_denied"),
+            "uid 65534 refused with a clear line: {stdout}"
+        );
+        assert!(stdout.contains("uid 65534"), "{stdout}");
+
+        // Root is let in.
+        let mut c = UnixStream::connect(&path).await.unwrap();
+        c.write_all(b"{}\n").await.unwrap();
+        assert_eq!(first_line(&mut c).await, "ok\n");
     }
 }

@@ -25,6 +25,15 @@ pub enum Error {
         found: u32,
         expected: u32,
     },
+    #[error(
+        "segment {path} belongs to {owner}, not to this user ({me}): someone else may read or \
+         steer its I/O; remove it (as root) or pick another segment name with --segment"
+    )]
+    ForeignOwner {
+        path: PathBuf,
+        owner: String,
+        me: String,
+    },
     #[error("segment {path} header is inconsistent: {what}")]
     BadHeader { path: PathBuf, what: String },
     #[error("invalid segment configuration: {0}")]

@@ -39,6 +39,39 @@ fn start_time(pid: u32) -> Option<u64> {
     stat(pid).map(|(_, s)| s)
 }
 
+/// The effective uid of this process: the user whose files it trusts.
+pub fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Whether a file owned by `uid` may be trusted by this process: it is ours, or root's.
+///
+/// Anyone else's file in a shared place (`/dev/shm`, a misconfigured registry directory) may
+/// have been planted before we got there to read what we write into it or to feed us data, so
+/// it is never used. Root's files are accepted: root can read and write ours anyway.
+pub fn trusted_owner(uid: u32) -> bool {
+    uid == 0 || uid == euid()
+}
+
+/// A name for `uid` in error messages: the user name from /etc/passwd when there is one.
+pub fn user_name(uid: u32) -> String {
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    passwd
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split(':');
+            let name = f.next()?;
+            let id = f.nth(1)?.parse::<u32>().ok()?;
+            Some((name, id))
+        })
+        .find(|&(_, id)| id == uid)
+        .map_or_else(
+            || format!("uid {uid}"),
+            |(name, _)| format!("{name} (uid {uid})"),
+        )
+}
+
 /// Parses state and start time from /proc/PID/stat; the comm field may hold spaces and parens,
 /// so fields are counted from the last ')'.
 fn stat(pid: u32) -> Option<(char, u64)> {

@@ -2,7 +2,7 @@
 //! ports, rings, requests and buffers. Recovering the ports of dead peers is `recovery.rs`.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering::*};
@@ -11,9 +11,12 @@ use memmap2::MmapRaw;
 
 use crate::error::{Error, Result};
 use crate::layout::*;
-use crate::owner::{ProcessId, pid_alive};
+use crate::owner::{ProcessId, euid, pid_alive, trusted_owner, user_name};
 use crate::protocol::Status;
 use crate::ring::Ring;
+
+/// Permission bits of a new segment unless the caller asks for others: owner only.
+pub const DEFAULT_MODE: u32 = 0o600;
 
 /// `owner` of a free request: matches no port.
 const NO_OWNER: u64 = u64::MAX;
@@ -53,8 +56,20 @@ pub fn segment_path(name: &str) -> Result<PathBuf> {
 }
 
 impl Segment {
-    /// Creates a new segment file; fails if it exists.
+    /// Creates a new segment file readable and writable by its owner only; fails if it exists.
     pub fn create(path: &Path, config: &Config) -> Result<Arc<Segment>> {
+        Self::create_with_mode(path, config, DEFAULT_MODE)
+    }
+
+    /// Creates a new segment file with permission bits `mode` (exactly, whatever the umask):
+    /// widen it (0o660) only for deployments that run peers as several users of one group,
+    /// since whoever can open the segment reads every I/O buffer and can inject requests.
+    pub fn create_with_mode(path: &Path, config: &Config, mode: u32) -> Result<Arc<Segment>> {
+        if mode & !0o777 != 0 || mode & 0o600 != 0o600 {
+            return Err(Error::BadConfig(format!(
+                "segment mode {mode:o}: expected permission bits that include 0600"
+            )));
+        }
         let layout = Layout::new(config)?;
         let io = |source| Error::Io {
             path: path.to_owned(),
@@ -70,15 +85,19 @@ impl Segment {
         let mut tmp = path.as_os_str().to_owned();
         tmp.push(format!(".creating.{}", std::process::id()));
         let tmp = PathBuf::from(tmp);
+        // Exclusive and without following links: a file or link planted under the private
+        // name must make creation fail, never be written through.
         let file = OpenOptions::new()
             .read(true)
             .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o660)
+            .create_new(true)
+            .mode(mode)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&tmp)
             .map_err(io)?;
         let made = (|| -> std::io::Result<Segment> {
+            // The umask narrowed `mode` at open; a mode asked for explicitly is set as asked.
+            file.set_permissions(std::fs::Permissions::from_mode(mode))?;
             file.set_len(layout.size)?;
             let map = MmapRaw::map_raw(&file)?;
             let seg = Segment {
@@ -102,7 +121,12 @@ impl Segment {
         }
     }
 
-    /// Attaches to an existing segment, refusing one of another layout.
+    /// Attaches to an existing segment, refusing one of another layout or of another user.
+    ///
+    /// The default segment name is well known, so a local user could create it before the
+    /// peers start and then read every buffer and inject writes: a segment whose file belongs
+    /// to neither this user nor root is refused (checked on the opened file, so it cannot be
+    /// swapped between the check and the mapping).
     pub fn attach(path: &Path) -> Result<Arc<Segment>> {
         let io = |source| Error::Io {
             path: path.to_owned(),
@@ -113,7 +137,15 @@ impl Segment {
             .write(true)
             .open(path)
             .map_err(io)?;
-        let len = file.metadata().map_err(io)?.len();
+        let meta = file.metadata().map_err(io)?;
+        if !trusted_owner(meta.uid()) {
+            return Err(Error::ForeignOwner {
+                path: path.to_owned(),
+                owner: user_name(meta.uid()),
+                me: user_name(euid()),
+            });
+        }
+        let len = meta.len();
         if len < PAGE {
             return Err(Error::BadMagic {
                 path: path.to_owned(),
@@ -125,10 +157,20 @@ impl Segment {
 
     /// Attaches if the segment exists, else creates it (racing creators end up attached).
     pub fn open_or_create(path: &Path, config: &Config) -> Result<Arc<Segment>> {
+        Self::open_or_create_with_mode(path, config, DEFAULT_MODE)
+    }
+
+    /// [`Segment::open_or_create`], creating with permission bits `mode` (see
+    /// [`Segment::create_with_mode`]). An existing segment keeps its mode.
+    pub fn open_or_create_with_mode(
+        path: &Path,
+        config: &Config,
+        mode: u32,
+    ) -> Result<Arc<Segment>> {
         match Self::attach(path) {
             Ok(s) => Ok(s),
             Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-                match Self::create(path, config) {
+                match Self::create_with_mode(path, config, mode) {
                     Err(Error::Exists { .. }) => Self::attach(path),
                     other => other,
                 }

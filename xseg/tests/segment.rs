@@ -211,3 +211,48 @@ fn thread_cpu() -> Duration {
     unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
+
+#[test]
+fn new_segment_is_owner_only_unless_widened() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = Scratch::new("mode", &small_config());
+    let mode = std::fs::metadata(&s.path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "segment mode {mode:o}");
+
+    let path =
+        std::path::PathBuf::from(format!("/dev/shm/xseg-test-mode660-{}", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let seg = Segment::create_with_mode(&path, &small_config(), 0o660).unwrap();
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    std::fs::remove_file(&path).unwrap();
+    drop(seg);
+    assert_eq!(mode, 0o660, "widened segment mode {mode:o}");
+}
+
+#[test]
+fn segment_of_another_user_is_refused() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root to give the segment to another user");
+        return;
+    }
+    // A local user (uid 65534) created the well-known name first, with a valid header.
+    let s = Scratch::new("foreign", &small_config());
+    std::os::unix::fs::chown(&s.path, Some(65534), Some(65534)).unwrap();
+    match Segment::attach(&s.path) {
+        Err(e @ Error::ForeignOwner { .. }) => {
+            let msg = e.to_string();
+            assert!(msg.contains("65534"), "error names the owner: {msg}");
+            assert!(msg.contains("remove it"), "error says what to do: {msg}");
+        }
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("attached a segment owned by another user"),
+    }
+    assert!(matches!(
+        Segment::open_or_create(&s.path, &small_config()),
+        Err(Error::ForeignOwner { .. })
+    ));
+    // Our own (root's) segment still attaches.
+    std::os::unix::fs::chown(&s.path, Some(0), Some(0)).unwrap();
+    Segment::attach(&s.path).unwrap();
+}

@@ -115,12 +115,17 @@ pub(super) fn save_publications(file: &Path, pubs: &[Publication]) -> CsiResult<
         };
     }
     if let Some(dir) = file.parent() {
-        std::fs::create_dir_all(dir).map_err(io_err(dir.display()))?;
+        peers::private::create_dir_all(dir).map_err(io_err(dir.display()))?;
     }
-    let tmp = file.with_extension("json.tmp");
+    let tmp = peers::private::temp_name(file);
     let bytes = serde_json::to_vec(pubs)
         .map_err(|e| CsiError::Internal(format!("encoding publications: {e}")))?;
-    std::fs::write(&tmp, bytes).map_err(io_err(tmp.display()))?;
+    let written = peers::private::create_new_file(&tmp)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, &bytes));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io_err(tmp.display())(e));
+    }
     std::fs::rename(&tmp, file).map_err(io_err(file.display()))
 }
 

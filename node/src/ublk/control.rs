@@ -3,6 +3,7 @@
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -67,11 +68,12 @@ pub(super) fn log_path(table: &DeviceTable, volume: &str, log: Option<&Path>) ->
 /// Starts a server process for `req` and waits until it reports its device live.
 pub(super) fn launch(launcher: &Launcher, req: &ServeRequest, log: &Path) -> Result<u32> {
     if let Some(d) = log.parent() {
-        std::fs::create_dir_all(d).map_err(io_err(format!("{}", d.display())))?;
+        peers::private::create_dir_all(d).map_err(io_err(format!("{}", d.display())))?;
     }
     let logf = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(peers::private::FILE_MODE)
         .open(log)
         .map_err(io_err(format!("{}", log.display())))?;
     let mut child = Command::new(&launcher.program)

@@ -163,7 +163,7 @@ impl FileBlocker {
     pub fn open(root: impl AsRef<Path>) -> Result<Self, BlockerError> {
         let root = root.as_ref().to_path_buf();
         let shown = root.display().to_string();
-        fs::create_dir_all(&root).map_err(|e| BlockerError::io(&shown, e))?;
+        crate::private::create_dir_all(&root).map_err(|e| BlockerError::io(&shown, e))?;
         let dir = File::open(&root).map_err(|e| BlockerError::io(&shown, e))?;
         let identity = dir
             .metadata()
@@ -248,6 +248,7 @@ impl FileBlocker {
             .read(true)
             .write(true)
             .create(create)
+            .mode(crate::private::FILE_MODE)
             .open(self.path(name));
         let file = match opened {
             Ok(f) => Arc::new(f),
@@ -454,6 +455,7 @@ impl FileBlocker {
             .write(true)
             .create(true)
             .truncate(true)
+            .mode(crate::private::FILE_MODE)
             .open(self.path(dst))
             .map_err(|e| BlockerError::io(dst, e))?;
         drop(fds);
@@ -524,6 +526,7 @@ impl FileBlocker {
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(crate::private::FILE_MODE)
             .open(&path)
             .map_err(|e| BlockerError::io(name, e))?;
         let op = if exclusive {
@@ -560,7 +563,7 @@ impl FileBlocker {
             let mut f = OpenOptions::new()
                 .write(true)
                 .create_new(true)
-                .mode(0o644)
+                .mode(crate::private::FILE_MODE)
                 .open(&tmp)?;
             f.write_all(bytes)?;
             f.sync_all()?;
@@ -1041,6 +1044,34 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let b = FileBlocker::open(dir.path()).unwrap();
         super::super::conformance::run(&b).await;
+    }
+
+    #[tokio::test]
+    async fn directory_objects_maps_and_locks_are_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let base = tempfile::tempdir().unwrap();
+        let root = base.path().join("objects");
+        let b = FileBlocker::open(&root).unwrap();
+        b.write_map(
+            &ObjectName::new("vol.x").unwrap(),
+            b"map",
+            Expect::Absent,
+            None,
+        )
+        .await
+        .unwrap();
+        b.write(&ObjectName::new("ob.1").unwrap(), 0, b"data")
+            .await
+            .unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&root), 0o700, "object directory");
+        let mut files = 0;
+        for entry in fs::read_dir(&root).unwrap() {
+            let path = entry.unwrap().path();
+            assert_eq!(mode(&path), 0o600, "{}", path.display());
+            files += 1;
+        }
+        assert!(files >= 2, "the object and the map were written");
     }
 
     #[tokio::test]
