@@ -35,15 +35,16 @@ fn controller_owner(node: &str) -> anyhow::Result<String> {
 }
 
 pub fn controller(inst: &Instance, args: &ControllerArgs) -> anyhow::Result<()> {
+    let inst = &inst.with_default_segment(super::CONTROLLER_SEGMENT);
     let mut config = super::up::config(inst, None)?;
     let node = config.node.clone();
     config.node = controller_owner(&node)?;
-    let set = peers::peerset::PeerSet::start(&config).context("starting the peer set")?;
+    let set = super::start_peer_set(&config)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the gRPC runtime")?;
-    tracing::info!(endpoint = %args.endpoint, node = %node, lock_owner = %config.node, "CSI controller serving");
+    tracing::info!(endpoint = %args.endpoint, node = %node, lock_owner = %config.node, segment = %config.segment, "CSI controller serving");
     let served = rt.block_on(async {
         let watch = watch_nodes(args.watch_nodes, set.segment()).await?;
         let served = csi::run_controller(

@@ -27,7 +27,9 @@ pub struct Instance {
     /// ~/.local/share/archipelago, else ./archip-data.
     #[arg(long, global = true, env = "ARCHIP_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Shared-memory segment: a name under /dev/shm, or a path. Default: archipelago.
+    /// Shared-memory segment: a name under /dev/shm, or a path. Default: archipelago for `up`
+    /// and the commands that talk to it, archipelago-controller for `controller`,
+    /// archipelago-node for `node` (so both roles can run on one host).
     #[arg(long, global = true, env = "ARCHIP_SEGMENT", value_name = "NAME")]
     pub segment: Option<String>,
     /// This node's identity, recorded in the volume locks it takes. Default: the host name.
@@ -39,6 +41,10 @@ pub struct Instance {
 }
 
 pub const DEFAULT_SEGMENT: &str = "archipelago";
+/// `archip controller`'s default segment: its own, so a node plugin on the same host can start.
+pub const CONTROLLER_SEGMENT: &str = "archipelago-controller";
+/// `archip node`'s default segment.
+pub const NODE_SEGMENT: &str = "archipelago-node";
 
 impl Instance {
     pub fn data_dir(&self) -> PathBuf {
@@ -63,6 +69,15 @@ impl Instance {
         self.segment
             .clone()
             .unwrap_or_else(|| DEFAULT_SEGMENT.to_string())
+    }
+
+    /// This instance with `default` as its segment unless one was given: each long-running
+    /// role has its own default, since two peer sets cannot bind the same fixed ports.
+    pub fn with_default_segment(&self, default: &str) -> Instance {
+        Instance {
+            segment: Some(self.segment.clone().unwrap_or_else(|| default.to_string())),
+            ..self.clone()
+        }
     }
 
     pub fn node(&self) -> String {
@@ -103,6 +118,29 @@ fn default_node() -> String {
     } else {
         name
     }
+}
+
+/// Starts the peer set of `config`; a peer port already bound (another peer set on the same
+/// segment) is reported with the way out, since the bare xseg error does not say what to do.
+pub fn start_peer_set(
+    config: &peers::peerset::PeerConfig,
+) -> anyhow::Result<peers::peerset::PeerSet> {
+    peers::peerset::PeerSet::start(config).map_err(|e| {
+        let busy = matches!(
+            &e,
+            peers::peerset::PeerSetError::Segment(xseg::Error::PortBusy { .. })
+        );
+        let e = anyhow::Error::new(e);
+        if busy {
+            e.context(format!(
+                "another peer set is running on segment {:?}; give this one its own with \
+                 --segment NAME (or ARCHIP_SEGMENT=NAME)",
+                config.segment
+            ))
+        } else {
+            e.context(format!("starting the peer set on segment {:?}", config.segment))
+        }
+    })
 }
 
 /// What a command needs besides its own arguments.

@@ -135,7 +135,7 @@ pub fn up(inst: &Instance, args: &UpArgs) -> anyhow::Result<()> {
     }
     claim_socket(&control)?;
     let segment_path = config.segment_path().context("segment name")?;
-    let set = PeerSet::start(&config).with_context(|| {
+    let set = super::start_peer_set(&config).with_context(|| {
         format!(
             "starting the peers on segment {} with data in {}",
             segment_path.display(),
