@@ -72,7 +72,8 @@ fn histogram(
     help: &str,
     series: &[(Vec<(&str, String)>, HistogramSnapshot)],
 ) -> Result<(), std::fmt::Error> {
-    let mut m = encoder.encode_descriptor(name, help, Some(&Unit::Seconds), MetricType::Histogram)?;
+    let mut m =
+        encoder.encode_descriptor(name, help, Some(&Unit::Seconds), MetricType::Histogram)?;
     for (labels, h) in series {
         let buckets = per_bucket(h);
         if labels.is_empty() {
@@ -257,10 +258,27 @@ impl PeerSetCollector {
         };
         type Pick = fn(&xseg::stats::PortStats) -> u64;
         let series: [(&str, &str, Option<Unit>, Pick); 4] = [
-            ("archip_port_requests", "Requests a port accepted.", None, |s| s.accepted),
-            ("archip_port_replies", "Requests a port replied to.", None, |s| s.replied),
-            ("archip_port_errors", "Requests a port failed.", None, |s| s.errors),
-            ("archip_port", "Bytes a port served.", Some(Unit::Bytes), |s| s.bytes),
+            (
+                "archip_port_requests",
+                "Requests a port accepted.",
+                None,
+                |s| s.accepted,
+            ),
+            (
+                "archip_port_replies",
+                "Requests a port replied to.",
+                None,
+                |s| s.replied,
+            ),
+            ("archip_port_errors", "Requests a port failed.", None, |s| {
+                s.errors
+            }),
+            (
+                "archip_port",
+                "Bytes a port served.",
+                Some(Unit::Bytes),
+                |s| s.bytes,
+            ),
         ];
         for (name, help, unit, pick) in series {
             let values: Vec<_> = ports.iter().map(|s| (labels(s), pick(s))).collect();
@@ -353,7 +371,11 @@ async fn respond(
             Ok(()) => text(StatusCode::OK, PLAIN, "ok\n".into()),
             Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, PLAIN, format!("{e}\n")),
         },
-        (&Method::GET, _) => text(StatusCode::NOT_FOUND, PLAIN, "try /metrics or /healthz\n".into()),
+        (&Method::GET, _) => text(
+            StatusCode::NOT_FOUND,
+            PLAIN,
+            "try /metrics or /healthz\n".into(),
+        ),
         _ => text(StatusCode::METHOD_NOT_ALLOWED, PLAIN, "GET only\n".into()),
     })
 }
@@ -377,8 +399,7 @@ where
         };
         let segment = segment.clone();
         tokio::spawn(async move {
-            let service =
-                hyper::service::service_fn(move |req| respond(req, segment.clone()));
+            let service = hyper::service::service_fn(move |req| respond(req, segment.clone()));
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
                 .await

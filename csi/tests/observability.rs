@@ -78,9 +78,15 @@ async fn metrics_count_volume_io_scraped_over_http() {
 
     let (code, text) = get(addr, "/metrics").await;
     assert_eq!(code, 200);
-    assert_eq!(value(&text, &series("archip_volume_io_total", "write")), 4.0);
+    assert_eq!(
+        value(&text, &series("archip_volume_io_total", "write")),
+        4.0
+    );
     assert_eq!(value(&text, &series("archip_volume_io_total", "read")), 2.0);
-    assert_eq!(value(&text, &series("archip_volume_io_total", "flush")), 1.0);
+    assert_eq!(
+        value(&text, &series("archip_volume_io_total", "flush")),
+        1.0
+    );
     assert_eq!(
         value(&text, &series("archip_volume_io_bytes_total", "write")),
         (3 * 4096 + 512) as f64
@@ -90,7 +96,10 @@ async fn metrics_count_volume_io_scraped_over_http() {
         8192.0
     );
     assert_eq!(
-        value(&text, &series("archip_volume_io_latency_seconds_count", "write")),
+        value(
+            &text,
+            &series("archip_volume_io_latency_seconds_count", "write")
+        ),
         4.0
     );
     assert_eq!(

@@ -24,8 +24,8 @@ pub const OTHER_VOLUMES: &str = "_other";
 /// Upper bounds (seconds) of the latency buckets: 50 µs (a cached write to an owned block) to
 /// 10 s (a copy-on-write of a large block on a slow backend).
 pub const LATENCY_BUCKETS: [f64; 16] = [
-    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-    0.5, 1.0, 2.5, 10.0,
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 10.0,
 ];
 
 /// A latency histogram over [`LATENCY_BUCKETS`] (plus one bucket for anything slower).

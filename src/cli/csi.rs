@@ -19,6 +19,10 @@ pub struct ControllerArgs {
     /// (csi/src/node_loss.rs). Default: on inside a cluster (KUBERNETES_SERVICE_HOST set).
     #[arg(long, env = "ARCHIP_WATCH_NODES", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub watch_nodes: Option<bool>,
+    /// Serve Prometheus metrics on http://ADDR/metrics and the peer set's health on /healthz
+    /// (e.g. 0.0.0.0:9180; port 0 picks a free one, logged at start).
+    #[arg(long, env = "ARCHIP_METRICS_ADDR", value_name = "ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// The lock owner of the controller's own peer set. It must differ from the node plugin's (the
@@ -46,6 +50,7 @@ pub fn controller(inst: &Instance, args: &ControllerArgs) -> anyhow::Result<()> 
         .context("starting the gRPC runtime")?;
     tracing::info!(endpoint = %args.endpoint, node = %node, lock_owner = %config.node, segment = %config.segment, "CSI controller serving");
     let served = rt.block_on(async {
+        super::start_metrics(args.metrics_addr, set.segment()).await?;
         let watch = watch_nodes(args.watch_nodes, set.segment()).await?;
         let served = csi::run_controller(
             set.segment(),

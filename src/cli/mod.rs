@@ -138,9 +138,32 @@ pub fn start_peer_set(
                 config.segment
             ))
         } else {
-            e.context(format!("starting the peer set on segment {:?}", config.segment))
+            e.context(format!(
+                "starting the peer set on segment {:?}",
+                config.segment
+            ))
         }
     })
+}
+
+/// Starts `/metrics` and `/healthz` on `addr` if one was given; they serve until the process
+/// ends. Must run inside the runtime that is to serve them.
+pub async fn start_metrics(
+    addr: Option<std::net::SocketAddr>,
+    segment: &std::sync::Arc<xseg::Segment>,
+) -> anyhow::Result<()> {
+    let Some(addr) = addr else {
+        return Ok(());
+    };
+    let listener = ::csi::metrics::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    tracing::info!(addr = %bound, "metrics serving on /metrics and /healthz");
+    tokio::spawn(::csi::metrics::serve(
+        listener,
+        segment.clone(),
+        std::future::pending(),
+    ));
+    Ok(())
 }
 
 /// What a command needs besides its own arguments.

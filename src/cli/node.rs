@@ -27,6 +27,10 @@ pub struct NodeArgs {
     /// Device state file (default /run/archip/ublk-devices.json).
     #[arg(long, env = "ARCHIP_UBLK_STATE")]
     pub state: Option<PathBuf>,
+    /// Serve Prometheus metrics on http://ADDR/metrics and the peer set's health on /healthz
+    /// (e.g. 0.0.0.0:9180; port 0 picks a free one, logged at start).
+    #[arg(long, env = "ARCHIP_METRICS_ADDR", value_name = "ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 pub fn node(inst: &Instance, args: &NodeArgs) -> anyhow::Result<()> {
@@ -51,6 +55,7 @@ pub fn node(inst: &Instance, args: &NodeArgs) -> anyhow::Result<()> {
         ublk: UblkConfig::default(),
         max_volumes_per_node: args.max_volumes,
     };
+    rt.block_on(super::start_metrics(args.metrics_addr, set.segment()))?;
     tracing::info!(endpoint = %args.endpoint, node = %config.node, segment = %config.segment, "CSI node serving");
     let served = rt.block_on(csi_node::run_node(
         set.segment(),

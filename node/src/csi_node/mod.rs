@@ -166,9 +166,8 @@ where
 {
     let client = Arc::new(VolumeClient::connect(segment)?);
     tracing::info!(%endpoint, node = %opts.node_id, table = %opts.table.path().display(), "CSI node starting");
-    let routes = NodeService::new(opts, Some(client)).routes(UblkHealth(
-        csi::health::PeerSetHealth::new(segment.clone()),
-    ));
+    let routes = NodeService::new(opts, Some(client))
+        .routes(UblkHealth(csi::health::PeerSetHealth::new(segment.clone())));
     csi::server::serve(endpoint, routes, shutdown).await?;
     Ok(())
 }
