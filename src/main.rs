@@ -26,8 +26,21 @@ struct Cli {
     /// Print results as JSON.
     #[arg(long, global = true)]
     json: bool,
+    /// Log format on stderr: text for people, json (one object a line) for log collectors.
+    #[arg(long, global = true, env = "ARCHIP_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Log level (error, warn, info, debug, trace, or a tracing filter such as peers=debug).
+    /// Default: info for the long-running commands, warn for the others. RUST_LOG wins.
+    #[arg(long, global = true, env = "ARCHIP_LOG_LEVEL", value_name = "FILTER")]
+    log_level: Option<String>,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -85,6 +98,13 @@ enum Command {
     },
     /// Serve volumes of the running peer set over NBD (qemu-img, qemu-io, nbd-client).
     ExportNbd(cli::nbd::ExportNbdArgs),
+    /// Print a shell completion script (e.g. `archip completions bash > /etc/bash_completion.d/archip`).
+    Completions {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) on stdout: `archip man | man -l -`.
+    Man,
     /// Measure a part of the system against a baseline in the same run; prints JSON.
     Bench {
         #[command(subcommand)]
@@ -155,6 +175,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Showmapped(args) => cli::ublk::showmapped(&args, ctx.json),
         Command::Recover(args) => cli::ublk::recover(&args),
         Command::UblkServe { args } => cli::ublk::serve(&args),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "archip", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?;
+            Ok(())
+        }
         Command::Bench { what } => match what {
             Bench::Xseg { requests } => {
                 println!("{}", xseg::bench::run(requests));
@@ -189,19 +219,59 @@ fn main() -> ExitCode {
         | Command::ExportNbd(_) => "info",
         _ => "warn",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| default_level.into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    let level = cli.log_level.as_deref().unwrap_or(default_level);
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level));
+    let filter = match filter {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("archip: error: invalid --log-level {level:?}: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Json => logs.json().init(),
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("archip: error: {e:#}");
             ExitCode::from(cli::exit_code(&e))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every positional argument of every command says what it is in `--help`.
+    #[test]
+    fn every_positional_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_positionals() {
+                if arg.get_help().is_none() && !arg.is_hide_set() {
+                    missing.push(format!("{path} <{}>", arg.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if !sub.is_hide_set() {
+                    walk(sub, &format!("{path} {}", sub.get_name()), missing);
+                }
+            }
+        }
+        let cmd = Cli::command();
+        cmd.clone().debug_assert();
+        let mut missing = Vec::new();
+        walk(&cmd, "archip", &mut missing);
+        assert!(missing.is_empty(), "positionals without help: {missing:?}");
+        // The walk does reach positionals (so an empty list means something).
+        let map = cmd.find_subcommand("map").unwrap();
+        assert_eq!(map.get_positionals().count(), 1);
     }
 }

@@ -23,6 +23,7 @@ pub mod identity;
 pub mod ids;
 pub mod inflight;
 pub mod meta;
+pub mod metrics;
 pub mod node_loss;
 pub mod params;
 mod plugin;

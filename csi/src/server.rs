@@ -7,6 +7,10 @@
 //! is refused, because deleting either would break something that is not
 //! ours to break.
 //!
+//! Every call gets a request id ([`RequestIdLayer`]): a tracing span `csi{request_id, method}`
+//! around the handler, so each log line of the call carries the id, and the same id in the
+//! response metadata `x-request-id`, so an operator can go from a sidecar's error to our logs.
+//!
 //! Binding ([`UnixEndpoint::bind`]) is separate from serving
 //! ([`BoundSocket::serve`]) so that callers know the socket accepts
 //! connections before they go on (tests connect right after `bind`, with
@@ -205,6 +209,7 @@ impl BoundSocket {
         let BoundSocket { listener, path } = self;
         tracing::info!(path = %path.display(), "serving CSI");
         let result = Server::builder()
+            .layer(RequestIdLayer)
             .add_routes(routes)
             .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
             .await;
@@ -215,6 +220,92 @@ impl BoundSocket {
             _ => {}
         }
         result.map_err(|source| ServeError::Transport { path, source })
+    }
+}
+
+/// The response metadata key that carries a call's request id.
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// A fresh request id: 16 hex digits, unique within the process (a counter) and unlikely to
+/// repeat across restarts (a random start).
+fn next_request_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: OnceLock<AtomicU64> = OnceLock::new();
+    let next = NEXT.get_or_init(|| {
+        AtomicU64::new(
+            std::collections::hash_map::RandomState::new()
+                .build_hasher()
+                .finish(),
+        )
+    });
+    format!("{:016x}", next.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Gives every CSI call a request id: see the module documentation.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RequestIdLayer;
+
+impl<S> tower::Layer<S> for RequestIdLayer {
+    type Service = RequestId<S>;
+
+    fn layer(&self, inner: S) -> RequestId<S> {
+        RequestId { inner }
+    }
+}
+
+/// The service [`RequestIdLayer`] wraps around the routes.
+#[derive(Debug, Clone)]
+pub struct RequestId<S> {
+    inner: S,
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for RequestId<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<R>;
+    type Error = S::Error;
+    type Future = std::pin::Pin<
+        Box<dyn Future<Output = Result<http::Response<R>, S::Error>> + Send + 'static>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        use tracing::Instrument;
+        let id = next_request_id();
+        // "/csi.v1.Controller/CreateVolume" -> "Controller/CreateVolume".
+        let path = req.uri().path();
+        let method = path
+            .rsplit_once('/')
+            .map(|(service, m)| {
+                let service = service.rsplit('.').next().unwrap_or(service);
+                format!("{}/{m}", service.trim_start_matches('/'))
+            })
+            .unwrap_or_else(|| path.to_owned());
+        let span = tracing::info_span!("csi", request_id = %id, method = %method);
+        let future = {
+            let _entered = span.enter();
+            self.inner.call(req)
+        };
+        Box::pin(
+            async move {
+                let mut response = future.await?;
+                if let Ok(v) = http::HeaderValue::from_str(&id) {
+                    response.headers_mut().insert(REQUEST_ID, v);
+                }
+                Ok(response)
+            }
+            .instrument(span),
+        )
     }
 }
 

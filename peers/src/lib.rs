@@ -13,6 +13,7 @@ pub mod failure;
 pub mod fence;
 pub mod map_format;
 pub mod mapper;
+pub mod metrics;
 pub mod peerset;
 pub mod private;
 pub mod registry;

@@ -52,10 +52,16 @@ fn rate_arg(s: &str) -> Result<u64, String> {
 #[derive(Subcommand, Debug)]
 pub enum LockCmd {
     /// Who holds VOLUME's lock, and its fencing generation.
-    Info { volume: String },
+    Info {
+        /// Volume whose lock to show.
+        volume: String,
+    },
     /// Break VOLUME's lock whoever holds it (a dead node's). Logged; the former holder's
     /// writes are refused from now on.
-    Break { volume: String },
+    Break {
+        /// Volume whose lock to break.
+        volume: String,
+    },
 }
 
 pub fn dedup(ctx: &Context, args: DedupArgs) -> anyhow::Result<()> {

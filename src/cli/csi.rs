@@ -19,6 +19,10 @@ pub struct ControllerArgs {
     /// (csi/src/node_loss.rs). Default: on inside a cluster (KUBERNETES_SERVICE_HOST set).
     #[arg(long, env = "ARCHIP_WATCH_NODES", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub watch_nodes: Option<bool>,
+    /// Serve Prometheus metrics on http://ADDR/metrics and the peer set's health on /healthz
+    /// (e.g. 0.0.0.0:9180; port 0 picks a free one, logged at start).
+    #[arg(long, env = "ARCHIP_METRICS_ADDR", value_name = "ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// The lock owner of the controller's own peer set. It must differ from the node plugin's (the
@@ -35,16 +39,18 @@ fn controller_owner(node: &str) -> anyhow::Result<String> {
 }
 
 pub fn controller(inst: &Instance, args: &ControllerArgs) -> anyhow::Result<()> {
+    let inst = &inst.with_default_segment(super::CONTROLLER_SEGMENT);
     let mut config = super::up::config(inst, None)?;
     let node = config.node.clone();
     config.node = controller_owner(&node)?;
-    let set = peers::peerset::PeerSet::start(&config).context("starting the peer set")?;
+    let set = super::start_peer_set(&config)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the gRPC runtime")?;
-    tracing::info!(endpoint = %args.endpoint, node = %node, lock_owner = %config.node, "CSI controller serving");
+    tracing::info!(endpoint = %args.endpoint, node = %node, lock_owner = %config.node, segment = %config.segment, "CSI controller serving");
     let served = rt.block_on(async {
+        super::start_metrics(args.metrics_addr, set.segment()).await?;
         let watch = watch_nodes(args.watch_nodes, set.segment()).await?;
         let served = csi::run_controller(
             set.segment(),

@@ -27,7 +27,9 @@ pub struct Instance {
     /// ~/.local/share/archipelago, else ./archip-data.
     #[arg(long, global = true, env = "ARCHIP_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Shared-memory segment: a name under /dev/shm, or a path. Default: archipelago.
+    /// Shared-memory segment: a name under /dev/shm, or a path. Default: archipelago for `up`
+    /// and the commands that talk to it, archipelago-controller for `controller`,
+    /// archipelago-node for `node` (so both roles can run on one host).
     #[arg(long, global = true, env = "ARCHIP_SEGMENT", value_name = "NAME")]
     pub segment: Option<String>,
     /// Permission bits (octal) of the segment if this command creates it. Default: 600, since
@@ -43,6 +45,10 @@ pub struct Instance {
 }
 
 pub const DEFAULT_SEGMENT: &str = "archipelago";
+/// `archip controller`'s default segment: its own, so a node plugin on the same host can start.
+pub const CONTROLLER_SEGMENT: &str = "archipelago-controller";
+/// `archip node`'s default segment.
+pub const NODE_SEGMENT: &str = "archipelago-node";
 
 impl Instance {
     pub fn data_dir(&self) -> PathBuf {
@@ -67,6 +73,15 @@ impl Instance {
         self.segment
             .clone()
             .unwrap_or_else(|| DEFAULT_SEGMENT.to_string())
+    }
+
+    /// This instance with `default` as its segment unless one was given: each long-running
+    /// role has its own default, since two peer sets cannot bind the same fixed ports.
+    pub fn with_default_segment(&self, default: &str) -> Instance {
+        Instance {
+            segment: Some(self.segment.clone().unwrap_or_else(|| default.to_string())),
+            ..self.clone()
+        }
     }
 
     pub fn node(&self) -> String {
@@ -115,6 +130,52 @@ fn default_node() -> String {
     } else {
         name
     }
+}
+
+/// Starts the peer set of `config`; a peer port already bound (another peer set on the same
+/// segment) is reported with the way out, since the bare xseg error does not say what to do.
+pub fn start_peer_set(
+    config: &peers::peerset::PeerConfig,
+) -> anyhow::Result<peers::peerset::PeerSet> {
+    peers::peerset::PeerSet::start(config).map_err(|e| {
+        let busy = matches!(
+            &e,
+            peers::peerset::PeerSetError::Segment(xseg::Error::PortBusy { .. })
+        );
+        let e = anyhow::Error::new(e);
+        if busy {
+            e.context(format!(
+                "another peer set is running on segment {:?}; give this one its own with \
+                 --segment NAME (or ARCHIP_SEGMENT=NAME)",
+                config.segment
+            ))
+        } else {
+            e.context(format!(
+                "starting the peer set on segment {:?}",
+                config.segment
+            ))
+        }
+    })
+}
+
+/// Starts `/metrics` and `/healthz` on `addr` if one was given; they serve until the process
+/// ends. Must run inside the runtime that is to serve them.
+pub async fn start_metrics(
+    addr: Option<std::net::SocketAddr>,
+    segment: &std::sync::Arc<xseg::Segment>,
+) -> anyhow::Result<()> {
+    let Some(addr) = addr else {
+        return Ok(());
+    };
+    let listener = ::csi::metrics::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    tracing::info!(addr = %bound, "metrics serving on /metrics and /healthz");
+    tokio::spawn(::csi::metrics::serve(
+        listener,
+        segment.clone(),
+        std::future::pending(),
+    ));
+    Ok(())
 }
 
 /// What a command needs besides its own arguments.

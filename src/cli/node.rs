@@ -27,11 +27,22 @@ pub struct NodeArgs {
     /// Device state file (default /run/archip/ublk-devices.json).
     #[arg(long, env = "ARCHIP_UBLK_STATE")]
     pub state: Option<PathBuf>,
+    /// Serve Prometheus metrics on http://ADDR/metrics and the peer set's health on /healthz
+    /// (e.g. 0.0.0.0:9180; port 0 picks a free one, logged at start).
+    #[arg(long, env = "ARCHIP_METRICS_ADDR", value_name = "ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 pub fn node(inst: &Instance, args: &NodeArgs) -> anyhow::Result<()> {
+    let inst = &inst.with_default_segment(super::NODE_SEGMENT);
     let config = super::up::config(inst, None)?;
-    let set = peers::peerset::PeerSet::start(&config).context("starting the peer set")?;
+    if !node::ublk::available() {
+        tracing::warn!(
+            "the kernel has no ublk driver (/dev/ublk-control is missing): volumes cannot be \
+             staged until `modprobe ublk_drv` succeeds; Probe reports it"
+        );
+    }
+    let set = super::start_peer_set(&config)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -44,7 +55,8 @@ pub fn node(inst: &Instance, args: &NodeArgs) -> anyhow::Result<()> {
         ublk: UblkConfig::default(),
         max_volumes_per_node: args.max_volumes,
     };
-    tracing::info!(endpoint = %args.endpoint, node = %config.node, "CSI node serving");
+    rt.block_on(super::start_metrics(args.metrics_addr, set.segment()))?;
+    tracing::info!(endpoint = %args.endpoint, node = %config.node, segment = %config.segment, "CSI node serving");
     let served = rt.block_on(csi_node::run_node(
         set.segment(),
         &args.endpoint,

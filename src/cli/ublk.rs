@@ -113,16 +113,63 @@ pub fn unmap(args: &UnmapArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A table for people; with `--json`, one JSON object per device a line (what scripts grep).
 pub fn showmapped(args: &DeviceArgs, json: bool) -> anyhow::Result<()> {
     let devices = ublk::showmapped(&table(&args.state))?;
     if json {
-        println!("{}", serde_json::to_string(&devices)?);
+        for d in devices {
+            println!("{}", serde_json::to_string(&d)?);
+        }
         return Ok(());
     }
-    for d in devices {
-        println!("{}", serde_json::to_string(&d)?);
-    }
+    print!("{}", showmapped_table(&devices));
     Ok(())
+}
+
+/// Nothing at all when no device is mapped, so `[ -z "$(archip showmapped)" ]` works.
+fn showmapped_table(devices: &[ublk::MappedDevice]) -> String {
+    if devices.is_empty() {
+        return String::new();
+    }
+    let state = |d: &ublk::MappedDevice| {
+        serde_json::to_value(d.state)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default()
+    };
+    let rows: Vec<[String; 7]> = devices
+        .iter()
+        .map(|d| {
+            [
+                d.device.clone(),
+                d.record.volume.clone(),
+                crate::size::human(d.record.size),
+                state(d),
+                d.record.pid.to_string(),
+                if d.server_alive { "yes" } else { "no" }.to_string(),
+                if d.record.shared { "shared" } else { "" }.to_string(),
+            ]
+        })
+        .collect();
+    let head = ["DEVICE", "VOLUME", "SIZE", "STATE", "PID", "SERVER", "MODE"];
+    let mut width = head.map(str::len);
+    for r in &rows {
+        for (w, c) in width.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cells: &[&str]| {
+        let mut l = String::new();
+        for (c, w) in cells.iter().zip(&width) {
+            l.push_str(&format!("{c:<w$}  "));
+        }
+        format!("{}\n", l.trim_end())
+    };
+    let mut out = line(&head);
+    for r in &rows {
+        out.push_str(&line(&r.each_ref().map(String::as_str)));
+    }
+    out
 }
 
 pub fn recover(args: &DeviceArgs) -> anyhow::Result<()> {

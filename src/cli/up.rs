@@ -39,6 +39,10 @@ pub struct UpArgs {
     /// endpoint, e.g. unix:///run/archip/csi.sock: single-machine use.
     #[arg(long, env = "ARCHIP_CSI_ENDPOINT", value_name = "ENDPOINT")]
     pub csi_endpoint: Option<String>,
+    /// Serve Prometheus metrics on http://ADDR/metrics and the peer set's health on /healthz
+    /// (e.g. 0.0.0.0:9180; port 0 picks a free one, logged at start).
+    #[arg(long, env = "ARCHIP_METRICS_ADDR", value_name = "ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// Identity, Controller, GroupController and Node on one router, over this process's peers.
@@ -138,7 +142,7 @@ pub fn up(inst: &Instance, args: &UpArgs) -> anyhow::Result<()> {
     }
     claim_socket(&control)?;
     let segment_path = config.segment_path().context("segment name")?;
-    let set = PeerSet::start(&config).with_context(|| {
+    let set = super::start_peer_set(&config).with_context(|| {
         format!(
             "starting the peers on segment {} with data in {}",
             segment_path.display(),
@@ -161,6 +165,7 @@ pub fn up(inst: &Instance, args: &UpArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the control runtime")?;
+    rt.block_on(super::start_metrics(args.metrics_addr, set.segment()))?;
     let (csi_stop, csi_stopped) = tokio::sync::watch::channel(false);
     let csi_task = match &args.csi_endpoint {
         Some(endpoint) => {

@@ -11,6 +11,7 @@ use crate::size::{human, size_arg};
 pub enum VolumeCmd {
     /// Create an empty (thin, all-zero) volume.
     Create {
+        /// Name of the new volume.
         name: String,
         /// Size, e.g. 10G, 512M, 4K (binary units).
         #[arg(long, value_parser = size_arg)]
@@ -22,25 +23,43 @@ pub enum VolumeCmd {
     /// List volumes (snapshots: `archip snapshot list`).
     List,
     /// Show a volume or snapshot.
-    Info { name: String },
+    Info {
+        /// Volume or snapshot to show.
+        name: String,
+    },
     /// Grow a volume (shrinking is refused).
     Resize {
+        /// Volume to grow.
         name: String,
         #[arg(long, value_parser = size_arg)]
         size: u64,
     },
     /// Delete a volume; its objects are reclaimed by `archip gc`.
-    Delete { name: String },
+    Delete {
+        /// Volume to delete.
+        name: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
 pub enum SnapshotCmd {
     /// Take an instant, read-only snapshot of VOLUME named SNAP.
-    Create { volume: String, snapshot: String },
+    Create {
+        /// Volume to snapshot.
+        volume: String,
+        /// Name of the new snapshot.
+        snapshot: String,
+    },
     /// List snapshots, of VOLUME only if given.
-    List { volume: Option<String> },
+    List {
+        /// Only the snapshots of this volume.
+        volume: Option<String>,
+    },
     /// Delete a snapshot; its objects are reclaimed by `archip gc`.
-    Delete { snapshot: String },
+    Delete {
+        /// Snapshot to delete.
+        snapshot: String,
+    },
 }
 
 #[derive(Args, Debug)]

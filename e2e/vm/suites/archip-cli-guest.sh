@@ -19,7 +19,7 @@ $A volume create disk --size 64M
 dev=$($A map disk)
 [ -b "$dev" ] || fail "map printed $dev, not a block device"
 echo "mapped disk at $dev"
-$A showmapped | grep -q '"volume":"disk"' || fail "showmapped does not list disk"
+$A showmapped --json | grep -q '"volume":"disk"' || fail "showmapped does not list disk"
 
 # Data written through the device equals what the CLI reads back.
 dd if=/dev/urandom of=/tmp/pattern bs=1M count=8 2>/dev/null
@@ -30,8 +30,8 @@ cmp /tmp/pattern /tmp/back || fail "device data differs from archip export"
 
 # kill -9 of the device server under a write load: the device stays, recover re-attaches it,
 # and the writer finishes without an I/O error.
-pid=$($A showmapped | sed -n 's/.*"pid":\([0-9]*\).*/\1/p' | head -n 1)
-[ -n "$pid" ] || fail "no server pid in showmapped: $($A showmapped)"
+pid=$($A showmapped --json | sed -n 's/.*"pid":\([0-9]*\).*/\1/p' | head -n 1)
+[ -n "$pid" ] || fail "no server pid in showmapped: $($A showmapped --json)"
 (dd if=/tmp/pattern of="$dev" bs=64k seek=320 conv=fsync 2>/tmp/dd.err; echo $? >/tmp/dd.rc) &
 W=$!
 kill -9 "$pid"
@@ -45,7 +45,7 @@ cmp /tmp/pattern /tmp/back2 || fail "data written across the restart differs"
 
 $A unmap "$dev"
 [ ! -b "$dev" ] || fail "device still present after unmap"
-[ "$($A showmapped | wc -l)" = 0 ] || fail "showmapped not empty after unmap"
+[ "$($A showmapped --json | wc -l)" = 0 ] || fail "showmapped not empty after unmap"
 kill -TERM $UP
 wait $UP || fail "up did not exit cleanly"
 echo "archip-cli: PASS"

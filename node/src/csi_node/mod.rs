@@ -167,9 +167,28 @@ where
     let client = Arc::new(VolumeClient::connect(segment)?);
     tracing::info!(%endpoint, node = %opts.node_id, table = %opts.table.path().display(), "CSI node starting");
     let routes = NodeService::new(opts, Some(client))
-        .routes(csi::health::PeerSetHealth::new(segment.clone()));
+        .routes(UblkHealth(csi::health::PeerSetHealth::new(segment.clone())));
     csi::server::serve(endpoint, routes, shutdown).await?;
     Ok(())
+}
+
+/// The node's Probe: the peer set's health, and not ready while the kernel has no ublk driver,
+/// so that `kubectl describe` and the sidecars say why no volume can be staged here (not ready
+/// rather than unhealthy: restarting the plugin would not load the module).
+struct UblkHealth<H>(H);
+
+impl<H: csi::identity::Health> csi::identity::Health for UblkHealth<H> {
+    async fn probe(&self) -> Result<(), csi::identity::ProbeError> {
+        self.0.probe().await?;
+        if crate::ublk::available() {
+            Ok(())
+        } else {
+            Err(csi::identity::ProbeError::NotReady(
+                "the kernel has no ublk driver (/dev/ublk-control is missing): modprobe ublk_drv"
+                    .into(),
+            ))
+        }
+    }
 }
 
 fn volume_name(id: &str) -> CsiResult<String> {

@@ -164,6 +164,11 @@ impl Mapper {
                 report.deleted_objects += 1;
             }
             report.deleted_bytes += info.size;
+            if !opts.dry_run {
+                crate::metrics::global()
+                    .gc_bytes_reclaimed
+                    .fetch_add(info.size, std::sync::atomic::Ordering::Relaxed);
+            }
         }
         tracing::info!(?report, dry_run = opts.dry_run, "gc done");
         Ok(report)

@@ -232,6 +232,9 @@ impl Mapper {
                 (_, false) => {
                     let old = old.as_ref().expect("non-zero blocks have an object");
                     self.data.copy(old, new).await.ctx(name)?;
+                    crate::metrics::global()
+                        .cow_copies
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
             }
         }

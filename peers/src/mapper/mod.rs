@@ -390,6 +390,9 @@ impl Mapper {
         match self.maps.lock_acquire(&lock, &self.owner).await {
             Err(BlockerError::Locked { holder, .. }) => {
                 let before = self.maps.lock_break(&lock).await.ctx(name)?;
+                crate::metrics::global()
+                    .lock_takeovers
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::warn!(
                     volume = %name,
                     from = %holder,
@@ -607,6 +610,9 @@ impl Mapper {
     pub async fn break_lock(&self, name: &str) -> Result<LockInfo, MapperError> {
         let name = VolumeName::new(name)?;
         let before = self.maps.lock_break(&lock_object(&name)).await.ctx(&name)?;
+        crate::metrics::global()
+            .locks_broken
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::warn!(
             volume = %name,
             holder = before.holder.as_ref().map(|h| h.as_str()).unwrap_or("<none>"),

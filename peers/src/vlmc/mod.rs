@@ -125,6 +125,8 @@ impl Inner {
             }
         };
         let op = req.op();
+        let started = std::time::Instant::now();
+        let io_bytes = req.size();
         let result = match op {
             Op::Read | Op::Write => self.io(&name, req).await,
             Op::Flush => self.flush(&name, req).await,
@@ -163,6 +165,8 @@ impl Inner {
                 Some(req),
             )),
         };
+        let ok = matches!(&result, Ok(Some(r)) if r.status() == Status::Ok);
+        count(op, &name, ok, io_bytes, started.elapsed());
         match result {
             Ok(Some(req)) => self.port.respond(req),
             Ok(None) => {}
@@ -227,7 +231,10 @@ impl Inner {
             // The common case: one lock, one clock read.
             let mut t = lock(&vol.throttle);
             if !t.claim_refresh(now) {
-                return t.admit(now, bytes);
+                let wait = t.admit(now, bytes);
+                drop(t);
+                count_delay(wait);
+                return wait;
             }
         }
         let got = self
@@ -240,7 +247,9 @@ impl Inner {
             Ok(r) => lock(&vol.throttle).set_limits(r.limits(), std::time::Instant::now()),
             Err(f) => tracing::debug!(volume = %name, error = %f.message, "reading QoS limits"),
         }
-        lock(&vol.throttle).admit(std::time::Instant::now(), bytes)
+        let wait = lock(&vol.throttle).admit(std::time::Instant::now(), bytes);
+        count_delay(wait);
+        wait
     }
 
     /// QOS: answered by the mapper; a change applies here at once (other nodes pick it up
@@ -363,6 +372,39 @@ impl Inner {
         vol.drain_writes_before_now().await;
         let port = self.config.blocker_port;
         self.forward(req, port).await
+    }
+}
+
+fn count_delay(wait: Duration) {
+    if !wait.is_zero() {
+        let stats = crate::metrics::global();
+        stats
+            .qos_delayed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let ns = u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX);
+        stats
+            .qos_delay_ns
+            .fetch_add(ns, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Counts a finished request in [`crate::metrics`]: volume I/O per volume, snapshots and
+/// clones with their latency; a deleted volume's counters are dropped to keep the bound.
+fn count(op: Op, name: &str, ok: bool, bytes: u64, took: Duration) {
+    let stats = crate::metrics::global();
+    match op {
+        Op::Read | Op::Write | Op::Flush => {
+            let v = stats.volume(name);
+            match op {
+                Op::Read => v.read.record(ok, bytes, took),
+                Op::Write => v.write.record(ok, bytes, took),
+                _ => v.flush.record(ok, 0, took),
+            }
+        }
+        Op::Snapshot => stats.snapshots.record(ok, 0, took),
+        Op::Clone => stats.clones.record(ok, 0, took),
+        Op::Delete if ok => stats.forget(name),
+        _ => {}
     }
 }
 
