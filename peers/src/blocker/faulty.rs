@@ -555,7 +555,10 @@ mod tests {
             }
         }
         let c = f.counts();
-        assert!(c.read_eio > 0 && c.write_eio > 0 && c.write_enospc > 0, "{c:?}");
+        assert!(
+            c.read_eio > 0 && c.write_eio > 0 && c.write_enospc > 0,
+            "{c:?}"
+        );
         assert_eq!(c.write_enospc, enospc);
     }
 }
