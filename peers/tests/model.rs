@@ -601,3 +601,492 @@ async fn model_file_blocker() {
     let dir = tempfile::tempdir().unwrap();
     run(Backend::File(dir), "model/file").await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Fault mode: the same kind of random workload over a `FaultyBlocker` (EIO, ENOSPC, failed
+// flushes, latency, crashes), with the invariants checked after every step: an injected error
+// surfaces as an error, never as success with wrong data; no write acknowledged before a
+// successful flush is lost; every map verifies and the catalogue matches the model. The model
+// keeps, per byte, whether it is durable, written but unflushed, or unknown (a failed write or
+// discard, or an unflushed write that a failed flush or a crash may have lost).
+
+use peers::blocker::faulty::{FaultCounts, FaultPlan, FaultyBlocker};
+
+const DURABLE: u8 = 0;
+const PENDING: u8 = 1;
+const UNKNOWN: u8 = 2;
+
+#[derive(Clone, Debug)]
+struct FaultVolume {
+    data: Vec<u8>,
+    state: Vec<u8>,
+    snapshot: bool,
+}
+
+struct FaultWorld {
+    inner: Arc<MemoryBlocker>,
+    faulty: Arc<FaultyBlocker>,
+    mapper: Mapper,
+    model: BTreeMap<String, FaultVolume>,
+    rng: StdRng,
+    next_name: u32,
+    step: String,
+    restarts: u64,
+    errors: u64,
+    totals: FaultCounts,
+}
+
+impl FaultWorld {
+    fn plan(rng: &mut StdRng) -> FaultPlan {
+        FaultPlan {
+            seed: rng.random(),
+            read_eio: 20,
+            write_eio: 20,
+            write_enospc: 10,
+            flush_eio: 50,
+            latency: 5,
+            max_latency: Duration::from_micros(200),
+            crash_after: rng.random_bool(0.5).then(|| rng.random_range(20..400)),
+        }
+    }
+
+    fn new(seed: u64) -> Self {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let inner = Arc::new(MemoryBlocker::new());
+        let faulty = Arc::new(FaultyBlocker::new(inner.clone(), Self::plan(&mut rng)));
+        let mapper = mapper_over(faulty.clone());
+        FaultWorld {
+            inner,
+            faulty,
+            mapper,
+            model: BTreeMap::new(),
+            rng,
+            next_name: 0,
+            step: String::new(),
+            restarts: 0,
+            errors: 0,
+            totals: FaultCounts::default(),
+        }
+    }
+
+    fn pick(&mut self, writable: bool) -> Option<String> {
+        let names: Vec<&String> = self
+            .model
+            .iter()
+            .filter(|(_, v)| !writable || !v.snapshot)
+            .map(|(n, _)| n)
+            .collect();
+        (!names.is_empty()).then(|| names[self.rng.random_range(0..names.len())].clone())
+    }
+
+    /// Faults off while the test looks at what is really stored.
+    async fn info(&self, name: &str) -> Option<u64> {
+        self.faulty.pause(true);
+        let r = self.mapper.info(name).await;
+        self.faulty.pause(false);
+        match r {
+            Ok(i) => Some(i.size),
+            Err(MapperError::NotFound { .. }) => None,
+            Err(e) => panic!("{}: info {name} after a fault: {e}", self.step),
+        }
+    }
+
+    async fn op(&mut self) {
+        let roll = self.rng.random_range(0..100);
+        match roll {
+            0..=34 => self.write().await,
+            35..=59 => self.read().await,
+            60..=69 => self.flush().await,
+            70..=74 => self.discard().await,
+            75..=79 => self.snapshot_or_clone(true).await,
+            80..=84 => self.snapshot_or_clone(false).await,
+            85..=88 => self.create().await,
+            89..=91 => self.delete().await,
+            92..=94 => self.resize().await,
+            _ => self.gc().await,
+        }
+        if self.faulty.crashed() {
+            self.restart().await;
+        }
+        self.check().await;
+    }
+
+    async fn create(&mut self) {
+        if self.model.len() >= MAX_NAMES {
+            return;
+        }
+        self.next_name += 1;
+        let name = format!("f{}", self.next_name);
+        let blocks = self.rng.random_range(1..=12u64);
+        let size = blocks * 4096 - self.rng.random_range(0..8u64) * 512;
+        self.step = format!("create {name} {size}");
+        let opts = CreateOptions {
+            block_size: 4096,
+            page_entries: 16,
+        };
+        let r = self.mapper.create(&name, size, opts).await;
+        let exists = match r {
+            Ok(_) => true,
+            Err(_) => {
+                self.errors += 1;
+                self.info(&name).await.is_some()
+            }
+        };
+        if exists {
+            let v = FaultVolume {
+                data: vec![0; size as usize],
+                state: vec![DURABLE; size as usize],
+                snapshot: false,
+            };
+            self.model.insert(name, v);
+        }
+    }
+
+    fn range(&mut self, name: &str) -> (usize, usize) {
+        let size = self.model[name].data.len();
+        let offset = self.rng.random_range(0..size);
+        let len = self.rng.random_range(1..=(size - offset).min(3 * 4096));
+        (offset, len)
+    }
+
+    async fn write(&mut self) {
+        let Some(name) = self.pick(true) else {
+            return self.create().await;
+        };
+        let (offset, len) = self.range(&name);
+        let fill: u8 = self.rng.random::<u8>() | 1;
+        let data: Vec<u8> = (0..len)
+            .map(|i| fill.wrapping_add((i / 509) as u8) | 1)
+            .collect();
+        self.step = format!("write {name} {offset}+{len}");
+        let r = fault_write(&self.mapper, &name, offset as u64, &data).await;
+        let v = self.model.get_mut(&name).unwrap();
+        let range = offset..offset + len;
+        if r.is_ok() {
+            v.data[range.clone()].copy_from_slice(&data);
+            v.state[range].fill(PENDING);
+        } else {
+            self.errors += 1;
+            v.data[range.clone()].copy_from_slice(&data);
+            v.state[range].fill(UNKNOWN);
+        }
+    }
+
+    async fn discard(&mut self) {
+        let Some(name) = self.pick(true) else {
+            return;
+        };
+        let (offset, len) = self.range(&name);
+        self.step = format!("discard {name} {offset}+{len}");
+        let r = fault_discard(&self.mapper, &name, offset as u64, len as u64).await;
+        let v = self.model.get_mut(&name).unwrap();
+        let range = offset..offset + len;
+        v.data[range.clone()].fill(0);
+        // Whole blocks become ZERO map entries (durable); partial blocks are zero writes.
+        v.state[range].fill(if r.is_ok() { PENDING } else { UNKNOWN });
+        if r.is_err() {
+            self.errors += 1;
+        }
+    }
+
+    async fn read(&mut self) {
+        let Some(name) = self.pick(false) else {
+            return;
+        };
+        let (offset, len) = self.range(&name);
+        self.step = format!("read {name} {offset}+{len}");
+        match fault_read(&self.mapper, &name, offset as u64, len).await {
+            Ok(got) => self.compare(&name, offset, &got),
+            Err(_) => self.errors += 1,
+        }
+    }
+
+    fn compare(&self, name: &str, offset: usize, got: &[u8]) {
+        let v = &self.model[name];
+        for (i, b) in got.iter().enumerate() {
+            let at = offset + i;
+            if v.state[at] != UNKNOWN && v.data[at] != *b {
+                panic!(
+                    "{}: {name} byte {at}: got {b}, model {} ({})",
+                    self.step,
+                    v.data[at],
+                    if v.state[at] == DURABLE {
+                        "flushed"
+                    } else {
+                        "acknowledged"
+                    }
+                );
+            }
+        }
+    }
+
+    async fn flush(&mut self) {
+        self.step = "flush".into();
+        let ok = self.mapper.data_blocker().flush().await.is_ok();
+        let (from, to) = if ok {
+            (PENDING, DURABLE)
+        } else {
+            self.errors += 1;
+            (PENDING, UNKNOWN)
+        };
+        for v in self.model.values_mut() {
+            v.state
+                .iter_mut()
+                .filter(|s| **s == from)
+                .for_each(|s| *s = to);
+        }
+    }
+
+    async fn snapshot_or_clone(&mut self, snapshot: bool) {
+        if self.model.len() >= MAX_NAMES {
+            return;
+        }
+        let Some(src) = self.pick(false) else {
+            return;
+        };
+        self.next_name += 1;
+        let name = format!("f{}", self.next_name);
+        self.step = format!(
+            "{} {src} -> {name}",
+            if snapshot { "snapshot" } else { "clone" }
+        );
+        let r = if snapshot {
+            self.mapper.snapshot(&src, &name).await.map(|_| ())
+        } else {
+            self.mapper
+                .clone_volume(&src, &name, None)
+                .await
+                .map(|_| ())
+        };
+        let exists = match r {
+            Ok(()) => true,
+            Err(_) => {
+                self.errors += 1;
+                self.info(&name).await.is_some()
+            }
+        };
+        if exists {
+            let mut v = self.model[&src].clone();
+            v.snapshot = snapshot;
+            self.model.insert(name, v);
+        }
+    }
+
+    async fn delete(&mut self) {
+        if self.model.len() <= 2 {
+            return;
+        }
+        let Some(name) = self.pick(false) else {
+            return;
+        };
+        self.step = format!("delete {name}");
+        let gone = match self.mapper.delete(&name).await {
+            Ok(()) => true,
+            Err(_) => {
+                self.errors += 1;
+                self.info(&name).await.is_none()
+            }
+        };
+        if gone {
+            self.model.remove(&name);
+        }
+    }
+
+    async fn resize(&mut self) {
+        let Some(name) = self.pick(true) else {
+            return;
+        };
+        let size = self.model[&name].data.len() as u64;
+        let new = size + self.rng.random_range(1..=16u64) * 512;
+        self.step = format!("resize {name} {size} -> {new}");
+        let now = match self.mapper.resize(&name, new).await {
+            Ok(i) => i.size,
+            Err(_) => {
+                self.errors += 1;
+                self.info(&name)
+                    .await
+                    .expect("a failed resize keeps the volume")
+            }
+        };
+        assert!(now == size || now == new, "{}: size {now}", self.step);
+        let v = self.model.get_mut(&name).unwrap();
+        v.data.resize(now as usize, 0);
+        v.state.resize(now as usize, DURABLE);
+    }
+
+    async fn gc(&mut self) {
+        self.step = "gc".into();
+        let opts = GcOptions {
+            grace: Duration::ZERO,
+            dry_run: false,
+        };
+        if self.mapper.gc(opts).await.is_err() {
+            self.errors += 1;
+        }
+    }
+
+    /// The process died: unflushed writes may be gone, and a new mapper starts over the storage
+    /// with a new plan (its own crash point, perhaps).
+    async fn restart(&mut self) {
+        self.restarts += 1;
+        let c = self.faulty.counts();
+        self.totals.read_eio += c.read_eio;
+        self.totals.write_eio += c.write_eio;
+        self.totals.write_enospc += c.write_enospc;
+        self.totals.flush_eio += c.flush_eio;
+        self.totals.delays += c.delays;
+        self.totals.crashes += c.crashes;
+        self.totals.lost_writes += c.lost_writes;
+        for v in self.model.values_mut() {
+            v.state
+                .iter_mut()
+                .filter(|s| **s == PENDING)
+                .for_each(|s| *s = UNKNOWN);
+        }
+        let plan = Self::plan(&mut self.rng);
+        self.faulty = Arc::new(FaultyBlocker::new(self.inner.clone(), plan));
+        self.mapper = mapper_over(self.faulty.clone());
+        // A metadata operation in flight at the crash may or may not have committed.
+        let names: Vec<String> = self.model.keys().cloned().collect();
+        for name in names {
+            match self.info(&name).await {
+                None => {
+                    self.model.remove(&name);
+                }
+                Some(size) => {
+                    let v = self.model.get_mut(&name).unwrap();
+                    v.data.resize(size as usize, 0);
+                    v.state.resize(size as usize, DURABLE);
+                }
+            }
+        }
+        for i in 1..=self.next_name {
+            let name = format!("f{i}");
+            if !self.model.contains_key(&name) {
+                assert!(
+                    self.info(&name).await.is_none(),
+                    "{}: {name} exists after a crash but was never acknowledged nor resolved",
+                    self.step
+                );
+            }
+        }
+    }
+
+    /// The invariants, with faults off: the catalogue is the model's, every map verifies, and
+    /// one volume reads back as the model says.
+    async fn check(&mut self) {
+        self.faulty.pause(true);
+        let listed: Vec<String> = self
+            .mapper
+            .list()
+            .await
+            .unwrap_or_else(|e| panic!("{}: list: {e}", self.step))
+            .into_iter()
+            .map(|v| v.name)
+            .collect();
+        let modelled: Vec<String> = self.model.keys().cloned().collect();
+        assert_eq!(listed, modelled, "{}: catalogue", self.step);
+        for (name, v) in &self.model {
+            let r = self
+                .mapper
+                .verify(name)
+                .await
+                .unwrap_or_else(|e| panic!("{}: verify {name}: {e}", self.step));
+            assert_eq!(
+                r.blocks,
+                (v.data.len() as u64).div_ceil(4096),
+                "{}",
+                self.step
+            );
+        }
+        if let Some(name) = self.pick(false) {
+            let len = self.model[&name].data.len();
+            let got = fault_read(&self.mapper, &name, 0, len)
+                .await
+                .unwrap_or_else(|e| panic!("{}: read {name} without faults: {e}", self.step));
+            self.compare(&name, 0, &got);
+        }
+        self.faulty.pause(false);
+    }
+}
+
+/// Volume I/O as vlmc does it, where a blocker error is an error (the shared helpers panic).
+async fn fault_write(m: &Mapper, vol: &str, offset: u64, data: &[u8]) -> Result<(), String> {
+    let extents = m
+        .map_write(vol, offset, data.len() as u64)
+        .await
+        .map_err(|e| e.to_string())?;
+    for e in extents {
+        let at = (e.volume_offset - offset) as usize;
+        let obj = e.object().expect("MAPW never returns a ZERO extent");
+        m.data_blocker()
+            .write(obj, e.object_offset, &data[at..at + e.length as usize])
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+async fn fault_read(m: &Mapper, vol: &str, offset: u64, len: usize) -> Result<Vec<u8>, String> {
+    let mut out = vec![0xa5u8; len];
+    for e in m
+        .map_read(vol, offset, len as u64)
+        .await
+        .map_err(|e| e.to_string())?
+    {
+        let at = (e.volume_offset - offset) as usize;
+        let buf = &mut out[at..at + e.length as usize];
+        match e.object() {
+            None => buf.fill(0),
+            Some(o) => m
+                .data_blocker()
+                .read(o, e.object_offset, buf)
+                .await
+                .map_err(|e| e.to_string())?,
+        }
+    }
+    Ok(out)
+}
+
+async fn fault_discard(m: &Mapper, vol: &str, offset: u64, len: u64) -> Result<(), String> {
+    let outcome = m
+        .discard(vol, offset, len)
+        .await
+        .map_err(|e| e.to_string())?;
+    for e in outcome.zero_write {
+        let obj = e.object().expect("zero-write extents are writable objects");
+        let zeros = vec![0u8; e.length as usize];
+        m.data_blocker()
+            .write(obj, e.object_offset, &zeros)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+// Ignored until the mapper keeps its cache coherent after a failed map write: it finds, within
+// a few hundred operations, a volume whose cached map differs from storage (see the report of
+// branch `faults`). Run it with `cargo test -p peers --test model -- --ignored`.
+#[ignore = "finds the mapper's cache diverging from storage after a failed map write"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_faulty_blocker() {
+    let seed = common::seed("model/faults");
+    let mut w = FaultWorld::new(seed);
+    let n = ops() / 5;
+    for i in 0..n {
+        w.step = format!("seed {seed} op {i}");
+        w.op().await;
+        w.step = format!("seed {seed} op {i} ({})", w.step);
+    }
+    w.restart().await;
+    w.check().await;
+    let t = &w.totals;
+    eprintln!(
+        "model/faults: {n} ops, {} errors surfaced, {} restarts, injected {t:?}",
+        w.errors, w.restarts
+    );
+    assert!(
+        t.read_eio + t.write_eio + t.write_enospc + t.flush_eio > 0 && t.crashes > 0,
+        "a run this long should have injected faults: {t:?}"
+    );
+}

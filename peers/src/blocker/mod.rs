@@ -23,6 +23,8 @@ use std::io;
 use std::pin::Pin;
 use std::time::SystemTime;
 
+#[cfg(any(test, feature = "testing"))]
+pub mod faulty;
 pub mod file;
 pub mod memory;
 pub mod peer;
