@@ -197,6 +197,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    xseg::WaitPolicy::set_process_default(cli.instance.wait_policy());
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -76,6 +76,9 @@ pub struct ControllerOptions {
     pub node_id: String,
     /// The file backend's data directory (the peer set's `data_dir`).
     pub data_dir: PathBuf,
+    /// The peer-set registry to find a volume's lock holder in
+    /// ([`ControllerConfig::peerset_registry`]); `None` turns forwarding off.
+    pub peerset_registry: Option<PathBuf>,
 }
 
 /// Why the controller could not run.
@@ -132,13 +135,15 @@ pub async fn run_controller<F>(
 where
     F: Future<Output = ()> + Send,
 {
-    let plugin = ControllerPlugin::open(segment, &opts.node_id, opts.data_dir.clone())?;
+    let mut config = ControllerConfig::new(&opts.node_id, opts.data_dir.clone());
+    config.peerset_registry = opts.peerset_registry.clone();
+    let plugin = ControllerPlugin::open_with(segment, config)?;
     let routes = plugin.routes(health::PeerSetHealth::new(segment.clone()));
     tracing::info!(
         endpoint = %opts.endpoint,
         node = %opts.node_id,
         data_dir = %opts.data_dir.display(),
-        peerset_registry = %peers::registry::Registry::default_dir().display(),
+        peerset_registry = ?opts.peerset_registry,
         "controller starting"
     );
     server::serve(&opts.endpoint, routes, shutdown).await?;

@@ -75,7 +75,7 @@ pub struct PeerConfig {
     /// Limit on each call vlmc makes to the mapper or blocker.
     pub timeout: Duration,
     /// The peer-set registry directory [`PeerSet::start`] records itself in (`None`: not
-    /// recorded). Defaults to [`Registry::default_dir`].
+    /// recorded). Defaults to [`crate::registry::DEFAULT_DIR`].
     pub registry: Option<PathBuf>,
 }
 
@@ -95,7 +95,7 @@ impl PeerConfig {
             xseg: xseg::Config::default(),
             workers: std::thread::available_parallelism().map_or(4, |n| n.get().clamp(2, 8)),
             timeout: Duration::from_secs(600),
-            registry: Some(Registry::default_dir()),
+            registry: Some(PathBuf::from(crate::registry::DEFAULT_DIR)),
         }
     }
 
