@@ -275,7 +275,6 @@ impl Sender {
         // Smallest fitting class first, then larger ones: a large free buffer serves a small
         // request rather than failing it.
         // First fit: recently freed buffers are reused while still in cache.
-        let _ = r;
         for c in classes.iter().filter(|c| c.size >= len) {
             for i in 0..c.count {
                 let b = c.first + i;
