@@ -10,6 +10,16 @@
 //! The spec's request rules (size limits, required fields, capability
 //! checks) live in [`validate`] and the mapping of our errors to gRPC codes
 //! in [`errors`], so that every RPC enforces them the same way.
+//!
+//! - [`identity`], [`controller`], [`group_controller`]: the services; `core` and `plugin`:
+//!   the controller's shared state, built once;
+//! - [`validate`], [`params`], [`errors`], [`ids`]: the spec's rules, StorageClass parameters,
+//!   gRPC codes, CSI names to volume ids;
+//! - [`meta`]: the controller's records; [`inflight`]: one operation per id at a time;
+//! - [`delegate`]: forwarding to the peer set that holds a volume's lock; [`node_loss`]:
+//!   fencing the locks of an out-of-service node;
+//! - [`server`], [`dial`]: the unix-socket gRPC server and client; [`health`]: the probe;
+//!   [`redact`]: secrets out of logs; [`bench`]: `archip bench csi`.
 
 pub mod bench;
 pub mod controller;
