@@ -2,7 +2,8 @@
 # and the tools the node plugin runs (mkfs, mount, modprobe).
 #
 #   docker build -t archip .                                  file backend
-#   docker build --build-arg FEATURES=peers/rados -t archip . with the Ceph RADOS backend
+#   docker build --build-arg FEATURES=... -t archip .          with extra cargo features (the
+#                                                             RADOS blocker has no feature yet)
 #
 # The builder runs e2e/k8s/build-release.sh, the same script CI can run; e2e/k8s/validate.sh
 # checks offline that every path named here exists.

@@ -236,6 +236,7 @@ fn main() -> ExitCode {
         LogFormat::Json => logs.json().init(),
         LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
     }
+    xseg::WaitPolicy::set_process_default(cli.instance.wait_policy());
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -246,7 +246,7 @@ async fn measure(
             .volume
             .expect("CreateVolume returns a volume");
         let info = direct.info(&src.volume_id).await?;
-        let block = info.block_size as u64;
+        let block = u64::from(info.block_size);
         let blocks = info.size / block;
         let written = opts.written_blocks.min(blocks).max(1);
         let stride = blocks / written;

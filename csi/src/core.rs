@@ -50,7 +50,7 @@ impl ControllerConfig {
             backend: BackendConfig::file(&data_dir),
             data_dir,
             default_capacity: 1 << 30,
-            peerset_registry: Some(peers::registry::Registry::default_dir()),
+            peerset_registry: Some(PathBuf::from(peers::registry::DEFAULT_DIR)),
         }
     }
 }

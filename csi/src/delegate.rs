@@ -16,7 +16,7 @@
 //! How the holder is found: the lock names an owner id; the host-local
 //! [registry](peers::registry) maps a live owner to its segment. Only a peer set on this host
 //! can be reached (segments are shared memory), and only one over the same backend (compared by
-//! [`BackendId`]: for files, device and inode, so different mount paths of one directory match). Anything
+//! [`BackendId`](peers::blocker::BackendId): for files, device and inode, so different mount paths of one directory match). Anything
 //! else keeps FAILED_PRECONDITION, now with a message that names the holder and the way out:
 //! a dead node's lock is broken by ControllerUnpublishVolume or `archip lock break`.
 //!
@@ -39,7 +39,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use peers::backend::{BackendConfig, Store};
-use peers::blocker::BackendId;
 use peers::client::{ClientError, LockState, VolumeClient};
 use peers::peerset::Ports;
 use peers::registry::{PeerSetEntry, Registry};
@@ -58,52 +57,13 @@ struct Remote {
     client: Arc<VolumeClient>,
 }
 
-/// The backend this controller serves, which every reachable holder must share.
-#[derive(Debug, Clone)]
-pub(crate) enum OwnBackend {
-    Config(BackendConfig),
-    /// The file backend's objects directory, as the controller configuration names it today.
-    ObjectsDir(PathBuf),
-}
-
-impl From<BackendConfig> for OwnBackend {
-    fn from(b: BackendConfig) -> Self {
-        OwnBackend::Config(b)
-    }
-}
-
-impl From<PathBuf> for OwnBackend {
-    fn from(dir: PathBuf) -> Self {
-        OwnBackend::ObjectsDir(dir)
-    }
-}
-
-impl OwnBackend {
-    /// Found again on every use, as a registry entry is read again: the objects directory may
-    /// appear only once our own peer set has started.
-    fn identity(&self) -> Result<BackendId, String> {
-        match self {
-            OwnBackend::Config(b) => b.identity().map_err(|e| e.to_string()),
-            OwnBackend::ObjectsDir(dir) => peers::blocker::file::dir_identity(dir)
-                .map_err(|e| format!("identifying {}: {e}", dir.display())),
-        }
-    }
-
-    fn location(&self) -> String {
-        match self {
-            OwnBackend::Config(b) => b.location(Store::Objects),
-            OwnBackend::ObjectsDir(dir) => format!("file:{}", dir.display()),
-        }
-    }
-}
-
 /// The controller's forwarding state.
 #[derive(Debug)]
 pub(crate) struct Delegation {
     /// Where peer sets register (`None`: forwarding is off).
     registry: Option<Registry>,
     /// The backend every reachable holder must share with us.
-    backend: OwnBackend,
+    backend: BackendConfig,
     /// This controller's own segment, never a forwarding target.
     own_segment: PathBuf,
     remotes: Mutex<HashMap<String, Arc<Remote>>>,
@@ -116,12 +76,12 @@ struct Unreachable(String);
 impl Delegation {
     pub(crate) fn new(
         registry: Option<PathBuf>,
-        backend: impl Into<OwnBackend>,
+        backend: BackendConfig,
         own_segment: &Path,
     ) -> Self {
         Self {
             registry: registry.map(Registry::new),
-            backend: backend.into(),
+            backend,
             own_segment: own_segment.to_owned(),
             remotes: Mutex::new(HashMap::new()),
         }
@@ -163,7 +123,7 @@ impl Delegation {
         let ours = self.backend.identity().map_err(|e| {
             Unreachable(format!(
                 "this controller's backend {} cannot be compared with the one {owner}'s peer set serves: {e}",
-                self.backend.location()
+                self.backend.location(Store::Objects)
             ))
         })?;
         if !entry.same_backend(&ours) {
@@ -173,7 +133,7 @@ impl Delegation {
             };
             return Err(Unreachable(format!(
                 "the peer set of {owner} on this host serves {theirs}, not this controller's {}",
-                self.backend.location()
+                self.backend.location(Store::Objects)
             )));
         }
         if !entry.segment.exists() {
@@ -367,8 +327,9 @@ mod tests {
         let reg = dir.path().join("peersets");
         let ours = dir.path().join("a/objects");
         std::fs::create_dir_all(&ours).unwrap();
+        let own = BackendConfig::file(dir.path().join("a"));
         let own_segment = dir.path().join("own-segment");
-        let d = Delegation::new(Some(reg.clone()), ours.clone(), &own_segment);
+        let d = Delegation::new(Some(reg.clone()), own.clone(), &own_segment);
 
         assert!(why(d.client("node-1").await).contains("no running peer set of node-1"));
         assert!(why(d.client("../etc").await).contains("invalid peer-set owner"));
@@ -390,7 +351,7 @@ mod tests {
         let _gone = registered(&reg, "node-4", &dir.path().join("no-segment"), &ours);
         assert!(why(d.client("node-4").await).contains("is gone"));
 
-        let off = Delegation::new(None, ours, &own_segment);
+        let off = Delegation::new(None, own, &own_segment);
         assert!(why(off.client("node-4").await).contains("off"));
 
         // The same, with the backend described as configuration: its objects are `a/objects`.

@@ -10,6 +10,16 @@
 //! The spec's request rules (size limits, required fields, capability
 //! checks) live in [`validate`] and the mapping of our errors to gRPC codes
 //! in [`errors`], so that every RPC enforces them the same way.
+//!
+//! - [`identity`], [`controller`], [`group_controller`]: the services; `core` and `plugin`:
+//!   the controller's shared state, built once;
+//! - [`validate`], [`params`], [`errors`], [`ids`]: the spec's rules, StorageClass parameters,
+//!   gRPC codes, CSI names to volume ids;
+//! - [`meta`]: the controller's records; [`inflight`]: one operation per id at a time;
+//! - [`delegate`]: forwarding to the peer set that holds a volume's lock; [`node_loss`]:
+//!   fencing the locks of an out-of-service node;
+//! - [`server`], [`dial`]: the unix-socket gRPC server and client; [`health`]: the probe;
+//!   [`redact`]: secrets out of logs; [`bench`]: `archip bench csi`.
 
 pub mod bench;
 pub mod controller;
@@ -77,6 +87,9 @@ pub struct ControllerOptions {
     pub node_id: String,
     /// The file backend's data directory (the peer set's `data_dir`).
     pub data_dir: PathBuf,
+    /// The peer-set registry to find a volume's lock holder in
+    /// ([`ControllerConfig::peerset_registry`]); `None` turns forwarding off.
+    pub peerset_registry: Option<PathBuf>,
 }
 
 /// Why the controller could not run.
@@ -133,13 +146,15 @@ pub async fn run_controller<F>(
 where
     F: Future<Output = ()> + Send,
 {
-    let plugin = ControllerPlugin::open(segment, &opts.node_id, opts.data_dir.clone())?;
+    let mut config = ControllerConfig::new(&opts.node_id, opts.data_dir.clone());
+    config.peerset_registry = opts.peerset_registry.clone();
+    let plugin = ControllerPlugin::open_with(segment, config)?;
     let routes = plugin.routes(health::PeerSetHealth::new(segment.clone()));
     tracing::info!(
         endpoint = %opts.endpoint,
         node = %opts.node_id,
         data_dir = %opts.data_dir.display(),
-        peerset_registry = %peers::registry::Registry::default_dir().display(),
+        peerset_registry = ?opts.peerset_registry,
         "controller starting"
     );
     server::serve(&opts.endpoint, routes, shutdown).await?;

@@ -16,7 +16,7 @@ use crate::errors::{CsiError, CsiResult};
 use crate::validate::SUPPORTED_FS_TYPES;
 
 /// Parameter: which backend holds the volume, by the names of
-/// [`BackendKind`] (`file` today; `rados` in a build with that feature).
+/// [`BackendKind`] (`file`; a backend this build lacks is refused with the feature it needs).
 pub const BACKEND: &str = "backend";
 /// Parameter: bytes per block (data object), a power of two from 4 KiB to
 /// 64 MiB; suffixes `Ki`, `Mi` are accepted.

@@ -3,7 +3,7 @@
 # very script), so CI and the image build the same thing.
 #
 #   e2e/k8s/build-release.sh                       plain build (file backend)
-#   ARCHIP_FEATURES=peers/rados e2e/k8s/build-release.sh   with the Ceph RADOS backend
+#   ARCHIP_FEATURES=... e2e/k8s/build-release.sh   with extra cargo features
 #
 # Installs the build dependencies first (e2e/setup.sh; librados-dev for rados) when root.
 set -euo pipefail

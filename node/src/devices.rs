@@ -20,8 +20,9 @@ use serde::{Deserialize, Serialize};
 /// Layout version of the state file; a file of another version is refused, never guessed at.
 const STATE_VERSION: u32 = 1;
 
-/// Environment variable that overrides [`DeviceTable::default_path`].
-pub const STATE_ENV: &str = "ARCHIP_UBLK_STATE";
+/// Where the table lives unless the entry point passes another path (`--state`,
+/// `ARCHIP_UBLK_STATE`).
+pub const DEFAULT_PATH: &str = "/run/archip/ublk-devices.json";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DevicesError {
@@ -152,11 +153,9 @@ impl DeviceTable {
         DeviceTable { path: path.into() }
     }
 
-    /// `$ARCHIP_UBLK_STATE`, else `/run/archip/ublk-devices.json`.
+    /// [`DEFAULT_PATH`].
     pub fn default_path() -> PathBuf {
-        std::env::var_os(STATE_ENV)
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("/run/archip/ublk-devices.json"))
+        PathBuf::from(DEFAULT_PATH)
     }
 
     pub fn path(&self) -> &Path {

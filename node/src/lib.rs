@@ -4,6 +4,8 @@
 //!   surviving restarts of their server process (user recovery);
 //! - [`devices`]: the state file recording which device serves which volume;
 //! - [`io_stats`]: the I/O counters both frontends keep.
+//! - [`nbd`]: volumes exported over NBD, and `archip bench nbd`;
+//! - [`csi_node`]: the CSI Node service, staging volumes as ublk devices.
 
 pub mod csi_node;
 pub mod devices;

@@ -588,7 +588,7 @@ impl VolumeClient {
         data: &[u8],
     ) -> Result<ImportReport> {
         let info = self.info(volume).await?;
-        let bs = info.block_size as u64;
+        let bs = u64::from(info.block_size);
         if bs > self.chunk {
             return Err(ClientError::InvalidArgument(format!(
                 "block size {bs} exceeds the segment's largest buffer ({})",

@@ -3,6 +3,18 @@
 //!
 //! This layer is plain async Rust over [`blocker::Blocker`]; the xseg peers wrap it and drive
 //! it from their request loops.
+//!
+//! - [`blocker`]: the storage interface and its backends (file, memory); [`backend`]: which
+//!   backend, as configuration;
+//! - [`map_format`]: the on-storage map; [`mapper`]: the volume catalogue, copy-on-write,
+//!   snapshots, clones, locks, dedup and GC;
+//! - [`vlmc`]: the volume peer, with its cache and per-volume QoS (`throttle`);
+//! - [`peerset`]: one segment and the peers serving it; [`registry`]: the host-local record
+//!   of running peer sets;
+//! - [`client`]: `VolumeClient`, the one API of the CLI, CSI and the frontends; [`wire`]: the
+//!   payloads the peers exchange; [`failure`]: what a failed request carries back;
+//! - [`fence`]: fencing a lost node's locks; `block_range`: cutting ranges at block bounds;
+//! - [`bench`]: `archip bench volume`; `testing` (feature `testing`): test fixtures.
 
 pub mod backend;
 pub mod bench;

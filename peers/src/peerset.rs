@@ -78,7 +78,7 @@ pub struct PeerConfig {
     /// owner only, unless widened for peers that run as several users of one group).
     pub segment_mode: u32,
     /// The peer-set registry directory [`PeerSet::start`] records itself in (`None`: not
-    /// recorded). Defaults to [`Registry::default_dir`].
+    /// recorded). Defaults to [`crate::registry::DEFAULT_DIR`].
     pub registry: Option<PathBuf>,
 }
 
@@ -99,7 +99,7 @@ impl PeerConfig {
             segment_mode: xseg::segment::DEFAULT_MODE,
             workers: std::thread::available_parallelism().map_or(4, |n| n.get().clamp(2, 8)),
             timeout: Duration::from_secs(600),
-            registry: Some(Registry::default_dir()),
+            registry: Some(PathBuf::from(crate::registry::DEFAULT_DIR)),
         }
     }
 

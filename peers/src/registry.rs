@@ -42,10 +42,9 @@ use xseg::owner::ProcessId;
 
 use crate::blocker::{BackendId, BlockerError, LockOwner};
 
-/// Where entries live unless [`DIR_ENV`] says otherwise.
+/// Where entries live unless the entry point passes another directory (`archip
+/// --peerset-dir`, `ARCHIP_PEERSET_DIR`).
 pub const DEFAULT_DIR: &str = "/run/archip/peersets";
-/// Environment variable overriding [`DEFAULT_DIR`].
-pub const DIR_ENV: &str = "ARCHIP_PEERSET_DIR";
 /// Longest owner id accepted as a file name (lock owners are at most 128 bytes).
 pub const MAX_OWNER_LEN: usize = 128;
 /// Layout version of an entry (2: the backend is a [`BackendId`]).
@@ -206,17 +205,6 @@ static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 impl Registry {
     pub fn new(dir: impl Into<PathBuf>) -> Registry {
         Registry { dir: dir.into() }
-    }
-
-    /// `$ARCHIP_PEERSET_DIR`, or [`DEFAULT_DIR`].
-    pub fn default_dir() -> PathBuf {
-        std::env::var_os(DIR_ENV)
-            .filter(|v| !v.is_empty())
-            .map_or_else(|| PathBuf::from(DEFAULT_DIR), PathBuf::from)
-    }
-
-    pub fn from_env() -> Registry {
-        Registry::new(Self::default_dir())
     }
 
     pub fn dir(&self) -> &Path {

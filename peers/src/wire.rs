@@ -382,7 +382,7 @@ impl ObjectStat {
     pub fn encode(&self, buf: &mut [u8]) -> Result<usize, Status> {
         let mut w = Writer::new(buf);
         w.u64(self.size)?;
-        w.bytes(&[self.exists as u8])?;
+        w.bytes(&[u8::from(self.exists)])?;
         w.u64(self.modified_ns)?;
         Ok(w.written())
     }
@@ -495,7 +495,7 @@ impl GcRequest {
     pub fn encode(&self, buf: &mut [u8]) -> Result<usize, Status> {
         let mut w = Writer::new(buf);
         w.u64(self.grace_secs)?;
-        w.bytes(&[self.dry_run as u8])?;
+        w.bytes(&[u8::from(self.dry_run)])?;
         Ok(w.written())
     }
 

@@ -54,7 +54,7 @@ impl Drop for Node {
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
     (0..len)
-        .map(|i| (i as u32).wrapping_mul(31).wrapping_add(seed as u32) as u8 | 1)
+        .map(|i| (i as u32).wrapping_mul(31).wrapping_add(u32::from(seed)) as u8 | 1)
         .collect()
 }
 

@@ -14,6 +14,7 @@ pub mod up;
 pub mod volume;
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use clap::Args;
 
@@ -42,6 +43,16 @@ pub struct Instance {
     /// Control socket of `archip up`. Default: DATA_DIR/control.sock.
     #[arg(long, global = true, env = "ARCHIP_CONTROL", value_name = "PATH")]
     pub control: Option<PathBuf>,
+    /// Host-local directory where peer sets record themselves, so a controller can forward to
+    /// the one holding a volume's lock. Default: /run/archip/peersets.
+    #[arg(long, global = true, env = "ARCHIP_PEERSET_DIR", value_name = "DIR")]
+    pub peerset_dir: Option<PathBuf>,
+    /// How long a port spins before it yields (nanoseconds). Default: 2000.
+    #[arg(long, global = true, env = "ARCHIP_XSEG_BUSY_NS", value_name = "NS")]
+    pub xseg_busy_ns: Option<u64>,
+    /// How long a port spins with sched_yield before it sleeps (nanoseconds). Default: 50000.
+    #[arg(long, global = true, env = "ARCHIP_XSEG_SPIN_NS", value_name = "NS")]
+    pub xseg_spin_ns: Option<u64>,
 }
 
 pub const DEFAULT_SEGMENT: &str = "archipelago";
@@ -86,6 +97,23 @@ impl Instance {
 
     pub fn node(&self) -> String {
         self.node.clone().unwrap_or_else(default_node)
+    }
+
+    /// The peer-set registry directory; an empty `ARCHIP_PEERSET_DIR` means the default.
+    pub fn peerset_dir(&self) -> PathBuf {
+        self.peerset_dir
+            .clone()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or_else(|| PathBuf::from(peers::registry::DEFAULT_DIR))
+    }
+
+    /// The wait policy of every port this process binds (see [`xseg::WaitPolicy`]).
+    pub fn wait_policy(&self) -> xseg::WaitPolicy {
+        let d = xseg::WaitPolicy::DEFAULT;
+        xseg::WaitPolicy {
+            busy: self.xseg_busy_ns.map_or(d.busy, Duration::from_nanos),
+            spin: self.xseg_spin_ns.map_or(d.spin, Duration::from_nanos),
+        }
     }
 
     pub fn control(&self) -> PathBuf {

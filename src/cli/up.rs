@@ -16,7 +16,7 @@
 
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,23 +43,32 @@ pub struct UpArgs {
     /// (e.g. 0.0.0.0:9180; port 0 picks a free one, logged at start).
     #[arg(long, env = "ARCHIP_METRICS_ADDR", value_name = "ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Device state file of the CSI Node service (default /run/archip/ublk-devices.json).
+    #[arg(long, env = "ARCHIP_UBLK_STATE")]
+    pub state: Option<PathBuf>,
 }
 
 /// Identity, Controller, GroupController and Node on one router, over this process's peers.
 fn csi_routes(
     inst: &Instance,
+    state: &Option<PathBuf>,
     config: &PeerConfig,
     set: &PeerSet,
 ) -> anyhow::Result<tonic::service::Routes> {
-    let controller =
-        csi::ControllerPlugin::open(set.segment(), &config.node, config.data_dir.clone())
-            .context("opening the CSI controller")?;
+    let mut controller_config = csi::ControllerConfig::new(&config.node, config.data_dir.clone());
+    controller_config.peerset_registry = config.registry.clone();
+    let controller = csi::ControllerPlugin::open_with(set.segment(), controller_config)
+        .context("opening the CSI controller")?;
     let client = Arc::new(VolumeClient::connect(set.segment()).context("connecting to vlmc")?);
     let node = node::csi_node::NodeService::new(
         node::csi_node::NodeOptions {
             node_id: config.node.clone(),
             segment: inst.segment(),
-            table: node::devices::DeviceTable::new(node::devices::DeviceTable::default_path()),
+            table: node::devices::DeviceTable::new(
+                state
+                    .clone()
+                    .unwrap_or_else(node::devices::DeviceTable::default_path),
+            ),
             launcher: node::ublk::Launcher::current_exe(&[super::ublk::SERVE_SUBCOMMAND])?,
             ublk: node::ublk::UblkConfig::default(),
             max_volumes_per_node: 256,
@@ -90,6 +99,7 @@ pub(crate) fn config(inst: &Instance, workers: Option<usize>) -> anyhow::Result<
     if let Some(mode) = inst.segment_mode {
         config.segment_mode = mode;
     }
+    config.registry = Some(inst.peerset_dir());
     if let Some(w) = workers {
         config.workers = w.max(1);
     }
@@ -169,7 +179,7 @@ pub fn up(inst: &Instance, args: &UpArgs) -> anyhow::Result<()> {
     let (csi_stop, csi_stopped) = tokio::sync::watch::channel(false);
     let csi_task = match &args.csi_endpoint {
         Some(endpoint) => {
-            let routes = csi_routes(inst, &config, &set)?;
+            let routes = csi_routes(inst, &args.state, &config, &set)?;
             let endpoint = endpoint.clone();
             let mut stopped = csi_stopped.clone();
             Some(rt.spawn(async move {

@@ -7,7 +7,7 @@ use std::time::Duration;
 pub fn wait(word: &AtomicU32, expected: u32, timeout: Duration) {
     let ts = libc::timespec {
         tv_sec: timeout.as_secs() as libc::time_t,
-        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+        tv_nsec: libc::c_long::from(timeout.subsec_nanos()),
     };
     // SAFETY: the word lives in a MAP_SHARED mapping that outlives the call; FUTEX_WAIT only
     // reads it, and a spurious return (EINTR, EAGAIN, timeout) is harmless to every caller,

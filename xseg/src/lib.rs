@@ -6,6 +6,16 @@
 //! futex word for sleeping. Nothing in the segment is a lock: a peer killed at any instant
 //! leaves nothing held, and its port is recovered automatically ([`Segment::reap`]), failing
 //! back to their senders the requests it was serving.
+//!
+//! - [`segment`]: the shared-memory file and typed access to what lies in it ([`layout`]);
+//! - [`port`]: binding, sending, accepting, replying and waiting ([`WaitPolicy`]);
+//! - [`ring`]: the lock-free request and reply rings of a port; `futex`: sleeping on them;
+//! - [`request`]: a handle on one request slot; [`protocol`]: op codes, flags and payloads;
+//! - [`peer`]: the accept-handle-reply loop of a peer; [`client`]: many requests in flight
+//!   from async code; [`retry`]: retrying a send refused for a moment;
+//! - [`owner`]: process identity that survives pid reuse; `recovery`: failing back what a
+//!   dead peer held; [`stats`]: per-port counters; [`error`]: the typed errors;
+//! - [`bench`]: `archip bench xseg`.
 
 pub mod client;
 pub mod error;

@@ -6,7 +6,7 @@
 //! handlers complete requests later from worker tasks.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering::*};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::*};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
@@ -22,7 +22,7 @@ pub const REAP_INTERVAL: Duration = Duration::from_millis(500);
 
 /// How a port waits for work: spin briefly (a busy pipeline then costs no syscalls), then sleep
 /// on the port's futex.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WaitPolicy {
     /// Pure spinning: long enough to cover a round trip to a peer running on another core.
     pub busy: Duration,
@@ -30,18 +30,41 @@ pub struct WaitPolicy {
     pub spin: Duration,
 }
 
+impl WaitPolicy {
+    /// 2 µs busy, then spinning with yields up to 50 µs: measured in BENCHMARKS.md.
+    pub const DEFAULT: WaitPolicy = WaitPolicy {
+        busy: Duration::from_nanos(DEFAULT_BUSY_NS),
+        spin: Duration::from_nanos(DEFAULT_SPIN_NS),
+    };
+
+    /// Makes `policy` what every port this process binds from now on starts with. A per-node
+    /// tuning belongs to the process, and ports are bound deep inside peers, clients and
+    /// frontends: the entry point (`archip`, from `--xseg-busy-ns`/`--xseg-spin-ns`) sets it
+    /// once rather than threading it through every bind site. [`Port::set_wait_policy`]
+    /// still overrides it per port.
+    pub fn set_process_default(policy: WaitPolicy) {
+        PROCESS_BUSY_NS.store(duration_ns(policy.busy), Relaxed);
+        PROCESS_SPIN_NS.store(duration_ns(policy.spin), Relaxed);
+    }
+}
+
+/// Saturates: a wait of 584 years is as good as forever.
+fn duration_ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+const DEFAULT_BUSY_NS: u64 = 2_000;
+const DEFAULT_SPIN_NS: u64 = 50_000;
+static PROCESS_BUSY_NS: AtomicU64 = AtomicU64::new(DEFAULT_BUSY_NS);
+static PROCESS_SPIN_NS: AtomicU64 = AtomicU64::new(DEFAULT_SPIN_NS);
+
 impl Default for WaitPolicy {
-    /// Tunable per node through `ARCHIP_XSEG_BUSY_NS` and `ARCHIP_XSEG_SPIN_NS`.
+    /// The process default: [`WaitPolicy::DEFAULT`] unless the entry point set another with
+    /// [`WaitPolicy::set_process_default`].
     fn default() -> Self {
-        let env = |name: &str, default: u64| {
-            std::env::var(name)
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .map_or(Duration::from_nanos(default), Duration::from_nanos)
-        };
         WaitPolicy {
-            busy: env("ARCHIP_XSEG_BUSY_NS", 2_000),
-            spin: env("ARCHIP_XSEG_SPIN_NS", 50_000),
+            busy: Duration::from_nanos(PROCESS_BUSY_NS.load(Relaxed)),
+            spin: Duration::from_nanos(PROCESS_SPIN_NS.load(Relaxed)),
         }
     }
 }
@@ -252,7 +275,6 @@ impl Sender {
         // Smallest fitting class first, then larger ones: a large free buffer serves a small
         // request rather than failing it.
         // First fit: recently freed buffers are reused while still in cache.
-        let _ = r;
         for c in classes.iter().filter(|c| c.size >= len) {
             for i in 0..c.count {
                 let b = c.first + i;

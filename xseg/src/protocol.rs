@@ -9,8 +9,7 @@
 //! | payload | layout |
 //! |---|---|
 //! | [`MapReply`] (MAPR/MAPW reply) | `u32 count`, then per extent: `u64 offset_in_object`, `u64 len`, `u32 flags`, `u16 name_len`, name bytes |
-//! | [`NamePayload`] (SNAPSHOT/CLONE source or new name, COPY source, RENAME) | `u16 len`, name bytes, `u64 size` (0 = inherit) |
-//! | [`HashReply`] (HASH reply) | 32 raw SHA-256 bytes |
+//! | [`NamePayload`] (SNAPSHOT/CLONE source or new name, COPY source) | `u16 len`, name bytes, `u64 size` (0 = inherit) |
 //! | INFO reply | `u64 size`, then op-specific bytes |
 //!
 //! Decoders check every length against the buffer and return [`Status::Invalid`] on garbage.
@@ -35,7 +34,6 @@ pub enum Op {
     Delete,
     Resize,
     Copy,
-    Hash,
     Acquire,
     Release,
     List,
@@ -74,7 +72,7 @@ impl Op {
             Op::Delete => 14,
             Op::Resize => 15,
             Op::Copy => 16,
-            Op::Hash => 17,
+            // 17 is not reused: peers of an older build meant another op by it.
             Op::Acquire => 18,
             Op::Release => 19,
             Op::List => 20,
@@ -107,7 +105,6 @@ impl Op {
             14 => Op::Delete,
             15 => Op::Resize,
             16 => Op::Copy,
-            17 => Op::Hash,
             18 => Op::Acquire,
             19 => Op::Release,
             20 => Op::List,
@@ -389,17 +386,6 @@ impl NamePayload {
     }
 }
 
-/// Reply of HASH: the SHA-256 of an object's content.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HashReply(pub [u8; 32]);
-
-impl HashReply {
-    pub fn decode(buf: &[u8]) -> Result<HashReply, Status> {
-        let b = Reader::new(buf).bytes(32)?;
-        Ok(HashReply(b.try_into().unwrap()))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -454,7 +440,6 @@ mod tests {
             let buf: Vec<u8> = (0..n).map(|_| rng.random()).collect();
             let _ = MapReply::decode(&buf);
             let _ = NamePayload::decode(&buf);
-            let _ = HashReply::decode(&buf);
         }
     }
 

@@ -181,7 +181,7 @@ impl Segment {
 
     fn check_and_wrap(path: &Path, map: MmapRaw, len: u64, file: File) -> Result<Arc<Segment>> {
         // SAFETY: the mapping is at least one page long and page-aligned; Header fits in it.
-        let h = unsafe { &*(map.as_ptr() as *const Header) };
+        let h = unsafe { &*map.as_ptr().cast::<Header>() };
         if h.magic.load(Acquire) != MAGIC {
             return Err(Error::BadMagic {
                 path: path.to_owned(),
@@ -249,7 +249,7 @@ impl Segment {
         let base = self.map.as_mut_ptr();
         // SAFETY: the header lies at the start of the mapping, which nobody else uses yet
         // because the magic is written last.
-        let h = unsafe { &mut *(base as *mut Header) };
+        let h = unsafe { &mut *base.cast::<Header>() };
         h.version = LAYOUT_VERSION;
         h.header_size = size_of::<Header>() as u32;
         h.segment_size = l.size;
@@ -341,7 +341,7 @@ impl Segment {
         assert!(p < self.layout.config.nr_ports, "port index unchecked");
         let off = self.layout.ports_off + u64::from(p) * size_of::<PortShm>() as u64;
         // SAFETY: p is in range, so the PortShm lies inside the mapping, aligned by layout.
-        unsafe { &*(self.map.as_ptr().add(off as usize) as *const PortShm) }
+        unsafe { &*self.map.as_ptr().add(off as usize).cast::<PortShm>() }
     }
 
     pub(crate) fn ring(&self, p: u32, kind: RingKind) -> Ring {
@@ -365,14 +365,14 @@ impl Segment {
         );
         let off = self.layout.requests_off + u64::from(r) * size_of::<RequestShm>() as u64;
         // SAFETY: r is in range, so the slot lies inside the mapping.
-        unsafe { &*(self.map.as_ptr().add(off as usize) as *const RequestShm) }
+        unsafe { &*self.map.as_ptr().add(off as usize).cast::<RequestShm>() }
     }
 
     pub(crate) fn buffer_owner(&self, b: u32) -> &AtomicU32 {
         assert!(b < self.layout.total_buffers, "buffer index unchecked");
         let off = self.layout.owners_off + u64::from(b) * 4;
         // SAFETY: b is in range of the owner array inside the mapping.
-        unsafe { &*(self.map.as_ptr().add(off as usize) as *const AtomicU32) }
+        unsafe { &*self.map.as_ptr().add(off as usize).cast::<AtomicU32>() }
     }
 
     /// Start and capacity of buffer `b`.

@@ -22,14 +22,14 @@ fn attach_checks_magic_version_and_sizes() {
     // A different layout version is refused with a clear error.
     let (base, _) = s.seg.raw();
     // SAFETY: the version field is at offset 8 of the header page, inside the mapping.
-    unsafe { std::ptr::write_volatile(base.add(8) as *mut u32, 999) };
+    unsafe { std::ptr::write_volatile(base.add(8).cast::<u32>(), 999) };
     match Segment::attach(&s.path) {
         Err(Error::LayoutVersion { found: 999, .. }) => {}
         Err(e) => panic!("unexpected error {e}"),
         Ok(_) => panic!("attached a segment of another layout"),
     }
     // SAFETY: as above.
-    unsafe { std::ptr::write_volatile(base as *mut u64, 0) };
+    unsafe { std::ptr::write_volatile(base.cast::<u64>(), 0) };
     assert!(matches!(
         Segment::attach(&s.path),
         Err(Error::BadMagic { .. })

@@ -302,8 +302,8 @@ impl Core {
                     s.block_size
                 )));
             }
-            (Some(s), _) => s.block_size as u64,
-            (None, Some(b)) => b as u64,
+            (Some(s), _) => u64::from(s.block_size),
+            (None, Some(b)) => u64::from(b),
             (None, None) => DEFAULT_BLOCK_SIZE,
         };
         let floor = source_info.as_ref().map_or(0, |s| s.size);
@@ -461,7 +461,7 @@ impl Core {
         let id = req.volume_id.as_str();
         let _busy = self.inflight.begin(&[id])?;
         let info = self.existing(id, VolumeKind::Volume, "volume").await?;
-        let block = info.block_size as u64;
+        let block = u64::from(info.block_size);
         let size = capacity(Some(range), block, 0, 0)?;
         let info = if size <= info.size {
             info

@@ -7,6 +7,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use node::devices::{DeviceTable, Target};
@@ -23,6 +24,12 @@ struct Cli {
     /// Device state file.
     #[arg(long, env = "ARCHIP_UBLK_STATE", global = true)]
     state: Option<PathBuf>,
+    /// How long a port spins before it yields (nanoseconds).
+    #[arg(long, env = "ARCHIP_XSEG_BUSY_NS", global = true)]
+    xseg_busy_ns: Option<u64>,
+    /// How long a port spins with sched_yield before it sleeps (nanoseconds).
+    #[arg(long, env = "ARCHIP_XSEG_SPIN_NS", global = true)]
+    xseg_spin_ns: Option<u64>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -306,6 +313,11 @@ fn run(cli: Cli) -> Res<ExitCode> {
 fn main() -> ExitCode {
     tracing_init();
     let cli = Cli::parse();
+    let d = xseg::WaitPolicy::DEFAULT;
+    xseg::WaitPolicy::set_process_default(xseg::WaitPolicy {
+        busy: cli.xseg_busy_ns.map_or(d.busy, Duration::from_nanos),
+        spin: cli.xseg_spin_ns.map_or(d.spin, Duration::from_nanos),
+    });
     match run(cli) {
         Ok(c) => c,
         Err(e) => {

@@ -96,8 +96,9 @@ pub(super) fn stats(
             };
         }
         let p = cstr(path)?;
-        // SAFETY: statvfs fills the zeroed struct; the path is NUL-terminated.
+        // SAFETY: statvfs is plain old data, for which all-zero bytes are a valid value.
         let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: the path is NUL-terminated and outlives the call; statvfs writes only `s`.
         if unsafe { libc::statvfs(p.as_ptr(), &mut s) } != 0 {
             return Err(io_err(format!("statvfs {}", path.display()))(
                 std::io::Error::last_os_error(),

@@ -411,15 +411,15 @@ pub fn bench(o: BenchOptions) -> Result<String, NbdError> {
         }));
     }
     let geomean = (log_sum / phases.len() as f64).exp();
-    let env = |k: &str| std::env::var(k).ok();
+    let wait = xseg::WaitPolicy::default();
     let report = serde_json::json!({
         "benchmark": "nbd",
         "what": "qemu-img bench over NBD (unix socket): archip export of a fresh clone volume vs qemu-nbd serving a fresh qcow2 overlay on a raw base; median of rounds",
         "qemu": qemu_version,
         "cpus": cpus,
         "peer_workers": peer_workers,
-        "xseg_spin_ns": env("ARCHIP_XSEG_SPIN_NS"),
-        "xseg_busy_ns": env("ARCHIP_XSEG_BUSY_NS"),
+        "xseg_spin_ns": wait.spin.as_nanos(),
+        "xseg_busy_ns": wait.busy.as_nanos(),
         "image_bytes": o.size,
         "requests": o.count,
         "depth": o.depth,

@@ -325,7 +325,7 @@ pub fn resize(table: &DeviceTable, target: &Target, new_size: u64) -> Result<u64
     let rec = table
         .find(target)?
         .ok_or_else(|| UblkError::NotMapped(target.to_string()))?;
-    if !has(features()?, sys::UBLK_F_UPDATE_SIZE as u64) {
+    if !has(features()?, u64::from(sys::UBLK_F_UPDATE_SIZE)) {
         return Err(UblkError::Unsupported(
             "online resize (UBLK_F_UPDATE_SIZE, Linux 6.16+)",
         ));

@@ -70,7 +70,7 @@ mod tests {
                 "ZONED"
             ]
         );
-        assert_eq!(1u64 << 10, sys::UBLK_F_UPDATE_SIZE as u64);
+        assert_eq!(1u64 << 10, u64::from(sys::UBLK_F_UPDATE_SIZE));
         assert_eq!(1u64 << 7, u64::from(sys::UBLK_F_USER_COPY));
     }
 }

@@ -277,7 +277,7 @@ pub fn serve(
                 u64::from(sys::UBLK_F_USER_RECOVERY),
                 u64::from(sys::UBLK_F_USER_RECOVERY_REISSUE),
                 // Only records the intent (the driver does not check it), harmless elsewhere.
-                sys::UBLK_F_UPDATE_SIZE as u64,
+                u64::from(sys::UBLK_F_UPDATE_SIZE),
             ] {
                 if has(features, f) {
                     flags |= f;

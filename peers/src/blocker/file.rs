@@ -122,7 +122,7 @@ fn is_not_found(e: &io::Error) -> bool {
 }
 
 fn shard(name: &ObjectName) -> u64 {
-    crc32c::crc32c(name.as_str().as_bytes()) as u64 % FLOCK_SHARDS
+    u64::from(crc32c::crc32c(name.as_str().as_bytes())) % FLOCK_SHARDS
 }
 
 /// The identity of an object directory: device and inode, which survive different mount paths
@@ -1215,7 +1215,7 @@ mod tests {
         }
         let mut winners = 0;
         for t in tasks {
-            winners += t.await.unwrap() as usize;
+            winners += usize::from(t.await.unwrap());
         }
         assert_eq!(winners, 1);
     }

@@ -124,7 +124,7 @@ async fn serve(blocker: &dyn Blocker, req: &mut Request) -> Result<(), Failure> 
         Op::Delete => {
             let name = object(req)?;
             let existed = blocker.delete(&name).await.map_err(Failure::from)?;
-            req.complete(existed as u64);
+            req.complete(u64::from(existed));
         }
         Op::Copy => {
             let dst = object(req)?;

@@ -31,9 +31,9 @@ impl MapEntry {
                     (1..=Self::MAX_EPOCH).contains(&epoch),
                     "epoch {epoch} out of range"
                 );
-                1 | (origin as u64) << 2 | epoch << 18
+                1 | u64::from(origin) << 2 | epoch << 18
             }
-            MapEntry::Content { slot } => 2 | (slot as u64) << 2,
+            MapEntry::Content { slot } => 2 | u64::from(slot) << 2,
         }
     }
 

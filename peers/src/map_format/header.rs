@@ -82,17 +82,17 @@ impl MapHeader {
     }
 
     pub fn block_count(&self) -> u64 {
-        self.size.div_ceil(self.block_size as u64)
+        self.size.div_ceil(u64::from(self.block_size))
     }
 
     pub fn page_count(&self) -> u32 {
-        self.block_count().div_ceil(self.page_entries as u64) as u32
+        self.block_count().div_ceil(u64::from(self.page_entries)) as u32
     }
 
     /// Bytes of volume covered by `block` (the last block may be short).
     pub fn block_len(&self, block: u64) -> u64 {
-        let start = block * self.block_size as u64;
-        (self.size - start).min(self.block_size as u64)
+        let start = block * u64::from(self.block_size);
+        (self.size - start).min(u64::from(self.block_size))
     }
 
     /// Check every rule a header must satisfy; used before writing and after reading.

@@ -88,13 +88,13 @@ impl Mapper {
             });
         }
         let mut report = DedupReport::default();
-        let pe = map.header.page_entries as u64;
+        let pe = u64::from(map.header.page_entries);
         let mut buf = vec![0u8; map.header.block_size as usize];
         let mut converted_pages = BTreeMap::new();
         for p in 0..map.pages.len() as u32 {
             let mut page = map.pages[p as usize].page.clone();
             let mut changed = false;
-            let first = p as u64 * pe;
+            let first = u64::from(p) * pe;
             for i in 0..page.len() {
                 let block = first + i as u64;
                 if block >= map.block_count() || map.state(block) != BlockState::Shared {
@@ -163,7 +163,12 @@ impl Mapper {
         let (uuid, bs, pe, size) = {
             let map = vol.map();
             let h = &map.header;
-            (h.uuid, h.block_size as u64, h.page_entries as u64, h.size)
+            (
+                h.uuid,
+                u64::from(h.block_size),
+                u64::from(h.page_entries),
+                h.size,
+            )
         };
         let length = data.len() as u64;
         let end =

@@ -69,7 +69,7 @@ pub struct DiscardOutcome {
 }
 
 fn pieces(map: &VolumeMap, offset: u64, length: u64) -> Vec<Piece> {
-    block_range::split(offset, length, map.header.block_size as u64)
+    block_range::split(offset, length, u64::from(map.header.block_size))
 }
 
 /// Whether `p` covers its whole block, so a write of it needs no copy of the old data.
@@ -238,7 +238,7 @@ impl Mapper {
                 }
             }
         }
-        let page_entries = vol.map().header.page_entries as u64;
+        let page_entries = u64::from(vol.map().header.page_entries);
         for (piece, _, _, _, _) in &todo {
             let p = (piece.block / page_entries) as u32;
             let i = (piece.block % page_entries) as usize;

@@ -52,7 +52,7 @@ fn check_size(volume: &VolumeName, size: u64, block_size: u32) -> Result<(), Map
     if size % 512 != 0 {
         return bad("must be a multiple of 512");
     }
-    if size.div_ceil(block_size as u64) > MAX_BLOCKS {
+    if size.div_ceil(u64::from(block_size)) > MAX_BLOCKS {
         return bad("too many blocks for the block size");
     }
     Ok(())

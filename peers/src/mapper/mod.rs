@@ -667,8 +667,8 @@ impl Mapper {
         if block >= map.block_count() {
             return Err(MapperError::OutOfRange {
                 volume: name.to_string(),
-                offset: block * map.header.block_size as u64,
-                length: map.header.block_size as u64,
+                offset: block * u64::from(map.header.block_size),
+                length: u64::from(map.header.block_size),
                 size: map.header.size,
             });
         }

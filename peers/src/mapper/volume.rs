@@ -287,7 +287,7 @@ impl VolumeMap {
             h.name
         );
         assert!(
-            (self.pages.len() as u64) * (h.page_entries as u64) >= h.block_count(),
+            (self.pages.len() as u64) * u64::from(h.page_entries) >= h.block_count(),
             "{}: entries do not cover the volume",
             h.name
         );
@@ -298,7 +298,7 @@ impl VolumeMap {
     }
 
     fn locate(&self, block: u64) -> (usize, usize) {
-        let pe = self.header.page_entries as u64;
+        let pe = u64::from(self.header.page_entries);
         ((block / pe) as usize, (block % pe) as usize)
     }
 
@@ -537,7 +537,7 @@ pub(crate) async fn write_page(
 
 /// Checks of a page that need its header.
 fn check_page(header: &MapHeader, p: u32, page: &MapPage) -> Result<(), MapFormatError> {
-    let first = p as u64 * header.page_entries as u64;
+    let first = u64::from(p) * u64::from(header.page_entries);
     for i in 0..page.len() {
         let block = first + i as u64;
         match page.get(i) {
