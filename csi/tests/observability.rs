@@ -89,7 +89,7 @@ async fn metrics_count_volume_io_scraped_over_http() {
     );
     assert_eq!(
         value(&text, &series("archip_volume_io_bytes_total", "write")),
-        (3 * 4096 + 512) as f64
+        f64::from(3 * 4096 + 512)
     );
     assert_eq!(
         value(&text, &series("archip_volume_io_bytes_total", "read")),
