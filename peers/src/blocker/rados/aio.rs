@@ -23,6 +23,31 @@ unsafe extern "C" {
         client_address: *mut libc::c_char,
         expire_seconds: u32,
     ) -> libc::c_int;
+    // Declared here because the crate's `Struct_rados_pool_stat_t` lacks the four compression
+    // fields librados 16 writes: passing it smashes the stack.
+    fn rados_ioctx_pool_stat(io: rados_ioctx_t, stats: *mut PoolStat) -> libc::c_int;
+}
+
+/// `struct rados_pool_stat_t` as librados 16 defines it.
+#[repr(C)]
+#[derive(Default)]
+struct PoolStat {
+    num_bytes: u64,
+    num_kb: u64,
+    num_objects: u64,
+    num_object_clones: u64,
+    num_object_copies: u64,
+    num_objects_missing_on_primary: u64,
+    num_objects_unfound: u64,
+    num_objects_degraded: u64,
+    num_rd: u64,
+    num_rd_kb: u64,
+    num_wr: u64,
+    num_wr_kb: u64,
+    num_user_bytes: u64,
+    compressed_bytes_orig: u64,
+    compressed_bytes: u64,
+    compressed_bytes_alloc: u64,
 }
 
 /// Let a full pool answer ENOSPC/EDQUOT instead of parking the write until space appears.
@@ -204,9 +229,9 @@ impl Io {
 
     /// Bytes the pool holds (all namespaces).
     pub(super) fn pool_used(&self) -> Result<u64, i32> {
-        let mut st = rados::Struct_rados_pool_stat_t::default();
-        // SAFETY: valid ioctx and out-struct.
-        let rc = unsafe { rados::rados_ioctx_pool_stat(self.raw, &mut st) };
+        let mut st = PoolStat::default();
+        // SAFETY: valid ioctx and an out-struct with librados 16's full layout.
+        let rc = unsafe { rados_ioctx_pool_stat(self.raw, &mut st) };
         if rc < 0 { Err(rc) } else { Ok(st.num_bytes) }
     }
 
