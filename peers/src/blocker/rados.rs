@@ -225,7 +225,16 @@ impl RadosBlocker {
         let cluster = Arc::new(cluster);
         let fsid = cluster.fsid().map_err(|rc| fail(&what, rc))?;
         let address = cluster.address().map_err(|rc| fail(&what, rc))?;
-        let io = Io::open(cluster, pool, namespace).map_err(|rc| fail(&what, rc))?;
+        let io = match Io::open(cluster.clone(), pool, namespace) {
+            // A pool created moments ago may be missing from the map this client got at
+            // connect time: look again at the latest map before calling it missing.
+            Err(rc) if rc == -libc::ENOENT => {
+                blocking(|| cluster.wait_for_latest_map()).map_err(|rc| fail(&what, rc))?;
+                Io::open(cluster, pool, namespace)
+            }
+            other => other,
+        }
+        .map_err(|rc| fail(&what, rc))?;
         Ok(RadosBlocker {
             io,
             pool: pool.to_owned(),

@@ -150,6 +150,12 @@ impl Cluster {
         if rc < 0 {
             return Err(rc);
         }
+        self.wait_for_latest_map()
+    }
+
+    /// Fetch the newest OSD map, so later operations see every pool and blocklist entry that
+    /// the monitors had committed before this call.
+    pub(super) fn wait_for_latest_map(&self) -> Result<(), i32> {
         // SAFETY: a connected handle.
         let rc = unsafe { rados::rados_wait_for_latest_osdmap(self.0) };
         if rc < 0 { Err(rc) } else { Ok(()) }
