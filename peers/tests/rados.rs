@@ -123,7 +123,10 @@ async fn a_full_pool_is_no_space() {
     ceph(&["osd", "pool", "set-quota", &pool, "max_bytes", "1048576"]);
     let b = RadosBlocker::connect(&connect, &pool, "ns").unwrap();
     let capacity = b.capacity().await.unwrap();
-    assert!(capacity.total <= 1048576, "the quota bounds capacity: {capacity:?}");
+    assert!(
+        capacity.total <= 1048576,
+        "the quota bounds capacity: {capacity:?}"
+    );
 
     // Past the quota in new objects (an overwrite of the same size does not grow the pool, so
     // the OSD lets it through even when full), then keep adding small objects until the

@@ -90,7 +90,9 @@ pub enum BlockerError {
     #[error("no space left writing {object}: the pool is full or over its quota")]
     NoSpace { object: String },
     /// This client was fenced off the cluster: another node broke a lock it held.
-    #[error("fenced off the cluster (blocklisted) while accessing {object}: another node broke our lock")]
+    #[error(
+        "fenced off the cluster (blocklisted) while accessing {object}: another node broke our lock"
+    )]
     Blocklisted { object: String },
     /// The cluster did not answer within the configured operation timeout.
     #[error("timed out waiting for the cluster on {object}")]

@@ -285,9 +285,7 @@ impl RadosBlocker {
         let name = cname(oid);
         let aio = submit(Box::new((0u64, 0 as libc::time_t)), |c, out| {
             // SAFETY: `out` lives in the completion's state until the callback ran.
-            unsafe {
-                rados::rados_aio_stat(self.io.raw, name.as_ptr(), c, &mut out.0, &mut out.1)
-            }
+            unsafe { rados::rados_aio_stat(self.io.raw, name.as_ptr(), c, &mut out.0, &mut out.1) }
         })
         .map_err(|rc| fail(oid, rc))?;
         let done = aio.await;
@@ -854,11 +852,23 @@ mod tests {
 
     #[test]
     fn errnos_become_typed_errors() {
-        assert!(matches!(fail("o", -libc::ENOENT), BlockerError::NotFound { .. }));
-        assert!(matches!(fail("o", -libc::ENOSPC), BlockerError::NoSpace { .. }));
-        assert!(matches!(fail("o", -libc::EDQUOT), BlockerError::NoSpace { .. }));
+        assert!(matches!(
+            fail("o", -libc::ENOENT),
+            BlockerError::NotFound { .. }
+        ));
+        assert!(matches!(
+            fail("o", -libc::ENOSPC),
+            BlockerError::NoSpace { .. }
+        ));
+        assert!(matches!(
+            fail("o", -libc::EDQUOT),
+            BlockerError::NoSpace { .. }
+        ));
         assert!(matches!(fail("o", -108), BlockerError::Blocklisted { .. }));
-        assert!(matches!(fail("o", -libc::ETIMEDOUT), BlockerError::TimedOut { .. }));
+        assert!(matches!(
+            fail("o", -libc::ETIMEDOUT),
+            BlockerError::TimedOut { .. }
+        ));
         assert!(matches!(fail("o", -libc::EIO), BlockerError::Io { .. }));
     }
 }

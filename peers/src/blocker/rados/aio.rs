@@ -116,7 +116,8 @@ impl Cluster {
     pub(super) fn fsid(&self) -> Result<String, i32> {
         let mut buf = [0u8; 64];
         // SAFETY: `buf` is writable for its length; librados NUL-terminates what it writes.
-        let rc = unsafe { rados::rados_cluster_fsid(self.0, buf.as_mut_ptr() as *mut _, buf.len()) };
+        let rc =
+            unsafe { rados::rados_cluster_fsid(self.0, buf.as_mut_ptr() as *mut _, buf.len()) };
         if rc < 0 {
             return Err(rc);
         }
@@ -339,9 +340,8 @@ pub(super) fn submit<K: Send + 'static>(
     let arg = Arc::into_raw(shared.clone()) as *mut c_void;
     let mut c: rados_completion_t = std::ptr::null_mut();
     // SAFETY: `arg` stays valid until the callback reclaims it; `c` is a valid out-pointer.
-    let rc = unsafe {
-        rados::rados_aio_create_completion(arg, Some(on_complete::<K>), None, &mut c)
-    };
+    let rc =
+        unsafe { rados::rados_aio_create_completion(arg, Some(on_complete::<K>), None, &mut c) };
     if rc < 0 {
         // SAFETY: no callback will run, so the leaked reference is ours to reclaim.
         drop(unsafe { Arc::from_raw(arg as *const Mutex<Shared<K>>) });
