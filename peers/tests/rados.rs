@@ -121,7 +121,18 @@ async fn a_full_pool_is_no_space() {
     let pool = format!("archip-full-{}", std::process::id());
     ceph(&["osd", "pool", "create", &pool, "8", "8", "replicated"]);
     ceph(&["osd", "pool", "set-quota", &pool, "max_bytes", "1048576"]);
-    let b = RadosBlocker::connect(&connect, &pool, "ns").unwrap();
+    // A new pool reaches a fresh client's OSD map with a lag even after the monitors
+    // committed it (seen in CI): poll for it, bounded, instead of failing on the race.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let b = loop {
+        match RadosBlocker::connect(&connect, &pool, "ns") {
+            Ok(b) => break b,
+            Err(BlockerError::NotFound { .. }) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
     let capacity = b.capacity().await.unwrap();
     assert!(
         capacity.total <= 1048576,
