@@ -21,6 +21,7 @@ COPY csi/ csi/
 COPY node/ node/
 COPY src/ src/
 COPY tests/ tests/
+COPY e2e/cluster/ e2e/cluster/
 COPY e2e/setup.sh e2e/setup.sh
 COPY e2e/k8s/build-release.sh e2e/k8s/build-release.sh
 RUN ARCHIP_FEATURES="$FEATURES" e2e/k8s/build-release.sh \

@@ -33,19 +33,28 @@ use crate::blocker::{BackendId, Blocker, BlockerError, FileBlocker, file};
 pub enum BackendKind {
     /// One file per object in a directory (node-local, or a filesystem every node mounts).
     File,
+    /// One RADOS object per object in a Ceph pool and namespace (the `rados` feature).
+    Rados,
 }
 
 /// Backends this build knows of but was built without, with the cargo feature each needs: a
 /// user who asks for one learns how to get it, not that it does not exist.
+#[cfg(not(feature = "rados"))]
 const NEEDS_FEATURE: &[(&str, &str)] = &[("rados", "rados")];
+#[cfg(feature = "rados")]
+const NEEDS_FEATURE: &[(&str, &str)] = &[];
 
 impl BackendKind {
     /// Every kind this build serves.
+    #[cfg(not(feature = "rados"))]
     pub const ALL: &'static [BackendKind] = &[BackendKind::File];
+    #[cfg(feature = "rados")]
+    pub const ALL: &'static [BackendKind] = &[BackendKind::File, BackendKind::Rados];
 
     pub fn name(self) -> &'static str {
         match self {
             BackendKind::File => "file",
+            BackendKind::Rados => "rados",
         }
     }
 
@@ -116,6 +125,114 @@ pub const RECORDS_SUBDIR: &str = "csi";
 pub enum BackendConfig {
     /// The file backend rooted at `dir` (the data directory): see [`Store::subdir`].
     File { dir: PathBuf },
+    /// A RADOS pool and namespace: see [`RadosConfig`].
+    Rados(RadosConfig),
+}
+
+/// Where a RADOS backend lives and how to log in. It never holds a secret: the key comes from
+/// a keyring file or an environment variable named here, so logging or rendering this value
+/// (the derived `Debug`, the text form) cannot leak it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct RadosConfig {
+    pub pool: String,
+    /// The namespace of [`Store::Objects`]; [`Store::Records`] uses `<namespace>.csi`.
+    pub namespace: String,
+    /// A ceph.conf to read (`conf=`), or none when `monitors` say where the cluster is.
+    pub conf: Option<PathBuf>,
+    /// Monitor addresses (`mon=HOST;HOST`).
+    pub monitors: Vec<String>,
+    /// The cephx client id, without `client.` (`id=`, default `admin`).
+    pub client: String,
+    /// A keyring file (`keyring=`).
+    pub keyring: Option<PathBuf>,
+    /// The environment variable holding the cephx key (`key-env=`).
+    pub key_env: Option<String>,
+}
+
+impl RadosConfig {
+    /// The namespace a store lives in: stores never share object names.
+    pub fn namespace_of(&self, store: Store) -> String {
+        match store {
+            Store::Objects => self.namespace.clone(),
+            Store::Records => format!("{}.csi", self.namespace),
+        }
+    }
+
+    fn parse(args: &str) -> Result<Self, String> {
+        let mut c = RadosConfig {
+            pool: String::new(),
+            namespace: "archip".into(),
+            conf: None,
+            monitors: Vec::new(),
+            client: "admin".into(),
+            keyring: None,
+            key_env: None,
+        };
+        for pair in args.split(',').filter(|p| !p.is_empty()) {
+            let (key, value) = pair
+                .split_once('=')
+                .ok_or_else(|| format!("expected KEY=VALUE, got {pair:?}"))?;
+            if value.is_empty() || value.contains('\0') {
+                return Err(format!("{key} needs a value without NUL"));
+            }
+            match key {
+                "pool" => c.pool = value.into(),
+                "namespace" => c.namespace = value.into(),
+                "conf" | "keyring" if !Path::new(value).is_absolute() => {
+                    return Err(format!("{key} must be an absolute path"));
+                }
+                "conf" => c.conf = Some(value.into()),
+                "keyring" => c.keyring = Some(value.into()),
+                "mon" => c.monitors = value.split(';').map(str::to_owned).collect(),
+                "id" | "client" => c.client = value.into(),
+                "key-env" => c.key_env = Some(value.into()),
+                "key" => return Err("never put the key itself in a backend description: use key-env=VAR or keyring=PATH".into()),
+                other => return Err(format!("unknown setting {other:?}")),
+            }
+        }
+        if c.pool.is_empty() {
+            return Err("the rados backend needs a pool: rados:pool=NAME,...".into());
+        }
+        if c.conf.is_none() && c.monitors.is_empty() {
+            return Err("the rados backend needs conf=PATH or mon=HOST[;HOST]".into());
+        }
+        if c.keyring.is_some() && c.key_env.is_some() {
+            return Err("keyring and key-env are alternatives: give one".into());
+        }
+        Ok(c)
+    }
+
+    #[cfg(feature = "rados")]
+    fn connect(&self) -> crate::blocker::rados::Connect {
+        crate::blocker::rados::Connect {
+            conf: self.conf.clone(),
+            monitors: self.monitors.clone(),
+            client: self.client.clone(),
+            keyring: self.keyring.clone(),
+            key_env: self.key_env.clone(),
+            timeout: crate::blocker::rados::DEFAULT_TIMEOUT,
+        }
+    }
+}
+
+impl fmt::Display for RadosConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "rados:pool={},namespace={}", self.pool, self.namespace)?;
+        if let Some(conf) = &self.conf {
+            write!(f, ",conf={}", conf.display())?;
+        }
+        if !self.monitors.is_empty() {
+            write!(f, ",mon={}", self.monitors.join(";"))?;
+        }
+        write!(f, ",id={}", self.client)?;
+        if let Some(k) = &self.keyring {
+            write!(f, ",keyring={}", k.display())?;
+        }
+        if let Some(v) = &self.key_env {
+            write!(f, ",key-env={v}")?;
+        }
+        Ok(())
+    }
 }
 
 /// What can go wrong describing or opening a backend.
@@ -153,6 +270,7 @@ impl BackendConfig {
     pub fn kind(&self) -> BackendKind {
         match self {
             BackendConfig::File { .. } => BackendKind::File,
+            BackendConfig::Rados(_) => BackendKind::Rados,
         }
     }
 
@@ -185,6 +303,9 @@ impl BackendConfig {
                 }
                 Ok(BackendConfig::file(dir))
             }
+            BackendKind::Rados => RadosConfig::parse(args.unwrap_or(""))
+                .map(BackendConfig::Rados)
+                .map_err(|reason| invalid(&reason)),
         }
     }
 
@@ -200,6 +321,24 @@ impl BackendConfig {
                 })?;
                 Ok(Arc::new(blocker))
             }
+            #[cfg(feature = "rados")]
+            BackendConfig::Rados(c) => {
+                let blocker = crate::blocker::RadosBlocker::connect(
+                    &c.connect(),
+                    &c.pool,
+                    &c.namespace_of(store),
+                )
+                .map_err(|source| BackendError::Open {
+                    backend: self.to_string(),
+                    source,
+                })?;
+                Ok(Arc::new(blocker))
+            }
+            #[cfg(not(feature = "rados"))]
+            BackendConfig::Rados(_) => Err(BackendError::NeedsFeature {
+                kind: "rados",
+                feature: "rados",
+            }),
         }
     }
 
@@ -216,6 +355,9 @@ impl BackendConfig {
                     }
                 })
             }
+            // The identity is the cluster's fsid, which only the cluster knows: connect (which
+            // creates nothing) and ask.
+            BackendConfig::Rados(_) => self.open(Store::Objects).map(|b| b.identity()),
         }
     }
 
@@ -224,6 +366,9 @@ impl BackendConfig {
         match self {
             BackendConfig::File { dir } => {
                 format!("file:{}", dir.join(store.subdir()).display())
+            }
+            BackendConfig::Rados(c) => {
+                format!("rados:pool={},namespace={}", c.pool, c.namespace_of(store))
             }
         }
     }
@@ -234,6 +379,7 @@ impl fmt::Display for BackendConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             BackendConfig::File { dir } => write!(f, "file:{}", dir.display()),
+            BackendConfig::Rados(c) => c.fmt(f),
         }
     }
 }
@@ -252,9 +398,14 @@ mod tests {
     #[test]
     fn kinds() {
         assert_eq!(BackendKind::parse("file").unwrap(), BackendKind::File);
-        let e = BackendKind::parse("rados").unwrap_err();
-        assert!(matches!(e, BackendError::NeedsFeature { .. }), "{e}");
-        assert!(e.to_string().contains("feature \"rados\""), "{e}");
+        #[cfg(not(feature = "rados"))]
+        {
+            let e = BackendKind::parse("rados").unwrap_err();
+            assert!(matches!(e, BackendError::NeedsFeature { .. }), "{e}");
+            assert!(e.to_string().contains("feature \"rados\""), "{e}");
+        }
+        #[cfg(feature = "rados")]
+        assert_eq!(BackendKind::parse("rados").unwrap(), BackendKind::Rados);
         for bad in ["", "File", "nfs", "file "] {
             let e = BackendKind::parse(bad).unwrap_err();
             assert!(
@@ -297,7 +448,18 @@ mod tests {
             ("file:data", "must be absolute"),
             ("file:/a\0b", "NUL"),
             ("nfs:/x", "unknown backend \"nfs\""),
+            #[cfg(not(feature = "rados"))]
             ("rados:pool=rbd", "cargo feature \"rados\""),
+            #[cfg(feature = "rados")]
+            ("rados:pool=rbd", "needs conf=PATH or mon="),
+            #[cfg(feature = "rados")]
+            ("rados:conf=/c", "needs a pool"),
+            #[cfg(feature = "rados")]
+            ("rados:pool=p,conf=/c,key=AQBsecret", "never put the key"),
+            #[cfg(feature = "rados")]
+            ("rados:pool=p,conf=c", "absolute"),
+            #[cfg(feature = "rados")]
+            ("rados:pool=p,conf=/c,colour=red", "unknown setting"),
         ] {
             let e = BackendConfig::parse(text).unwrap_err().to_string();
             assert!(e.contains(says), "{text:?}: {e}");
@@ -318,6 +480,28 @@ mod tests {
         assert_eq!(
             b.open(Store::Objects).unwrap().identity(),
             objects.identity()
+        );
+    }
+
+    #[cfg(feature = "rados")]
+    #[test]
+    fn rados_parse_and_render_round_trip() {
+        for text in [
+            "rados:pool=archip,namespace=ns,conf=/etc/ceph/ceph.conf,id=admin,keyring=/k",
+            "rados:pool=p,namespace=archip,mon=10.0.0.1:6789;10.0.0.2,id=csi,key-env=CEPH_KEY",
+        ] {
+            let b = BackendConfig::parse(text).unwrap();
+            assert_eq!(b.kind(), BackendKind::Rados);
+            assert_eq!(b.to_string(), text);
+        }
+        let b = BackendConfig::parse("rados:pool=p,conf=/c").unwrap();
+        assert_eq!(
+            b.to_string(),
+            "rados:pool=p,namespace=archip,conf=/c,id=admin"
+        );
+        assert_eq!(
+            b.location(Store::Records),
+            "rados:pool=p,namespace=archip.csi"
         );
     }
 }

@@ -28,9 +28,13 @@ pub mod faulty;
 pub mod file;
 pub mod memory;
 pub mod peer;
+#[cfg(feature = "rados")]
+pub mod rados;
 
 pub use file::FileBlocker;
 pub use memory::MemoryBlocker;
+#[cfg(feature = "rados")]
+pub use rados::RadosBlocker;
 
 /// Longest object name accepted. RADOS allows far more, but a bound keeps every backend (and the
 /// file blocker's `NAME_MAX` of 255 with its internal suffixes) safe.
@@ -84,6 +88,17 @@ pub enum BlockerError {
         #[source]
         source: io::Error,
     },
+    /// The pool is full or over its quota (RADOS ENOSPC/EDQUOT).
+    #[error("no space left writing {object}: the pool is full or over its quota")]
+    NoSpace { object: String },
+    /// This client was fenced off the cluster: another node broke a lock it held.
+    #[error(
+        "fenced off the cluster (blocklisted) while accessing {object}: another node broke our lock"
+    )]
+    Blocklisted { object: String },
+    /// The cluster did not answer within the configured operation timeout.
+    #[error("timed out waiting for the cluster on {object}")]
+    TimedOut { object: String },
 }
 
 impl BlockerError {

@@ -53,13 +53,17 @@ pub fn status_of(e: &BlockerError) -> Status {
         BlockerError::InvalidName { .. } | BlockerError::InvalidOwner { .. } => Status::Invalid,
         BlockerError::InvalidRange { .. } => Status::Range,
         BlockerError::Locked { .. } | BlockerError::VersionMismatch { .. } => Status::Busy,
-        BlockerError::Fenced { .. } => Status::Stale,
+        // A blocklisted client is a fenced one: its lock was broken and taken over.
+        BlockerError::Fenced { .. } | BlockerError::Blocklisted { .. } => Status::Stale,
+        BlockerError::NoSpace { .. } => Status::NoSpace,
         BlockerError::Io { source, .. }
             if matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) =>
         {
             Status::NoSpace
         }
-        BlockerError::Corrupt { .. } | BlockerError::Io { .. } => Status::Io,
+        BlockerError::Corrupt { .. } | BlockerError::Io { .. } | BlockerError::TimedOut { .. } => {
+            Status::Io
+        }
     }
 }
 
