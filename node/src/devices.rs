@@ -72,7 +72,11 @@ impl DeviceRecord {
 
     /// Whether the recorded server process is still the one running.
     pub fn server_alive(&self) -> bool {
-        process_start_time(self.pid) == Some(self.pid_start)
+        xseg::owner::ProcessId {
+            pid: self.pid,
+            start: self.pid_start,
+        }
+        .is_alive()
     }
 
     /// Whether `target` names this device: `/dev/ublkbN`, `ublkbN`, `N`, or the volume name.
@@ -89,15 +93,6 @@ pub fn parse_device(target: &str) -> Option<u32> {
         return None;
     }
     t.parse().ok()
-}
-
-/// Start time of a process (field 22 of /proc/PID/stat), or None when it does not exist.
-pub fn process_start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may contain spaces and parentheses: skip past its last ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    // Fields after the name start at field 3; starttime is field 22.
-    rest.split_whitespace().nth(19)?.parse().ok()
 }
 
 #[derive(Default, Serialize, Deserialize)]
