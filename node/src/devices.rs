@@ -11,7 +11,6 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -144,17 +143,8 @@ impl DeviceTable {
             .write(true)
             .open(&lock_path)
             .map_err(|e| self.io_err(e))?;
-        loop {
-            // SAFETY: flock on a descriptor we own; no memory is passed.
-            let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
-            if r == 0 {
-                return Ok(f);
-            }
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(self.io_err(e));
-            }
-        }
+        peers::flock::lock(&f, peers::flock::LockMode::Exclusive).map_err(|e| self.io_err(e))?;
+        Ok(f)
     }
 
     fn read_doc(&self) -> Result<StateDoc, DevicesError> {
@@ -263,7 +253,7 @@ mod tests {
             volume: vol.into(),
             segment: "/dev/shm/seg".into(),
             pid: std::process::id(),
-            pid_start: process_start_time(std::process::id()).unwrap(),
+            pid_start: xseg::owner::start_time(std::process::id()).unwrap(),
             queues: 2,
             depth: 64,
             logical_block_size: 512,

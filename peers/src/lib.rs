@@ -11,6 +11,8 @@ pub mod blocker;
 pub mod client;
 pub mod failure;
 pub mod fence;
+pub mod flock;
+pub mod fs_stats;
 pub mod map_format;
 pub mod mapper;
 pub mod peerset;
