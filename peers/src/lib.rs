@@ -17,6 +17,7 @@ pub mod map_format;
 pub mod mapper;
 pub mod peerset;
 pub mod registry;
+pub mod size;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub(crate) mod throttle;
