@@ -270,13 +270,16 @@ mod tests {
             let e = MutableParams::parse(&map(&[("qosBandwidth", bad)])).unwrap_err();
             assert_eq!(e.code(), tonic::Code::InvalidArgument, "{bad:?}");
         }
-        assert!(MutableParams::parse(&map(&[("qosIops", "1K")])).is_err(), "a count, not a size");
+        assert!(
+            MutableParams::parse(&map(&[("qosIops", "1K")])).is_err(),
+            "a count, not a size"
+        );
     }
 
     #[test]
     fn bandwidth_is_a_size() {
-        let p = MutableParams::parse(&map(&[("qosBandwidth", "100Mi"), ("qosIops", "500")]))
-            .unwrap();
+        let p =
+            MutableParams::parse(&map(&[("qosBandwidth", "100Mi"), ("qosIops", "500")])).unwrap();
         let limits = qos_limits(&p.0);
         assert_eq!(limits.bytes_per_sec, 100 << 20);
         assert_eq!(limits.iops, 500);

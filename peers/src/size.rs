@@ -175,7 +175,10 @@ mod tests {
         assert_eq!(parse_positive("0G").unwrap_err().fault, SizeFault::Zero);
         assert_eq!(parse_positive("0").unwrap_err().fault, SizeFault::Zero);
         assert_eq!(parse_positive("1"), Ok(1));
-        assert_eq!(parse_positive("x").unwrap_err().fault, SizeFault::NotANumber);
+        assert_eq!(
+            parse_positive("x").unwrap_err().fault,
+            SizeFault::NotANumber
+        );
     }
 
     #[test]
