@@ -1,58 +1,9 @@
 //! Byte sizes as people type them (`10G`, `512M`, `4K`, `4KiB`, `1000`) and as `archip` prints
-//! them. Suffixes are binary (K = 1024), as for `qemu-img` and `truncate`.
+//! them. The grammar is [`peers::size`]'s, shared with StorageClass parameters, so a size means
+//! the same on the command line and in a class; `archip` refuses zero (no size it takes may be
+//! empty).
 
-use std::fmt;
-
-/// Why a size was refused.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BadSize {
-    pub input: String,
-    pub reason: &'static str,
-}
-
-impl fmt::Display for BadSize {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "bad size {:?}: {} (examples: 10G, 512M, 4K, 1048576)",
-            self.input, self.reason
-        )
-    }
-}
-
-impl std::error::Error for BadSize {}
-
-/// Parses a positive size: digits, then an optional suffix of K, M, G, T, P (optionally
-/// followed by `iB` or `B`, any case). Zero is refused: no size in `archip` may be empty.
-pub fn parse_size(input: &str) -> Result<u64, BadSize> {
-    let bad = |reason| BadSize {
-        input: input.to_string(),
-        reason,
-    };
-    let s = input.trim();
-    let digits = s.bytes().take_while(u8::is_ascii_digit).count();
-    if digits == 0 {
-        return Err(bad("expected a number"));
-    }
-    let (number, suffix) = s.split_at(digits);
-    let number: u64 = number.parse().map_err(|_| bad("number too large"))?;
-    let shift = match suffix.to_ascii_lowercase().as_str() {
-        "" | "b" => 0,
-        "k" | "kb" | "kib" => 10,
-        "m" | "mb" | "mib" => 20,
-        "g" | "gb" | "gib" => 30,
-        "t" | "tb" | "tib" => 40,
-        "p" | "pb" | "pib" => 50,
-        _ => return Err(bad("unknown suffix (use K, M, G, T or P)")),
-    };
-    let size = number
-        .checked_mul(1u64 << shift)
-        .ok_or_else(|| bad("too large"))?;
-    if size == 0 {
-        return Err(bad("must be positive"));
-    }
-    Ok(size)
-}
+use peers::size::parse_positive as parse_size;
 
 /// `clap` value parser for size arguments.
 pub fn size_arg(s: &str) -> Result<u64, String> {
@@ -81,6 +32,7 @@ pub fn human(bytes: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use peers::size::SizeFault;
 
     #[test]
     fn suffixes_are_binary() {
@@ -109,7 +61,10 @@ mod tests {
         ] {
             assert!(parse_size(bad).is_err(), "{bad:?} was accepted");
         }
-        assert_eq!(parse_size("16777216T").unwrap_err().reason, "too large");
+        assert_eq!(
+            parse_size("16777216T").unwrap_err().fault,
+            SizeFault::TooLarge
+        );
         assert!(parse_size("12Q").unwrap_err().to_string().contains("12Q"));
     }
 

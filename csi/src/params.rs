@@ -19,7 +19,8 @@ use crate::validate::SUPPORTED_FS_TYPES;
 /// [`BackendKind`] (`file`; a backend this build lacks is refused with the feature it needs).
 pub const BACKEND: &str = "backend";
 /// Parameter: bytes per block (data object), a power of two from 4 KiB to
-/// 64 MiB; suffixes `Ki`, `Mi` are accepted.
+/// 64 MiB, in the size grammar of [`peers::size`] (`65536`, `64Ki`, `64K`,
+/// `64KiB`).
 pub const BLOCK_SIZE: &str = "blockSize";
 /// Parameter: the filesystem the node service creates (ext4 or xfs),
 /// handed to it through the volume context.
@@ -31,7 +32,7 @@ pub const SHARED: &str = "shared";
 /// Mutable parameter: a per-volume IOPS limit (`0` = none).
 pub const QOS_IOPS: &str = "qosIops";
 /// Mutable parameter: a per-volume bandwidth limit in bytes per second
-/// (`0` = none).
+/// (`0` = none), in the size grammar of [`peers::size`] (`100Mi` = 100 MiB/s).
 pub const QOS_BANDWIDTH: &str = "qosBandwidth";
 
 /// Keys reserved for the CO.
@@ -74,20 +75,8 @@ pub fn canonical(params: &HashMap<String, String>) -> BTreeMap<String, String> {
 }
 
 fn parse_size(key: &str, value: &str) -> CsiResult<u64> {
-    let (digits, unit) = match value {
-        v if v.ends_with("Ki") => (&v[..v.len() - 2], 1u64 << 10),
-        v if v.ends_with("Mi") => (&v[..v.len() - 2], 1u64 << 20),
-        v => (v, 1),
-    };
-    digits
-        .parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(unit))
-        .ok_or_else(|| {
-            CsiError::InvalidArgument(format!(
-                "parameter {key}={value:?} is not a size (bytes, or a number with Ki or Mi)"
-            ))
-        })
+    peers::size::parse(value)
+        .map_err(|e| CsiError::InvalidArgument(format!("parameter {key}: {e}")))
 }
 
 fn parse_bool(key: &str, value: &str) -> CsiResult<bool> {
@@ -158,12 +147,15 @@ impl MutableParams {
         let mut out = BTreeMap::new();
         for (key, value) in params {
             match key.as_str() {
-                QOS_IOPS | QOS_BANDWIDTH => {
+                QOS_IOPS => {
                     value.parse::<u64>().map_err(|_| {
                         CsiError::InvalidArgument(format!(
                             "mutable parameter {key}={value:?} must be a non-negative integer"
                         ))
                     })?;
+                }
+                QOS_BANDWIDTH => {
+                    parse_size(key, value)?;
                 }
                 other => {
                     return Err(CsiError::InvalidArgument(format!(
@@ -180,10 +172,13 @@ impl MutableParams {
 /// The QoS limits a volume's mutable parameters ask for (a missing key is unlimited). The
 /// values were checked by [`MutableParams::parse`] when they were accepted.
 pub fn qos_limits(params: &BTreeMap<String, String>) -> peers::client::QosLimits {
-    let get = |k: &str| params.get(k).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let iops = params.get(QOS_IOPS).and_then(|v| v.parse().ok());
+    let bandwidth = params
+        .get(QOS_BANDWIDTH)
+        .and_then(|v| peers::size::parse(v).ok());
     peers::client::QosLimits {
-        iops: get(QOS_IOPS),
-        bytes_per_sec: get(QOS_BANDWIDTH),
+        iops: iops.unwrap_or(0),
+        bytes_per_sec: bandwidth.unwrap_or(0),
     }
 }
 
@@ -223,6 +218,10 @@ mod tests {
         .unwrap();
         assert_eq!(p.block_size, Some(64 << 10));
         assert_eq!(p.fs_type.as_deref(), Some("xfs"));
+        for (spelling, want) in [("65536", 64 << 10), ("64K", 64 << 10), ("4MiB", 4 << 20)] {
+            let p = VolumeParams::parse(&map(&[("blockSize", spelling)])).unwrap();
+            assert_eq!(p.block_size, Some(want), "{spelling}");
+        }
         assert!(p.shared);
         assert_eq!(
             p.canonical.len(),
@@ -234,6 +233,10 @@ mod tests {
             ("blockSize", "3000"),
             ("blockSize", "128Mi"),
             ("blockSize", "lots"),
+            ("blockSize", "1.5Mi"),
+            ("blockSize", "-4Ki"),
+            ("blockSize", ""),
+            ("blockSize", "99999999999P"),
             ("fsType", "btrfs"),
             ("shared", "yes"),
             ("backend", "rados"),
@@ -263,6 +266,26 @@ mod tests {
         let e = MutableParams::parse(&map(&[("qosIops", "100"), ("colour", "red")])).unwrap_err();
         assert!(e.to_string().contains("colour"));
         assert!(MutableParams::parse(&map(&[("qosBandwidth", "-1")])).is_err());
+        for bad in ["1.5Mi", "", "lots", "99999999999P"] {
+            let e = MutableParams::parse(&map(&[("qosBandwidth", bad)])).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{bad:?}");
+        }
+        assert!(
+            MutableParams::parse(&map(&[("qosIops", "1K")])).is_err(),
+            "a count, not a size"
+        );
+    }
+
+    #[test]
+    fn bandwidth_is_a_size() {
+        let p =
+            MutableParams::parse(&map(&[("qosBandwidth", "100Mi"), ("qosIops", "500")])).unwrap();
+        let limits = qos_limits(&p.0);
+        assert_eq!(limits.bytes_per_sec, 100 << 20);
+        assert_eq!(limits.iops, 500);
+        let raw = MutableParams::parse(&map(&[("qosBandwidth", "1048576")])).unwrap();
+        assert_eq!(qos_limits(&raw.0).bytes_per_sec, 1 << 20);
+        assert_eq!(qos_limits(&BTreeMap::new()).bytes_per_sec, 0, "unlimited");
     }
 
     #[test]

@@ -11,7 +11,6 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -74,7 +73,11 @@ impl DeviceRecord {
 
     /// Whether the recorded server process is still the one running.
     pub fn server_alive(&self) -> bool {
-        process_start_time(self.pid) == Some(self.pid_start)
+        xseg::owner::ProcessId {
+            pid: self.pid,
+            start: self.pid_start,
+        }
+        .is_alive()
     }
 
     /// Whether `target` names this device.
@@ -127,15 +130,6 @@ pub fn parse_device(target: &str) -> Option<u32> {
     t.parse().ok()
 }
 
-/// Start time of a process (field 22 of /proc/PID/stat), or None when it does not exist.
-pub fn process_start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may contain spaces and parentheses: skip past its last ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    // Fields after the name start at field 3; starttime is field 22.
-    rest.split_whitespace().nth(19)?.parse().ok()
-}
-
 #[derive(Default, Serialize, Deserialize)]
 struct StateDoc {
     version: u32,
@@ -184,17 +178,8 @@ impl DeviceTable {
             .mode(peers::private::FILE_MODE)
             .open(&lock_path)
             .map_err(|e| self.io_err(e))?;
-        loop {
-            // SAFETY: flock on a descriptor we own; no memory is passed.
-            let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
-            if r == 0 {
-                return Ok(f);
-            }
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(self.io_err(e));
-            }
-        }
+        peers::flock::lock(&f, peers::flock::LockMode::Exclusive).map_err(|e| self.io_err(e))?;
+        Ok(f)
     }
 
     fn read_doc(&self) -> Result<StateDoc, DevicesError> {
@@ -313,7 +298,7 @@ mod tests {
             volume: vol.into(),
             segment: "/dev/shm/seg".into(),
             pid: std::process::id(),
-            pid_start: process_start_time(std::process::id()).unwrap(),
+            pid_start: xseg::owner::start_time(std::process::id()).unwrap(),
             queues: 2,
             depth: 64,
             logical_block_size: 512,

@@ -23,12 +23,15 @@ pub mod blocker;
 pub mod client;
 pub mod failure;
 pub mod fence;
+pub mod flock;
+pub mod fs_stats;
 pub mod map_format;
 pub mod mapper;
 pub mod metrics;
 pub mod peerset;
 pub mod private;
 pub mod registry;
+pub mod size;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub(crate) mod throttle;

@@ -32,7 +32,6 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -240,18 +239,8 @@ impl Registry {
             r => r,
         }
         .map_err(io_err(&path))?;
-        loop {
-            // SAFETY: `f` owns an open descriptor for the whole call; flock only takes a lock
-            // on it and touches no memory.
-            let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
-            if rc == 0 {
-                return Ok(DirLock(f));
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(io_err(&path)(e));
-            }
-        }
+        crate::flock::lock(&f, crate::flock::LockMode::Exclusive).map_err(io_err(&path))?;
+        Ok(DirLock(f))
     }
 
     /// Reads an entry as stored: `Ok(None)` if there is none. A file that does not parse, or
@@ -563,16 +552,11 @@ mod tests {
         // A process that has exited.
         let mut child = std::process::Command::new("true").spawn().unwrap();
         let pid = child.id();
-        let start = fs::read_to_string(format!("/proc/{pid}/stat")).ok();
+        let start = xseg::owner::start_time(pid);
         child.wait().unwrap();
         let mut dead = entry_in(dir.path(), "node-dead", "/dev/shm/seg-dead");
         dead.pid = pid;
-        dead.start_time = start
-            .and_then(|s| {
-                let rest = s[s.rfind(')')? + 1..].to_owned();
-                rest.split_whitespace().nth(19)?.parse().ok()
-            })
-            .unwrap_or(1);
+        dead.start_time = start.unwrap_or(1);
         assert_eq!(dead.liveness(), Liveness::Dead);
         // Written as a crashed peer set leaves it (no Registration to remove it).
         std::mem::forget(reg.register(dead.clone()).unwrap());

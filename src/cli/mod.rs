@@ -245,7 +245,7 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
         if let Some(r) = cause.downcast_ref::<Refused>() {
             return if r.kind.is_bad_input() { 2 } else { 1 };
         }
-        if cause.is::<crate::size::BadSize>() {
+        if cause.is::<peers::size::SizeError>() {
             return 2;
         }
     }

@@ -35,7 +35,10 @@ pub fn pid_alive(pid: u32) -> bool {
     pid != 0 && matches!(stat(pid), Some((s, _)) if s != 'Z' && s != 'X')
 }
 
-fn start_time(pid: u32) -> Option<u64> {
+/// Start time of `pid` in clock ticks since boot (field 22 of /proc/PID/stat), or None when
+/// no such process exists. A zombie still has one: ask [`ProcessId::is_alive`] whether the
+/// process still runs.
+pub fn start_time(pid: u32) -> Option<u64> {
     stat(pid).map(|(_, s)| s)
 }
 
@@ -110,5 +113,23 @@ mod tests {
         };
         child.wait().unwrap();
         assert!(!id.is_alive());
+    }
+
+    #[test]
+    fn a_zombie_has_a_start_time_but_is_not_alive() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        // Wait for the exit without reaping, so the child stays a zombie.
+        // SAFETY: `info` is a live, writable siginfo_t; WNOWAIT leaves the child unreaped.
+        let rc = unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            libc::waitid(libc::P_PID, pid, &mut info, libc::WEXITED | libc::WNOWAIT)
+        };
+        assert_eq!(rc, 0);
+        let start = start_time(pid).expect("a zombie is still listed in /proc");
+        assert!(!ProcessId { pid, start }.is_alive());
+        assert!(!pid_alive(pid));
+        child.wait().unwrap();
+        assert_eq!(start_time(pid), None);
     }
 }

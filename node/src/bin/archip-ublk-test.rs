@@ -120,15 +120,9 @@ enum Cmd {
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
+/// Sizes and offsets in the grammar `archip` and StorageClasses use (zero included: offsets).
 fn size(s: &str) -> Res<u64> {
-    let s = s.trim();
-    let (n, mul) = match s.char_indices().last() {
-        Some((i, 'K' | 'k')) => (&s[..i], 1u64 << 10),
-        Some((i, 'M' | 'm')) => (&s[..i], 1 << 20),
-        Some((i, 'G' | 'g')) => (&s[..i], 1 << 30),
-        _ => (s, 1),
-    };
-    Ok(n.parse::<u64>()?.checked_mul(mul).ok_or("size overflows")?)
+    Ok(peers::size::parse(s)?)
 }
 
 fn client(segment: &str) -> Res<(tokio::runtime::Runtime, VolumeClient)> {

@@ -8,7 +8,7 @@ use csi::pb::volume_usage::Unit;
 use csi::pb::{NodeGetVolumeStatsResponse, VolumeCondition, VolumeUsage};
 
 use super::filesystems::grow_fs;
-use super::mounts::{cstr, mount_at, mount_uses};
+use super::mounts::{mount_at, mount_uses};
 use super::{NodeOptions, io_err, record, ublk_err};
 use crate::devices::{DeviceRecord, Target};
 use crate::ublk::{self, DeviceState, UblkError};
@@ -95,27 +95,20 @@ pub(super) fn stats(
                 message: format!("{} is not a mount of the volume", path.display()),
             };
         }
-        let p = cstr(path)?;
-        // SAFETY: statvfs is plain old data, for which all-zero bytes are a valid value.
-        let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-        // SAFETY: the path is NUL-terminated and outlives the call; statvfs writes only `s`.
-        if unsafe { libc::statvfs(p.as_ptr(), &mut s) } != 0 {
-            return Err(io_err(format!("statvfs {}", path.display()))(
-                std::io::Error::last_os_error(),
-            ));
-        }
-        let f = s.f_frsize as i64;
+        let s = peers::fs_stats::of_path(path)
+            .map_err(io_err(format!("statvfs {}", path.display())))?;
+        let f = s.block as i64;
         vec![
             VolumeUsage {
-                available: s.f_bavail as i64 * f,
-                total: s.f_blocks as i64 * f,
-                used: (s.f_blocks as i64 - s.f_bfree as i64) * f,
+                available: s.blocks_available as i64 * f,
+                total: s.blocks as i64 * f,
+                used: (s.blocks as i64 - s.blocks_free as i64) * f,
                 unit: Unit::Bytes as i32,
             },
             VolumeUsage {
-                available: s.f_favail as i64,
-                total: s.f_files as i64,
-                used: s.f_files as i64 - s.f_ffree as i64,
+                available: s.files_available as i64,
+                total: s.files as i64,
+                used: s.files as i64 - s.files_free as i64,
                 unit: Unit::Inodes as i32,
             },
         ]

@@ -31,6 +31,7 @@ use io_uring::{opcode, types};
 use libublk::helpers::IoBuf;
 use libublk::io::{BufDescList, UblkDev, UblkIOCtx, UblkQueue};
 use libublk::{BufDesc, UblkIORes, sys};
+use peers::wire::CONTROL_BUF;
 use xseg::{Op, Port, Request, Sender, Status};
 
 use crate::io_stats::{IoStats, bump};
@@ -39,8 +40,6 @@ use crate::io_stats::{IoStats, bump};
 /// the queue depth (at most 4096).
 const EVENT_TAG: u16 = u16::MAX;
 const TIMER_TAG: u16 = u16::MAX - 1;
-/// Reply room for requests without data: a failed reply carries the peer's message.
-const CONTROL_BUF: u64 = 4096;
 /// How often deferred requests are retried.
 const RETRY_INTERVAL: Duration = Duration::from_millis(10);
 

@@ -18,7 +18,7 @@ use super::control::refuse_if_mapped;
 use super::features::{features, has};
 use super::queue;
 use super::{Result, UblkConfig, UblkError, driver, io_err};
-use crate::devices::{DeviceRecord, DeviceTable, process_start_time};
+use crate::devices::{DeviceRecord, DeviceTable};
 use crate::io_stats::{Frontend, IoStats};
 
 /// Whether the server creates a new device or takes over one whose server died.
@@ -401,7 +401,7 @@ pub fn serve(
                 volume,
                 segment,
                 pid,
-                pid_start: process_start_time(pid).unwrap_or(0),
+                pid_start: xseg::owner::start_time(pid).unwrap_or(0),
                 queues: info.nr_hw_queues,
                 depth: info.queue_depth,
                 logical_block_size: 1 << shift_of(lbs),

@@ -34,6 +34,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::flock::{self, LockMode};
+
 use super::{
     BackendId, Blocker, BlockerError, BlockerFuture, Capacity, Expect, Fence, LockInfo, LockOwner,
     ObjectInfo, ObjectName, Versioned, check_fence, check_range, name_problem,
@@ -140,19 +142,11 @@ pub fn dir_identity(dir: &Path) -> io::Result<BackendId> {
 /// Size and free space of the filesystem holding `dir`. Available is what an unprivileged
 /// writer may still use (`f_bavail`), the figure that decides whether a volume fits.
 fn fs_capacity(dir: &File) -> io::Result<Capacity> {
-    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
-    // SAFETY: `dir` owns an open descriptor for the whole call and `st` points to writable
-    // memory of the right type, which fstatvfs fills when it returns 0.
-    let rc = unsafe { libc::fstatvfs(dir.as_raw_fd(), st.as_mut_ptr()) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fstatvfs returned 0, so it initialised `st`.
-    let st = unsafe { st.assume_init() };
-    let unit = st.f_frsize;
-    let total = st.f_blocks.saturating_mul(unit);
-    let available = st.f_bavail.saturating_mul(unit).min(total);
-    Ok(Capacity { total, available })
+    let st = crate::fs_stats::of_file(dir)?;
+    Ok(Capacity {
+        total: st.total_bytes(),
+        available: st.available_bytes(),
+    })
 }
 
 /// Held for as long as the descriptor is open; closing it (or dying) releases the flock.
@@ -529,21 +523,13 @@ impl FileBlocker {
             .mode(crate::private::FILE_MODE)
             .open(&path)
             .map_err(|e| BlockerError::io(name, e))?;
-        let op = if exclusive {
-            libc::LOCK_EX
+        let mode = if exclusive {
+            LockMode::Exclusive
         } else {
-            libc::LOCK_SH
+            LockMode::Shared
         };
-        loop {
-            // SAFETY: `file` is an open descriptor for the duration of the call.
-            if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
-                return Ok(Flock(file));
-            }
-            let err = io::Error::last_os_error();
-            if err.kind() != io::ErrorKind::Interrupted {
-                return Err(BlockerError::io(name, err));
-            }
-        }
+        flock::lock(&file, mode).map_err(|e| BlockerError::io(name, e))?;
+        Ok(Flock(file))
     }
 
     /// Write `bytes` to `name` atomically: temporary file, fsync, rename, directory fsync.
