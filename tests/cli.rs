@@ -783,7 +783,7 @@ fn up_lifecycle_and_not_running() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("keep"));
     let mode = std::fs::metadata(&up.control).unwrap().mode() & 0o777;
-    assert_eq!(mode, 0o660);
+    assert_eq!(mode, 0o600, "the control socket is owner-only");
 
     // A second `up` on the same control socket is refused and leaves the first alone.
     let second = Command::new(ARCHIP)
@@ -814,4 +814,57 @@ fn up_lifecycle_and_not_running() {
         })
         .unwrap();
     assert!(status.starts_with("{\"type\":\"ok\""), "{status}");
+}
+
+/// Runs `archip ARGS` to completion with no instance around it.
+fn archip_plain(args: &[&str]) -> Out {
+    let out = Command::new(ARCHIP)
+        .args(args)
+        .env_remove("ARCHIP_SEGMENT")
+        .output()
+        .expect("run archip");
+    Out {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+#[test]
+fn completions_and_man_page_come_from_the_command_tree() {
+    let bash = archip_plain(&["completions", "bash"]);
+    assert_eq!(bash.code, 0, "{bash:?}");
+    // Every subcommand the operator types is completed, not only the top level.
+    for word in ["showmapped", "controller", "snapshot", "completions"] {
+        assert!(bash.stdout.contains(word), "bash completion lacks {word}");
+    }
+    let bad = archip_plain(&["completions", "no-such-shell"]);
+    assert_eq!(bad.code, 2, "an unknown shell is bad input: {bad:?}");
+
+    let man = archip_plain(&["man"]);
+    assert_eq!(man.code, 0, "{man:?}");
+    assert!(
+        man.stdout.starts_with(".ie") || man.stdout.contains(".TH archip"),
+        "roff: {}",
+        &man.stdout[..man.stdout.len().min(200)]
+    );
+    assert!(
+        man.stdout.contains("showmapped"),
+        "the man page lists the subcommands"
+    );
+}
+
+#[test]
+fn controller_and_node_default_to_segments_of_their_own() {
+    // The help text is what an operator reads; the defaults must differ so that both roles
+    // can run on one host with no flags.
+    let c = archip_plain(&["controller", "--help"]);
+    let n = archip_plain(&["node", "--help"]);
+    assert_eq!((c.code, n.code), (0, 0), "{c:?} {n:?}");
+    for help in [&c.stdout, &n.stdout] {
+        assert!(
+            help.contains("archipelago-controller") && help.contains("archipelago-node"),
+            "the role defaults are documented: {help}"
+        );
+    }
 }

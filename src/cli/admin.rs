@@ -5,7 +5,7 @@ use clap::{Args, Subcommand};
 
 use super::{Context, check_name, print_json};
 use crate::control::client::Connection;
-use crate::control::protocol::{DedupSummary, GcSummary, Lock, QosSummary, Request, Status};
+use crate::control::protocol::{DedupSummary, GcSummary, Lock, QosSummary, Request, StatusReport};
 use crate::size::human;
 
 #[derive(Args, Debug)]
@@ -195,7 +195,7 @@ fn ns(v: Option<u64>) -> String {
 }
 
 pub fn status(ctx: &Context) -> anyhow::Result<()> {
-    let s: Status = Connection::call(&ctx.socket(), &Request::Status)?;
+    let s: StatusReport = Connection::call(&ctx.socket(), &Request::Status)?;
     if ctx.json {
         return print_json(&s);
     }

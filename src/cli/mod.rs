@@ -281,6 +281,26 @@ pub fn absolute(p: &Path) -> PathBuf {
 
 #[cfg(test)]
 mod tests {
+    use super::{CONTROLLER_SEGMENT, DEFAULT_SEGMENT, Instance, NODE_SEGMENT};
+
+    #[test]
+    fn each_role_has_its_own_default_segment_and_a_given_one_wins() {
+        let none = Instance::default();
+        assert_eq!(none.segment(), DEFAULT_SEGMENT);
+        let c = none.with_default_segment(CONTROLLER_SEGMENT).segment();
+        let n = none.with_default_segment(NODE_SEGMENT).segment();
+        assert_ne!(
+            c, n,
+            "controller and node on one host must not share a segment"
+        );
+        assert_ne!(c, DEFAULT_SEGMENT);
+        let given = Instance {
+            segment: Some("mine".into()),
+            ..Instance::default()
+        };
+        assert_eq!(given.with_default_segment(NODE_SEGMENT).segment(), "mine");
+    }
+
     use super::*;
 
     #[test]

@@ -331,19 +331,19 @@ pub struct GcSummary {
 
 /// Result of `status`.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
-pub struct Status {
+pub struct StatusReport {
     pub node: String,
     pub data_dir: String,
     pub segment: String,
     pub pid: u32,
-    pub peers: Vec<PeerStatus>,
-    pub ports: Vec<PortStatus>,
+    pub peers: Vec<PeerReport>,
+    pub ports: Vec<PortReport>,
     pub requests_in_use: u32,
     pub buffers_in_use: u32,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
-pub struct PeerStatus {
+pub struct PeerReport {
     pub name: String,
     pub port: u32,
     pub up: bool,
@@ -353,7 +353,7 @@ pub struct PeerStatus {
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct PortStatus {
+pub struct PortReport {
     pub port: u32,
     pub name: String,
     pub owner_pid: Option<u32>,

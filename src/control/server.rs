@@ -19,8 +19,8 @@ use xseg::Segment;
 
 use super::protocol::{
     DedupSummary, Envelope, ErrorKind, ExportSummary, Frame, GcSummary, ImportSummary, Lock,
-    MAX_FRAME, MAX_LINE, MAX_REQUEST_LINE, PeerStatus, PortStatus, QosSummary, Reply, Request,
-    Status, VERSION, Volume,
+    MAX_FRAME, MAX_LINE, MAX_REQUEST_LINE, PeerReport, PortReport, QosSummary, Reply, Request,
+    StatusReport, VERSION, Volume,
 };
 
 /// What a request failed with, as sent to the client.
@@ -570,7 +570,7 @@ impl Server {
         }
     }
 
-    async fn status(&self) -> Outcome<Status> {
+    async fn status(&self) -> Outcome<StatusReport> {
         let seg = self.segment.clone();
         let health = tokio::task::spawn_blocking(move || {
             peers::peerset::probe_segment(&seg, Duration::from_secs(2))
@@ -580,7 +580,7 @@ impl Server {
         .map_err(|e| Failure::new(ErrorKind::Io, format!("probing peers: {e}")))?;
         let peers = health
             .into_iter()
-            .map(|h| PeerStatus {
+            .map(|h| PeerReport {
                 name: h.name.to_string(),
                 port: h.port,
                 up: h.is_up(),
@@ -600,7 +600,7 @@ impl Server {
             if s.owner.is_none() && !fixed {
                 continue;
             }
-            ports.push(PortStatus {
+            ports.push(PortReport {
                 port: p,
                 p50_ns: s.service_quantile_ns(0.5),
                 p99_ns: s.service_quantile_ns(0.99),
@@ -612,7 +612,7 @@ impl Server {
                 bytes: s.bytes,
             });
         }
-        Ok(Status {
+        Ok(StatusReport {
             node: self.node.clone(),
             data_dir: self.data_dir.display().to_string(),
             segment: self.segment.path().display().to_string(),

@@ -416,16 +416,21 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, ClientError>>,
 {
-    let mut attempt = 0;
+    let mut backoff = pool_backoff();
     loop {
         match f().await {
-            Err(e) if pool_exhausted(&e) && attempt < POOL_RETRIES => {
-                attempt += 1;
-                tokio::time::sleep(Duration::from_micros(50 << attempt.min(10))).await;
-            }
+            Err(e) if pool_exhausted(&e) => match backoff.next_pause() {
+                Some(pause) => tokio::time::sleep(pause).await,
+                None => return Err(e),
+            },
             r => return r,
         }
     }
+}
+
+/// The back-off from an exhausted pool: 200 tries, 100 µs doubling to ~51 ms.
+fn pool_backoff() -> xseg::retry::PoolBackoff {
+    xseg::retry::PoolBackoff::new(POOL_RETRIES, Duration::from_micros(50), 10)
 }
 
 async fn flush(conn: &Conn) -> Result<(), ClientError> {
@@ -453,14 +458,14 @@ async fn execute(
             bump(&stats.reads, n);
             let mut buf = vec![0u8; len as usize];
             if len > 0 {
-                let mut attempt = 0;
+                let mut backoff = pool_backoff();
                 // Not `retry_pool`: the future borrows `buf` mutably.
                 loop {
                     match c.read(vol, offset, &mut buf).await {
-                        Err(e) if pool_exhausted(&e) && attempt < POOL_RETRIES => {
-                            attempt += 1;
-                            tokio::time::sleep(Duration::from_micros(50 << attempt.min(10))).await;
-                        }
+                        Err(e) if pool_exhausted(&e) => match backoff.next_pause() {
+                            Some(pause) => tokio::time::sleep(pause).await,
+                            None => return Err(e),
+                        },
                         r => break r?,
                     }
                 }
