@@ -26,9 +26,9 @@ fail() {
 }
 info() { $A info "$1" || fail "info $1"; }
 field() { sed -n "s/.*\"$1\":\([0-9]*\).*/\1/p"; }   # a numeric JSON field
-dev_of() { $A showmapped --json | grep "\"volume\":\"$1\"" | sed -n 's/.*"device":"\([^"]*\)".*/\1/p'; }
-pid_of() { $A showmapped --json | grep "\"volume\":\"$1\"" | field pid; }
-state_of() { $A showmapped --json | grep "\"volume\":\"$1\"" | sed -n 's/.*"state":"\([^"]*\)".*/\1/p'; }
+dev_of() { $A showmapped | grep "\"volume\":\"$1\"" | sed -n 's/.*"device":"\([^"]*\)".*/\1/p'; }
+pid_of() { $A showmapped | grep "\"volume\":\"$1\"" | field pid; }
+state_of() { $A showmapped | grep "\"volume\":\"$1\"" | sed -n 's/.*"state":"\([^"]*\)".*/\1/p'; }
 io_errors() { dmesg | grep -E -i 'EXT4-fs (error|warning)|I/O error|Remounting filesystem read-only|Buffer I/O' ; }
 
 mkdir -p /run/archip /tmp/data /mnt/a /mnt/c
@@ -205,7 +205,7 @@ step "ok: all 128 MiB of $D1 == VolumeClient's vol1"
 
 grep -h '"user_copy_bytes"' /run/archip/*.log | sed 's/.*stats=//' | tail -n 3
 for v in vol1 clone1 raw; do $A unmap $v || fail "unmap $v"; done
-[ -z "$($A showmapped --json)" ] || fail "still mapped: $($A showmapped --json)"
+[ -z "$($A showmapped)" ] || fail "still mapped: $($A showmapped)"
 ls /dev/ublkb* >/dev/null 2>&1 && fail "devices left: $(ls /dev/ublkb*)"
 grep -h 'device stopped' /run/archip/*.log | sed 's/.*stats=//'
 kill "$PEERS"
