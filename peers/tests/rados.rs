@@ -133,7 +133,19 @@ async fn a_full_pool_is_no_space() {
             Err(e) => panic!("{e}"),
         }
     };
-    let capacity = b.capacity().await.unwrap();
+    // Likewise the pool's first statistics reach the mgr with a lag: capacity is a transient
+    // error (never NotFound) until they do.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let capacity = loop {
+        match b.capacity().await {
+            Ok(c) => break c,
+            Err(BlockerError::NotFound { object }) => panic!("capacity said {object} is missing"),
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
     assert!(
         capacity.total <= 1048576,
         "the quota bounds capacity: {capacity:?}"

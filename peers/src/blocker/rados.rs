@@ -472,7 +472,15 @@ impl RadosBlocker {
         .to_string();
         let (cluster, used, quota) = blocking(|| {
             let cluster = self.io.cluster.stat()?;
-            let used = self.io.pool_used()?;
+            // The pool exists (this ioctx resolved it), so ENOENT here means the mgr has not
+            // reported the new pool's statistics yet: transient, not "no such pool".
+            let used = self.io.pool_used().map_err(|rc| {
+                if rc == -libc::ENOENT {
+                    -libc::EAGAIN
+                } else {
+                    rc
+                }
+            })?;
             let quota = self.io.cluster.mon_command(&cmd)?;
             Ok::<_, i32>((cluster, used, quota))
         })
