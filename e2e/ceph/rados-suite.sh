@@ -6,8 +6,10 @@
 # Starts a throw-away cluster in DIR (default /tmp/archip-rados-suite) with
 # start-ceph.sh, with a ceph-mgr (the blocker's capacity and the pool quota
 # that the full-pool test fills both come from the mgr's statistics), waits
-# until the cluster reports its size, runs `cargo test -p peers --features
-# rados` against it, and stops and removes the cluster whatever the outcome.
+# until the cluster reports its size, runs the peers crate's unit tests and
+# its RADOS tests (`cargo test -p peers --features rados --lib --test rados`;
+# the other peers tests do not touch RADOS and run in `cargo test`) against
+# it, and stops and removes the cluster whatever the outcome.
 # Exits with cargo's status. Needs root the first time (start-ceph.sh
 # installs ceph and librados-dev with apt-get).
 set -euo pipefail
@@ -33,4 +35,4 @@ until [ "$(rados df -f json 2>/dev/null | sed -n 's/.*"total_space":\([0-9]*\).*
 done
 
 cd "$ROOT"
-cargo test -p peers --features rados
+cargo test -p peers --features rados --lib --test rados
