@@ -781,9 +781,17 @@ impl Mapper {
     /// the cache matches storage exactly.
     pub async fn verify(&self, name: &str) -> Result<VerifyReport, MapperError> {
         let name = VolumeName::new(name)?;
-        let cached = self.cached(&name).await?;
+        let cached = self.lookup(&name);
+        // No map change may land between reading storage and comparing the cache with it.
+        let _m = match &cached {
+            Some(v) => Some(v.mutate.lock().await),
+            None => None,
+        };
+        if let Some(v) = &cached {
+            self.reload_locked(v).await?;
+        }
         let stored = VolumeMap::load(self.maps.as_ref(), &name).await?;
-        if let Some(v) = cached {
+        if let Some(v) = &cached {
             let divergence = cache_divergence(&v.map(), &stored);
             if let Some((object, what)) = divergence {
                 // A mapper bug, not bad input: say so loudly, and stop trusting the cache.
