@@ -133,7 +133,13 @@ impl Mapper {
             // Under a new uuid, never in place: clones may inherit (and cache) the old pages,
             // which must keep naming the objects they read until nothing inherits them.
             let mut rebased = map.rebased(converted_pages);
-            rebased.persist_replacement(self.maps.as_ref()).await?;
+            if let Err(e) = rebased.persist_replacement(self.maps.as_ref()).await {
+                // The header swap may have landed all the same: a cached copy is unsure now.
+                if let Some(v) = self.lookup(&name) {
+                    v.mark_stale();
+                }
+                return Err(e);
+            }
             map = rebased;
         }
         // A cached copy of the snapshot is now stale.
@@ -158,6 +164,7 @@ impl Mapper {
         let _g = self.gate.read().await;
         let _c = self.content.lock().await;
         let _m = vol.mutate.lock().await;
+        self.reload_locked(&vol).await?;
         vol.check_usable()?;
         let fence = vol.writable()?.clone();
         let (uuid, bs, pe, size) = {

@@ -120,6 +120,7 @@ impl Mapper {
             self.lookup(&name)
         };
         if let Some(vol) = cached {
+            self.refresh(&vol).await?;
             vol.check_usable()?;
             let map = vol.map();
             check_range(&map, offset, length)?;
@@ -154,6 +155,7 @@ impl Mapper {
             }
         };
         vol.writable()?;
+        self.refresh(&vol).await?;
         vol.check_usable()?;
         Ok(vol)
     }
@@ -179,6 +181,7 @@ impl Mapper {
             }
         }
         let _m = vol.mutate.lock().await;
+        self.reload_locked(&vol).await?;
         vol.check_usable()?;
         let r = self.copy_on_write(&vol, offset, length).await;
         vol.observe(r)?;
@@ -293,6 +296,7 @@ impl Mapper {
         let mut partial = Vec::new();
         {
             let _m = vol.mutate.lock().await;
+            self.reload_locked(&vol).await?;
             vol.check_usable()?;
             let fence = vol.writable()?.clone();
             let (pages, uuid, doomed) = {

@@ -129,6 +129,7 @@ impl Mapper {
         let (vol, temporary) = self.hold_writable(&name).await?;
         let r = async {
             let _m = vol.mutate.lock().await;
+            self.reload_locked(&vol).await?;
             vol.check_usable()?;
             let mut map = vol.snapshot_map();
             let current = map.header.size;
@@ -166,10 +167,11 @@ impl Mapper {
         let _ns = self.namespace.lock().await;
         let _g = self.gate.read().await;
         let object = header_object(&name);
-        if let Some(vol) = self.lookup(&name) {
+        if let Some(vol) = self.cached(&name).await? {
             if let Some(fence) = vol.fence.clone() {
                 {
                     let _m = vol.mutate.lock().await;
+                    self.reload_locked(&vol).await?;
                     vol.check_usable()?;
                     let version = vol.map().header_version;
                     let r = self
@@ -232,12 +234,12 @@ impl Mapper {
     /// first, so that from now on it writes new objects and leaves the shared ones alone.
     /// Caller holds `namespace` and `gate`.
     async fn freeze_source(&self, source: &VolumeName) -> Result<VolumeMap, MapperError> {
-        let read_only = match self.lookup(source) {
+        let read_only = match self.cached(source).await? {
             Some(v) => v.fence.is_none(),
             None => self.read_header(source).await?.read_only(),
         };
         if read_only {
-            return match self.lookup(source) {
+            return match self.cached(source).await? {
                 Some(v) => Ok(v.snapshot_map()),
                 None => VolumeMap::load(self.maps.as_ref(), source).await,
             };
@@ -245,6 +247,7 @@ impl Mapper {
         let (vol, temporary) = self.hold_writable(source).await?;
         let r = async {
             let _m = vol.mutate.lock().await;
+            self.reload_locked(&vol).await?;
             vol.check_usable()?;
             let mut map = vol.snapshot_map();
             let mut header = map.header.clone();
@@ -312,7 +315,7 @@ impl Mapper {
         let _g = self.gate.read().await;
         self.refuse_existing(&name).await?;
         // Check the size before freezing, so that bad input changes nothing.
-        let src_header = match self.lookup(&source) {
+        let src_header = match self.cached(&source).await? {
             Some(v) => v.map().header.clone(),
             None => self.read_header(&source).await?,
         };

@@ -36,14 +36,14 @@ pub use qos::QosLimits;
 pub use volume::BlockState;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, RwLock};
 
 use uuid::Uuid;
 
-use crate::blocker::{Blocker, BlockerError, Fence, LockInfo, LockOwner};
+use crate::blocker::{Blocker, BlockerError, Fence, LockInfo, LockOwner, ObjectName};
 use crate::map_format::{
-    CorruptMap, InvalidVolumeName, MapHeader, VolumeName, header_object, lock_object,
+    CorruptMap, InvalidVolumeName, MapHeader, VolumeName, header_object, lock_object, page_object,
 };
 use volume::VolumeMap;
 
@@ -183,6 +183,14 @@ const CLOSED: u8 = 1;
 const FENCED: u8 = 2;
 
 /// A volume this mapper has open: its cached map, and for a writable volume the lock fence.
+///
+/// The cache is only worth having if it says what storage says. A map write that returns an
+/// error may still have landed (a backend can lose the completion of a write it made), so after
+/// any failed map change the cache is marked `stale` and is read back from storage before the
+/// volume answers anything else: never guessed from what we tried to write. Trusting the old
+/// cache instead let a discard whose page write "failed" but landed keep a block OWNED in the
+/// cache and ZERO in storage, so later writes to it went out with no map entry and were lost
+/// at the next restart (the fault-injection model test found it).
 #[derive(Debug)]
 pub(crate) struct OpenVolume {
     name: VolumeName,
@@ -190,6 +198,7 @@ pub(crate) struct OpenVolume {
     map: RwLock<VolumeMap>,
     mutate: tokio::sync::Mutex<()>,
     state: AtomicU8,
+    stale: AtomicBool,
 }
 
 impl OpenVolume {
@@ -226,13 +235,30 @@ impl OpenVolume {
         }
     }
 
-    /// Note a fencing failure so that later calls fail fast.
+    /// Note how a map change ended: a fencing failure makes the volume unusable here (later
+    /// calls fail fast); any other failure leaves storage in a state the cache cannot know (the
+    /// write may have landed), so the map is reloaded before its next use.
     fn observe<T>(&self, r: Result<T, MapperError>) -> Result<T, MapperError> {
-        if let Err(MapperError::Fenced { .. }) = &r {
-            tracing::error!(volume = %self.name, "map write fenced: lock lost, volume unusable here");
-            self.state.store(FENCED, Ordering::Release);
+        match &r {
+            Ok(_) => {}
+            Err(MapperError::Fenced { .. }) => {
+                tracing::error!(volume = %self.name, "map write fenced: lock lost, volume unusable here");
+                self.state.store(FENCED, Ordering::Release);
+            }
+            Err(e) => {
+                tracing::warn!(volume = %self.name, error = %e, "map change failed; the map will be read back from storage");
+                self.mark_stale();
+            }
         }
         r
+    }
+
+    fn mark_stale(&self) {
+        self.stale.store(true, Ordering::Release);
+    }
+
+    fn is_stale(&self) -> bool {
+        self.stale.load(Ordering::Acquire)
     }
 
     fn writable(&self) -> Result<&Fence, MapperError> {
@@ -240,6 +266,66 @@ impl OpenVolume {
             volume: self.name.to_string(),
         })
     }
+}
+
+/// Whether a map read from storage fits how it is open here: a writable volume under our lock
+/// (the map never carries a newer fence generation than the lock), a snapshot read-only.
+fn check_loaded(
+    name: &VolumeName,
+    fence: Option<&Fence>,
+    map: VolumeMap,
+) -> Result<VolumeMap, MapperError> {
+    match fence {
+        Some(_) if map.header.read_only() => Err(MapperError::Conflict {
+            volume: name.to_string(),
+        }),
+        Some(f) if map.header.fence_generation > f.generation => Err(MapperError::LockRegressed {
+            volume: name.to_string(),
+            lock: f.generation,
+            map: map.header.fence_generation,
+        }),
+        None if !map.header.read_only() => Err(MapperError::Conflict {
+            volume: name.to_string(),
+        }),
+        _ => Ok(map),
+    }
+}
+
+/// Where a cached map differs from the one in storage, if it does: the object and what.
+fn cache_divergence(cached: &VolumeMap, stored: &VolumeMap) -> Option<(ObjectName, String)> {
+    let header = || header_object(&stored.header.name);
+    if cached.header != stored.header {
+        return Some((header(), "header".into()));
+    }
+    if cached.header_version != stored.header_version {
+        return Some((
+            header(),
+            format!(
+                "header version {} cached, {} stored",
+                cached.header_version, stored.header_version
+            ),
+        ));
+    }
+    if cached.pages.len() != stored.pages.len() {
+        return Some((header(), "page count".into()));
+    }
+    let uuid = stored.header.uuid;
+    for (p, (c, s)) in cached.pages.iter().zip(&stored.pages).enumerate() {
+        let object = || page_object(uuid, p as u32);
+        if c.page != s.page {
+            return Some((object(), format!("page {p} entries")));
+        }
+        if c.version != s.version {
+            return Some((
+                object(),
+                format!(
+                    "page {p} version {:?} cached, {:?} stored",
+                    c.version, s.version
+                ),
+            ));
+        }
+    }
+    None
 }
 
 /// The mapper over one blocker (maps and data together) or two (maps apart from data).
@@ -313,7 +399,7 @@ impl Mapper {
         name: &VolumeName,
         takeover: bool,
     ) -> Result<Arc<OpenVolume>, MapperError> {
-        if let Some(v) = self.lookup(name) {
+        if let Some(v) = self.cached(name).await? {
             return Ok(v);
         }
         let raw = self
@@ -335,22 +421,7 @@ impl Mapper {
             Some(self.acquire(name).await?)
         };
         let loaded = VolumeMap::load(self.maps.as_ref(), name).await;
-        let checked = loaded.and_then(|map| match &fence {
-            Some(_) if map.header.read_only() => Err(MapperError::Conflict {
-                volume: name.to_string(),
-            }),
-            Some(f) if map.header.fence_generation > f.generation => {
-                Err(MapperError::LockRegressed {
-                    volume: name.to_string(),
-                    lock: f.generation,
-                    map: map.header.fence_generation,
-                })
-            }
-            None if !map.header.read_only() => Err(MapperError::Conflict {
-                volume: name.to_string(),
-            }),
-            _ => Ok(map),
-        });
+        let checked = loaded.and_then(|map| check_loaded(name, fence.as_ref(), map));
         let map = match checked {
             Ok(map) => map,
             Err(e) => {
@@ -367,12 +438,95 @@ impl Mapper {
             map: RwLock::new(map),
             mutate: tokio::sync::Mutex::new(()),
             state: AtomicU8::new(OPEN),
+            stale: AtomicBool::new(false),
         });
         self.open
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(name.clone(), vol.clone());
         Ok(vol)
+    }
+
+    /// The volume `name` if it is open here, with its map read back from storage first if a
+    /// failed change left it stale (see [`OpenVolume`]).
+    pub(crate) async fn cached(
+        &self,
+        name: &VolumeName,
+    ) -> Result<Option<Arc<OpenVolume>>, MapperError> {
+        let Some(vol) = self.lookup(name) else {
+            return Ok(None);
+        };
+        self.refresh(&vol).await?;
+        Ok(Some(vol))
+    }
+
+    /// Read a stale volume's map back from storage (see [`OpenVolume`]); a no-op otherwise.
+    pub(crate) async fn refresh(&self, vol: &Arc<OpenVolume>) -> Result<(), MapperError> {
+        if vol.is_stale() {
+            let _m = vol.mutate.lock().await;
+            self.reload_locked(vol).await?;
+        }
+        Ok(())
+    }
+
+    /// Replace a stale cached map with what storage holds. Caller holds `vol.mutate`. A
+    /// volume whose header is gone (a delete that reported an error had landed) is dropped
+    /// from the cache and its lock released; the volume stays stale if storage cannot be read.
+    pub(crate) async fn reload_locked(&self, vol: &Arc<OpenVolume>) -> Result<(), MapperError> {
+        if !vol.is_stale() {
+            return Ok(());
+        }
+        vol.check_usable()?;
+        let name = &vol.name;
+        let map = match VolumeMap::load(self.maps.as_ref(), name).await {
+            Err(MapperError::NotFound { volume }) => {
+                self.forget(vol, "its header is gone from storage").await;
+                return Err(MapperError::NotFound { volume });
+            }
+            r => r?,
+        };
+        let map = vol.observe(check_loaded(name, vol.fence.as_ref(), map))?;
+        let (uuid, epoch) = {
+            let cached = vol.map();
+            (cached.header.uuid, cached.header.epoch)
+        };
+        // A writable map keeps its uuid for life; a snapshot changes under a new uuid (dedup),
+        // but no map's epoch ever moves back.
+        if vol.fence.is_some() && map.header.uuid != uuid {
+            self.forget(vol, "it was replaced by another volume of that name")
+                .await;
+            return Err(MapperError::Conflict {
+                volume: name.to_string(),
+            });
+        }
+        if map.header.epoch < epoch {
+            tracing::error!(volume = %name, stored = map.header.epoch, cached = epoch, "stored epoch is older than the cached one");
+            return Err(MapperError::Conflict {
+                volume: name.to_string(),
+            });
+        }
+        vol.install(map);
+        vol.stale.store(false, Ordering::Release);
+        tracing::info!(volume = %name, "map read back from storage after a failed change");
+        Ok(())
+    }
+
+    /// Drop a volume from the cache without touching its maps (they are gone or not ours),
+    /// releasing its lock. Caller holds `vol.mutate`.
+    async fn forget(&self, vol: &Arc<OpenVolume>, why: &str) {
+        {
+            let mut open = self.open.write().unwrap_or_else(|e| e.into_inner());
+            if open.get(&vol.name).is_some_and(|v| Arc::ptr_eq(v, vol)) {
+                open.remove(&vol.name);
+            }
+        }
+        vol.state.store(CLOSED, Ordering::Release);
+        tracing::warn!(volume = %vol.name, why, "dropped from the cache");
+        if let Some(f) = &vol.fence
+            && let Err(e) = self.maps.lock_release(f).await
+        {
+            tracing::warn!(volume = %vol.name, error = %e, "releasing the lock of a dropped volume");
+        }
     }
 
     async fn acquire(&self, name: &VolumeName) -> Result<Fence, MapperError> {
@@ -416,7 +570,7 @@ impl Mapper {
     pub async fn open_shared(&self, name: &str) -> Result<VolumeInfo, MapperError> {
         let name = VolumeName::new(name)?;
         let _ns = self.namespace.lock().await;
-        if let Some(v) = self.lookup(&name) {
+        if let Some(v) = self.cached(&name).await? {
             let info = VolumeInfo::from(&v.map().header);
             if !info.snapshot {
                 self.mark_shared(&name);
@@ -549,7 +703,7 @@ impl Mapper {
     /// A volume's or snapshot's metadata (from the cache if open here).
     pub async fn info(&self, name: &str) -> Result<VolumeInfo, MapperError> {
         let name = VolumeName::new(name)?;
-        if let Some(v) = self.lookup(&name) {
+        if let Some(v) = self.cached(&name).await? {
             return Ok(VolumeInfo::from(&v.map().header));
         }
         Ok(VolumeInfo::from(&self.read_header(&name).await?))
@@ -627,16 +781,28 @@ impl Mapper {
     /// the cache matches storage exactly.
     pub async fn verify(&self, name: &str) -> Result<VerifyReport, MapperError> {
         let name = VolumeName::new(name)?;
+        let cached = self.lookup(&name);
+        // No map change may land between reading storage and comparing the cache with it.
+        let _m = match &cached {
+            Some(v) => Some(v.mutate.lock().await),
+            None => None,
+        };
+        if let Some(v) = &cached {
+            self.reload_locked(v).await?;
+        }
         let stored = VolumeMap::load(self.maps.as_ref(), &name).await?;
-        if let Some(v) = self.lookup(&name) {
-            let cached = v.map();
-            assert_eq!(
-                cached.header, stored.header,
-                "{name}: cached header differs from storage"
-            );
-            for (p, (c, s)) in cached.pages.iter().zip(&stored.pages).enumerate() {
-                assert_eq!(c.page, s.page, "{name}: page {p} differs from storage");
-                assert_eq!(c.version, s.version, "{name}: page {p} version differs");
+        if let Some(v) = &cached {
+            let divergence = cache_divergence(&v.map(), &stored);
+            if let Some((object, what)) = divergence {
+                // A mapper bug, not bad input: say so loudly, and stop trusting the cache.
+                tracing::error!(volume = %name, object = %object, what, "cached map differs from storage");
+                v.mark_stale();
+                return Err(MapperError::Corrupt(CorruptMap {
+                    object: object.to_string(),
+                    problem: crate::map_format::MapFormatError::Invalid(format!(
+                        "the cached map of {name} differs from storage: {what}"
+                    )),
+                }));
             }
         }
         let mut report = VerifyReport {
@@ -660,7 +826,7 @@ impl Mapper {
     /// The state of one block (for tests and diagnostics).
     pub async fn block_state(&self, name: &str, block: u64) -> Result<BlockState, MapperError> {
         let name = VolumeName::new(name)?;
-        let map = match self.lookup(&name) {
+        let map = match self.cached(&name).await? {
             Some(v) => v.snapshot_map(),
             None => VolumeMap::load(self.maps.as_ref(), &name).await?,
         };

@@ -276,25 +276,9 @@ async fn serve(mapper: &Arc<Mapper>, req: &mut Request) -> Result<(), Failure> {
             counters_reply(req, &report);
         }
         Op::Verify => {
-            let name = name_of(req)?;
-            // Verification asserts that the cache matches storage; a mismatch panics. Run it
-            // as its own task so that the panic becomes an error reply, not a dead request.
-            let m = mapper.clone();
-            match tokio::spawn(async move { m.verify(&name).await }).await {
-                Ok(r) => counters_reply(req, &r?),
-                Err(e) => {
-                    let why = if e.is_panic() {
-                        let p = e.into_panic();
-                        p.downcast_ref::<String>()
-                            .cloned()
-                            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                            .unwrap_or_else(|| "panic".into())
-                    } else {
-                        e.to_string()
-                    };
-                    return Err(Failure::new(Status::Io, format!("verify failed: {why}")));
-                }
-            }
+            // A cache that differs from storage is a Corrupt error (Status::Io), not a panic.
+            let report = mapper.verify(&name_of(req)?).await?;
+            counters_reply(req, &report);
         }
         op => {
             return Err(Failure::new(

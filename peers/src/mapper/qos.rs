@@ -84,7 +84,7 @@ impl Mapper {
     }
 
     async fn volume_uuid(&self, name: &VolumeName) -> Result<uuid::Uuid, MapperError> {
-        if let Some(v) = self.lookup(name) {
+        if let Some(v) = self.cached(name).await? {
             return Ok(v.map().header.uuid);
         }
         Ok(self.read_header(name).await?.uuid)

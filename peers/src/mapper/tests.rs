@@ -30,6 +30,22 @@ struct Counting {
     deletes: AtomicU64,
     map_reads: AtomicU64,
     map_writes: AtomicU64,
+    /// Map writes and deletes still to be made to land and then report an error, as a backend
+    /// that loses the completion of a write it made does.
+    lose_map_replies: AtomicU64,
+}
+
+impl Counting {
+    /// Whether this map mutation's reply is to be lost (counting it down).
+    fn lose_reply(&self) -> bool {
+        self.lose_map_replies
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    }
+}
+
+fn lost_reply(o: &ObjectName) -> crate::blocker::BlockerError {
+    crate::blocker::BlockerError::io(o, std::io::Error::from_raw_os_error(libc::EIO))
 }
 
 impl Counting {
@@ -94,6 +110,12 @@ impl Blocker for Counting {
         f: Option<&'a Fence>,
     ) -> BlockerFuture<'a, u64> {
         bump(&self.map_writes);
+        if self.lose_reply() {
+            return Box::pin(async move {
+                self.inner.write_map(o, d, e, f).await?;
+                Err(lost_reply(o))
+            });
+        }
         self.inner.write_map(o, d, e, f)
     }
     fn delete_map<'a>(
@@ -102,6 +124,12 @@ impl Blocker for Counting {
         e: Expect,
         f: Option<&'a Fence>,
     ) -> BlockerFuture<'a, ()> {
+        if self.lose_reply() {
+            return Box::pin(async move {
+                self.inner.delete_map(o, e, f).await?;
+                Err(lost_reply(o))
+            });
+        }
         self.inner.delete_map(o, e, f)
     }
     fn lock_acquire<'a>(&'a self, l: &'a ObjectName, o: &'a LockOwner) -> BlockerFuture<'a, Fence> {
@@ -894,4 +922,102 @@ async fn dedup_of_a_snapshot_never_changes_pages_a_clone_inherits() {
     m.verify("c").await.unwrap();
     assert_eq!(read(&m, "s", 0, 4096).await, vec![3u8; 4096]);
     m.verify("s").await.unwrap();
+}
+
+/// The block states of `vol` as storage has them, through a mapper with nothing cached (the
+/// same node identity, so that it may take the lock the first one holds).
+async fn stored_states(b: &Arc<Counting>, vol: &str, blocks: u64) -> Vec<BlockState> {
+    let fresh = Mapper::new(b.clone(), LockOwner::new("node-a").unwrap());
+    let mut states = Vec::new();
+    for block in 0..blocks {
+        states.push(fresh.block_state(vol, block).await.unwrap());
+    }
+    states
+}
+
+#[tokio::test]
+async fn a_discard_whose_map_write_landed_despite_an_error_is_not_undone_by_the_cache() {
+    let (b, m) = setup();
+    m.create("v", 2 * BSU, opts()).await.unwrap();
+    write(&m, "v", 0, b"first").await;
+    b.lose_map_replies.store(1, Ordering::SeqCst);
+    assert!(m.discard("v", 0, BSU).await.is_err());
+    assert_eq!(stored_states(&b, "v", 1).await, [BlockState::Zero]);
+    // The block is ZERO in storage: writing it again must persist a new OWNED entry, not take
+    // a cached OWNED entry's word for it (that write would be lost at the next restart).
+    write(&m, "v", 0, b"second").await;
+    assert_eq!(stored_states(&b, "v", 1).await, [BlockState::Owned]);
+    m.verify("v").await.unwrap();
+    m.close("v").await.unwrap();
+    let fresh = Mapper::new(b.clone(), LockOwner::new("node-a").unwrap());
+    assert_eq!(&read(&fresh, "v", 0, 6).await, b"second");
+}
+
+#[tokio::test]
+async fn a_map_write_that_landed_despite_an_error_leaves_the_volume_writable() {
+    let (b, m) = setup();
+    m.create("v", 2 * BSU, opts()).await.unwrap();
+    m.open("v").await.unwrap();
+    b.lose_map_replies.store(1, Ordering::SeqCst);
+    assert!(m.map_write("v", 0, 10).await.is_err());
+    // The cache held the page at its old version: a compare-and-swap from it would fail
+    // forever with Conflict. Read back, the next write goes through.
+    write(&m, "v", 0, b"after").await;
+    write(&m, "v", BSU, b"other page entry").await;
+    m.verify("v").await.unwrap();
+    assert_eq!(
+        stored_states(&b, "v", 2).await,
+        [BlockState::Owned, BlockState::Owned]
+    );
+    assert_eq!(&read(&m, "v", 0, 5).await, b"after");
+}
+
+#[tokio::test]
+async fn a_resize_or_delete_that_landed_despite_an_error_is_what_the_mapper_reports() {
+    let (b, m) = setup();
+    m.create("v", 2 * BSU, opts()).await.unwrap();
+    m.open("v").await.unwrap();
+    b.lose_map_replies.store(1, Ordering::SeqCst);
+    assert!(m.resize("v", 4 * BSU).await.is_err());
+    assert_eq!(m.info("v").await.unwrap().size, 4 * BSU);
+    write(&m, "v", 3 * BSU, b"end").await;
+    m.verify("v").await.unwrap();
+
+    b.lose_map_replies.store(1, Ordering::SeqCst);
+    assert!(m.delete("v").await.is_err());
+    assert!(matches!(
+        m.info("v").await,
+        Err(MapperError::NotFound { .. })
+    ));
+    assert!(m.open_volumes().is_empty(), "{:?}", m.open_volumes());
+    assert!(m.lock_info("v").await.unwrap().holder.is_none());
+    m.create("v", BSU, opts()).await.unwrap();
+    assert_eq!(read(&m, "v", 0, 3).await, [0; 3]);
+}
+
+#[tokio::test]
+async fn verify_answers_corrupt_when_the_cache_differs_from_storage() {
+    let (_, m) = setup();
+    m.create("v", 2 * BSU, opts()).await.unwrap();
+    write(&m, "v", 0, b"data").await;
+    let name = VolumeName::new("v").unwrap();
+    {
+        // A mapper bug, simulated: the cache forgets block 0.
+        let vol = m.lookup(&name).unwrap();
+        let mut map = vol.map.write().unwrap();
+        map.pages[0].page.set(0, crate::map_format::MapEntry::Zero);
+    }
+    match m.verify("v").await {
+        Err(MapperError::Corrupt(c)) => {
+            assert_eq!(
+                c.object,
+                page_object(m.lookup(&name).unwrap().map().header.uuid, 0).to_string()
+            );
+            assert!(c.to_string().contains("differs from storage"), "{c}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // Storage is the truth: the cache is read back and the volume answers from it again.
+    m.verify("v").await.unwrap();
+    assert_eq!(&read(&m, "v", 0, 4).await, b"data");
 }
