@@ -16,7 +16,7 @@ use xseg::{AsyncClient, Op, Peer, Port, Request, Runner, Segment, Sender, Status
 use super::cache::lock;
 use super::{Inner, MAX_VOLUMES, Vlmc, VlmcConfig, Volumes};
 use crate::blocker::{Blocker, MemoryBlocker};
-use crate::client::{ClientError, VolumeClient};
+use crate::client::{ClientError, ClientOptions, VolumeClient};
 use crate::peerset::{PeerConfig, Ports, RunningPeer, spawn_peer};
 use crate::testing::ScratchDir;
 use crate::wire::{self, VolumeInfo, VolumeKind};
@@ -333,17 +333,41 @@ async fn an_exhausted_segment_slows_io_down_and_never_fails_it_with_no_space() {
 async fn a_write_held_at_the_blocker_is_not_answered_so_a_resend_cannot_be_overtaken() {
     let timeout = Duration::from_millis(50);
     let h = Harness::start("vlmc-held", crate::testing::test_config(), timeout, None);
-    let c = Arc::new(h.client());
-    c.create("held", 1 << 20, Some(4 * KIB)).await.unwrap();
-    let (old, new) = (
-        vec![0xaa_u8; 8 * KIB as usize],
-        vec![0xbb_u8; 8 * KIB as usize],
-    );
-    // Three objects; the first object write to reach the blocker is held back.
+    // A client as patient as ublk's queue, and one (NBD's) whose own limit is shorter than
+    // the blocker's delay; an I/O of three objects (split by vlmc) and one of one (forwarded).
+    let impatient = ClientOptions {
+        timeout,
+        ..ClientOptions::default()
+    };
+    let clients = [
+        Arc::new(h.client()),
+        Arc::new(VolumeClient::connect_with(&h.seg, impatient).unwrap()),
+    ];
+    for (n, c) in clients.iter().enumerate() {
+        for (off, len) in [(2 * KIB, 8 * KIB), (KIB, 2 * KIB)] {
+            let vol = format!("held-{n}-{off}");
+            c.create(&vol, 1 << 20, Some(4 * KIB)).await.unwrap();
+            held_write_then_newer_data(&h, c, &vol, off, len, timeout).await;
+        }
+    }
+}
+
+/// The first object write of `[off, off + len)` is held back at the blocker; the client
+/// resends on TimedOut (as ublk does), then writes newer data; the held write is let go.
+/// The newer data must be what stays.
+async fn held_write_then_newer_data(
+    h: &Harness,
+    c: &Arc<VolumeClient>,
+    vol: &str,
+    off: u64,
+    len: u64,
+    timeout: Duration,
+) {
+    let (old, new) = (vec![0xaa_u8; len as usize], vec![0xbb_u8; len as usize]);
     lock(&h.objects).hold = 1;
     let mut first = {
-        let (c, old) = (c.clone(), old.clone());
-        tokio::spawn(async move { c.write("held", 2 * KIB, &old).await })
+        let (c, old, vol) = (c.clone(), old.clone(), vol.to_string());
+        tokio::spawn(async move { c.write(&vol, off, &old).await })
     };
     let deadline = Instant::now() + Duration::from_secs(30);
     while lock(&h.objects).held.is_empty() {
@@ -359,7 +383,7 @@ async fn a_write_held_at_the_blocker_is_not_answered_so_a_resend_cannot_be_overt
         Ok(r) => {
             let e = r.unwrap().expect_err("a held write cannot have succeeded");
             assert!(matches!(e, ClientError::Timeout(_)), "{e}");
-            c.write("held", 2 * KIB, &old).await.unwrap();
+            c.write(vol, off, &old).await.unwrap();
         }
         Err(_) => {
             // Still waiting for its held piece: the fix. It ends once the blocker answers.
@@ -369,11 +393,14 @@ async fn a_write_held_at_the_blocker_is_not_answered_so_a_resend_cannot_be_overt
     }
     // The client moves on to newer data, then the held piece of the first attempt (if it is
     // still held) lands.
-    c.write("held", 2 * KIB, &new).await.unwrap();
+    c.write(vol, off, &new).await.unwrap();
     h.release_held();
-    let mut buf = vec![0u8; 8 * KIB as usize];
-    c.read("held", 2 * KIB, &mut buf).await.unwrap();
-    assert!(buf == new, "an abandoned write landed over a newer one");
+    let mut buf = vec![0u8; len as usize];
+    c.read(vol, off, &mut buf).await.unwrap();
+    assert!(
+        buf == new,
+        "{vol}: an abandoned write landed over a newer one"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
