@@ -263,8 +263,23 @@ impl Inner {
                 Some(req),
             )),
         };
-        let ok = matches!(&result, Ok(Some(r)) if r.status() == Status::Ok);
-        count(op, &name, ok, io_bytes, started.elapsed());
+        let status = match &result {
+            Ok(Some(r)) => r.status(),
+            Ok(None) => Status::Io,
+            Err((f, _)) => f.status,
+        };
+        // I/O to a volume that does not exist (or cannot) has no counters of its own: a
+        // client sending endless names would otherwise take every per-volume slot.
+        let no_volume =
+            status == Status::NotFound || crate::map_format::volume_name_problem(&name).is_some();
+        count(
+            op,
+            &name,
+            status == Status::Ok,
+            no_volume,
+            io_bytes,
+            started.elapsed(),
+        );
         match result {
             Ok(Some(req)) => self.port.respond(req),
             Ok(None) => {}
@@ -546,10 +561,11 @@ fn count_delay(wait: Duration) {
 
 /// Counts a finished request in [`crate::metrics`]: volume I/O per volume, snapshots and
 /// clones with their latency; a deleted volume's counters are dropped to keep the bound.
-fn count(op: Op, name: &str, ok: bool, bytes: u64, took: Duration) {
+/// I/O of `no_volume` (a name that is not a volume) is not counted.
+fn count(op: Op, name: &str, ok: bool, no_volume: bool, bytes: u64, took: Duration) {
     let stats = crate::metrics::global();
     match op {
-        Op::Read | Op::Write | Op::Flush => {
+        Op::Read | Op::Write | Op::Flush if !no_volume => {
             let v = stats.volume(name);
             match op {
                 Op::Read => v.read.record(ok, bytes, took),

@@ -476,6 +476,13 @@ async fn endless_volume_names_do_not_grow_vlmc_past_its_cap() {
             .keys()
             .any(|k| k.starts_with(".."))
     );
+    let counted = crate::metrics::global().volumes();
+    assert!(
+        !counted
+            .iter()
+            .any(|(k, _)| k.starts_with("ghost-") || k.starts_with("../bad-")),
+        "names of no volume took per-volume metric slots"
+    );
     let mut buf = [0u8; 4];
     c.read("real", 0, &mut buf).await.unwrap();
     assert_eq!(&buf, b"kept");
