@@ -222,6 +222,29 @@ impl VolumeClient {
         Self::checked(rep)
     }
 
+    /// [`send`](Self::send) for a call that writes data (WRITE, DISCARD, WRITE_ZEROES): waited
+    /// for until vlmc answers, however long. vlmc answers every write once no part of it is
+    /// still on its way (or the transport fails it back when vlmc dies); a caller that gave up
+    /// earlier would report a write failed that may still land, after a newer write it makes
+    /// believing the first one over. `opts.timeout` is how often a slow write is logged.
+    async fn send_write(&self, make: impl Fn() -> Result<Request>) -> Result<Request> {
+        let mut retry = xseg::SendRetry::new();
+        loop {
+            let slow = |waited: Duration| {
+                tracing::warn!(?waited, "a volume write is slow; waiting for vlmc's answer");
+            };
+            let port = self.opts.port;
+            match self
+                .client
+                .call_to_reply(make()?, port, self.opts.timeout, slow)
+                .await
+            {
+                Err(e) if retry.allows(&e) => retry.pause().await,
+                r => return Self::checked(r?),
+            }
+        }
+    }
+
     fn target(name: &str) -> Result<&[u8]> {
         if name.len() > xseg::MAX_TARGET_LEN {
             return Err(ClientError::InvalidArgument(format!(
@@ -500,9 +523,7 @@ impl VolumeClient {
             let from = (at - offset) as usize;
             let piece = &data[from..from + n as usize];
             let rep = self
-                .send(self.opts.port, self.opts.timeout, || {
-                    self.build(Op::Write, volume, at, n, piece, n)
-                })
+                .send_write(|| self.build(Op::Write, volume, at, n, piece, n))
                 .await?;
             if rep.serviced() != n {
                 return Err(ClientError::Io(format!(
@@ -523,14 +544,14 @@ impl VolumeClient {
     /// Discards a range: whole blocks become ZERO entries (their space is freed), partial ones
     /// are zero-written. The range reads as zeros afterwards.
     pub async fn discard(&self, volume: &str, offset: u64, len: u64) -> Result<()> {
-        self.control(Op::Discard, volume, offset, len, &[], false)
+        self.send_write(|| self.build(Op::Discard, volume, offset, len, &[], CONTROL_BUF))
             .await?;
         Ok(())
     }
 
     /// Zeroes a range, the same way as [`discard`](Self::discard): no zeros are stored.
     pub async fn write_zeroes(&self, volume: &str, offset: u64, len: u64) -> Result<()> {
-        self.control(Op::WriteZeroes, volume, offset, len, &[], false)
+        self.send_write(|| self.build(Op::WriteZeroes, volume, offset, len, &[], CONTROL_BUF))
             .await?;
         Ok(())
     }

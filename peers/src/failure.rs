@@ -76,7 +76,9 @@ impl From<xseg::Error> for Failure {
         let status = match e {
             xseg::Error::Timeout(_) => Status::TimedOut,
             xseg::Error::NoPeer(_) => Status::PeerGone,
-            xseg::Error::NoRequest | xseg::Error::NoBuffer(_) => Status::NoSpace,
+            // The segment's pool, not the disk, is short: back-pressure that clears as other
+            // requests finish. NoSpace would tell a filesystem its disk is full.
+            xseg::Error::NoRequest | xseg::Error::NoBuffer(_) => Status::TimedOut,
             _ => Status::Io,
         };
         Failure::new(status, format!("vlmc: {e}"))

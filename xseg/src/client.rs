@@ -81,8 +81,9 @@ impl AsyncClient {
         self.tx.alloc(op, target, data_len)
     }
 
-    /// Sends `req` to `dst` and waits for the reply, at most `timeout`.
-    pub async fn call(&self, req: Request, dst: u32, timeout: Duration) -> Result<Request> {
+    /// Queues `req` to `dst` with a waiter for its reply; a request that cannot be sent is
+    /// freed.
+    fn submit(&self, req: Request, dst: u32) -> Result<(u32, oneshot::Receiver<Request>)> {
         let (w, r) = oneshot::channel();
         let index = req.index();
         self.pending.lock().unwrap().insert(index, w);
@@ -91,6 +92,12 @@ impl AsyncClient {
             self.tx.free(req);
             return Err(e);
         }
+        Ok((index, r))
+    }
+
+    /// Sends `req` to `dst` and waits for the reply, at most `timeout`.
+    pub async fn call(&self, req: Request, dst: u32, timeout: Duration) -> Result<Request> {
+        let (index, r) = self.submit(req, dst)?;
         match tokio::time::timeout(timeout, r).await {
             Ok(Ok(rep)) => Ok(rep),
             Ok(Err(_)) => Err(Error::Invalid("receiver thread stopped")),
@@ -98,6 +105,35 @@ impl AsyncClient {
                 self.pending.lock().unwrap().remove(&index);
                 self.tx.segment().reap();
                 Err(Error::Timeout(timeout))
+            }
+        }
+    }
+
+    /// [`call`](Self::call) without giving up: for a request whose late execution would do
+    /// harm once its caller had moved on (a write that lands after a newer write to the same
+    /// place). Every sent request gets a reply: its peer answers, or, when that peer dies, the
+    /// segment's recovery fails it back; so this ends unless the peer hangs while alive. Each
+    /// `every` without a reply, dead owners are reaped (which fails such requests back) and
+    /// `slow` is told how long the call has waited so far.
+    pub async fn call_to_reply(
+        &self,
+        req: Request,
+        dst: u32,
+        every: Duration,
+        mut slow: impl FnMut(Duration),
+    ) -> Result<Request> {
+        // A zero period would spin.
+        let every = every.max(Duration::from_millis(1));
+        let (_, mut r) = self.submit(req, dst)?;
+        let started = std::time::Instant::now();
+        loop {
+            match tokio::time::timeout(every, &mut r).await {
+                Ok(Ok(rep)) => return Ok(rep),
+                Ok(Err(_)) => return Err(Error::Invalid("receiver thread stopped")),
+                Err(_) => {
+                    self.tx.segment().reap();
+                    slow(started.elapsed());
+                }
             }
         }
     }

@@ -395,6 +395,9 @@ fn errno_of(e: &ClientError, op: &Op) -> u32 {
         ClientError::InvalidArgument(_) => errno::EINVAL,
         ClientError::OutOfRange(_) if writes => errno::ENOSPC,
         ClientError::OutOfRange(_) => errno::EINVAL,
+        // The backend is full: the client must learn it is out of space, not that the disk
+        // failed. (A segment short of requests never comes here: it is waited out.)
+        ClientError::NoSpace(_) => errno::ENOSPC,
         _ => errno::EIO,
     }
 }
@@ -575,6 +578,21 @@ mod tests {
         b.extend_from_slice(&offset.to_be_bytes());
         b.extend_from_slice(&len.to_be_bytes());
         b
+    }
+
+    #[test]
+    fn a_full_backend_is_enospc_and_a_failed_one_eio() {
+        let write = Op::Write {
+            offset: 0,
+            len: 4096,
+            fua: false,
+        };
+        let full = ClientError::NoSpace("pool full".into());
+        assert_eq!(errno_of(&full, &write), errno::ENOSPC);
+        assert_eq!(
+            errno_of(&ClientError::Io("disk".into()), &write),
+            errno::EIO
+        );
     }
 
     const LIMITS: Limits = Limits {

@@ -375,6 +375,9 @@ impl QueueState<'_> {
             return;
         };
         let status = rep.status();
+        // Resending is safe: vlmc answers TimedOut only when nothing of the request is still
+        // on its way (a segment that stayed exhausted; a write is never abandoned), and
+        // PeerGone when vlmc died. NoSpace is left to `errno`: it means the backend is full.
         if matches!(status, Status::PeerGone | Status::TimedOut) {
             drop(rep);
             return self.defer(q, tag, &status);

@@ -19,9 +19,33 @@
 //! else, with the limits the mapper stores for the volume, read again every few seconds.
 //!
 //! FLUSH waits for the writes of that volume issued before it, then flushes the blocker.
+//!
+//! A write is never abandoned. vlmc answers a write only once every call it made for it
+//! (MAPW, object writes, a discard's zero writes) has its reply. Answering "timed out" while
+//! an object write is still queued at a slow blocker would let the client resend, see it
+//! succeed, write newer data to the same place, and then have the first attempt land over
+//! it. So calls that change data or the map wait for their reply however long it takes
+//! (logging while they wait; a dead peer's requests are failed back by the segment's
+//! recovery, so the wait ends when the peer dies), and [`VlmcConfig::timeout`] bounds only
+//! calls whose late reply changes nothing (INFO, MAPR, object reads, QoS limits). A frontend
+//! that resends on TimedOut or PeerGone (ublk) is then safe: no part of the first attempt is
+//! still on its way. Ordering a write after one that is still in flight is the client's
+//! job, as on any disk; vlmc only guarantees that a write it has answered is over.
+//!
+//! A segment short of requests or buffers is back-pressure, not a full disk: vlmc's own calls
+//! wait for the pool with a bounded back-off ([`xseg::retry::PoolBackoff`]) and, if it stays
+//! exhausted, answer TimedOut (nothing of the call was sent, so a resend is safe), never
+//! NoSpace, which stays the backend's "disk full".
+//!
+//! Per-volume state (cache, gate, QoS) is kept for at most [`MAX_VOLUMES`] volumes: names
+//! that are not valid volume names get no entry, and past the cap the least recently used
+//! entries with no I/O in flight are dropped (a volume opened shared keeps its entry, since
+//! its "never cache" mode lives in it).
 
 mod cache;
 mod plan;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::Ordering;
@@ -42,8 +66,36 @@ use cache::{Vol, lock};
 pub struct VlmcConfig {
     pub mapper_port: u32,
     pub blocker_port: u32,
-    /// Limit on each call to the mapper or blocker.
+    /// Limit on each call to the mapper or blocker whose late reply changes nothing (reads,
+    /// lookups). Calls that write are never given up (see the module documentation); for them
+    /// this is how often a slow call is logged.
     pub timeout: Duration,
+}
+
+/// Volumes whose state vlmc keeps at once (beyond that, idle ones are forgotten): far more
+/// than a node maps, few enough that a client sending endless names costs little memory.
+pub const MAX_VOLUMES: usize = 1024;
+
+/// Retries of a call of vlmc's own while the segment has no request or buffer for it: 200
+/// pauses from 100 µs doubling to ~51 ms, about 10 s in all.
+const POOL_RETRIES: u32 = 200;
+
+/// How long vlmc waits for the reply to a call of its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Wait {
+    /// At most [`VlmcConfig::timeout`]: a late reply changes nothing.
+    Bounded,
+    /// Until it comes: the call writes (see "A write is never abandoned" above).
+    ToReply,
+}
+
+/// One call of vlmc's own: what to allocate; the caller fills in the rest.
+pub(super) struct Call<'a> {
+    pub(super) op: Op,
+    pub(super) target: &'a [u8],
+    /// Data buffer to allocate (the payload, or room for the reply).
+    pub(super) buffer: u64,
+    pub(super) wait: Wait,
 }
 
 impl Default for VlmcConfig {
@@ -62,8 +114,50 @@ struct Inner {
     /// A dynamic port for vlmc's own calls (MAPR/MAPW, INFO, sub-requests).
     client: AsyncClient,
     forwarded: Mutex<HashMap<u32, oneshot::Sender<Request>>>,
-    volumes: Mutex<HashMap<String, Arc<Vol>>>,
+    volumes: Mutex<Volumes>,
     config: VlmcConfig,
+}
+
+/// The per-volume table, with a use clock for least-recently-used eviction.
+#[derive(Default)]
+struct Volumes {
+    map: HashMap<String, (Arc<Vol>, u64)>,
+    clock: u64,
+}
+
+impl Volumes {
+    fn get(&mut self, name: &str) -> Arc<Vol> {
+        self.clock += 1;
+        let now = self.clock;
+        if let Some((vol, used)) = self.map.get_mut(name) {
+            *used = now;
+            return vol.clone();
+        }
+        if self.map.len() >= MAX_VOLUMES {
+            self.evict(self.map.len() + 1 - MAX_VOLUMES);
+        }
+        let vol = Arc::new(Vol::default());
+        self.map.insert(name.to_string(), (vol.clone(), now));
+        vol
+    }
+
+    /// Drops up to `n` of the least recently used entries that nothing else holds (no I/O or
+    /// barrier in flight) and that are not opened shared. When every entry is busy the table
+    /// stays over the cap, by at most the number of requests in flight.
+    fn evict(&mut self, n: usize) {
+        let mut idle: Vec<(u64, String)> = self
+            .map
+            .iter()
+            .filter(|(_, (vol, _))| {
+                Arc::strong_count(vol) == 1 && !vol.shared.load(Ordering::Acquire)
+            })
+            .map(|(name, (_, used))| (*used, name.clone()))
+            .collect();
+        idle.sort_unstable();
+        for (_, name) in idle.into_iter().take(n) {
+            self.map.remove(&name);
+        }
+    }
 }
 
 /// The vlmc peer; drive it with an [`xseg::Runner`] on the vlmc port.
@@ -81,7 +175,7 @@ impl Vlmc {
                 port,
                 client,
                 forwarded: Mutex::new(HashMap::new()),
-                volumes: Mutex::new(HashMap::new()),
+                volumes: Mutex::new(Volumes::default()),
                 config,
             }),
             rt,
@@ -108,11 +202,15 @@ impl Peer for Vlmc {
 }
 
 impl Inner {
-    fn vol(&self, name: &str) -> Arc<Vol> {
-        lock(&self.volumes)
-            .entry(name.to_string())
-            .or_default()
-            .clone()
+    /// The state of volume `name`; a name no volume can have is refused without an entry.
+    fn vol(&self, name: &str) -> Result<Arc<Vol>, Failure> {
+        if let Some(reason) = crate::map_format::volume_name_problem(name) {
+            return Err(Failure::new(
+                Status::Invalid,
+                format!("invalid volume name {name:?}: {reason}"),
+            ));
+        }
+        Ok(lock(&self.volumes).get(name))
     }
 
     async fn handle(self: Arc<Self>, mut req: Request) {
@@ -165,8 +263,23 @@ impl Inner {
                 Some(req),
             )),
         };
-        let ok = matches!(&result, Ok(Some(r)) if r.status() == Status::Ok);
-        count(op, &name, ok, io_bytes, started.elapsed());
+        let status = match &result {
+            Ok(Some(r)) => r.status(),
+            Ok(None) => Status::Io,
+            Err((f, _)) => f.status,
+        };
+        // I/O to a volume that does not exist (or cannot) has no counters of its own: a
+        // client sending endless names would otherwise take every per-volume slot.
+        let no_volume =
+            status == Status::NotFound || crate::map_format::volume_name_problem(&name).is_some();
+        count(
+            op,
+            &name,
+            status == Status::Ok,
+            no_volume,
+            io_bytes,
+            started.elapsed(),
+        );
         match result {
             Ok(Some(req)) => self.port.respond(req),
             Ok(None) => {}
@@ -210,7 +323,10 @@ impl Inner {
     }
 
     async fn barrier(&self, name: &str, req: Request) -> Outcome {
-        let vol = self.vol(name);
+        let vol = match self.vol(name) {
+            Ok(v) => v,
+            Err(f) => return Err((f, Some(req))),
+        };
         let _exclusive = vol.gate.write().await;
         let closing = req.op() == Op::Close;
         let port = self.config.mapper_port;
@@ -237,10 +353,14 @@ impl Inner {
                 return wait;
             }
         }
+        let call = Call {
+            op: Op::Qos,
+            target: name.as_bytes(),
+            buffer: CONTROL_BUF,
+            wait: Wait::Bounded,
+        };
         let got = self
-            .call_again(self.config.mapper_port, || {
-                Ok(self.client.alloc(Op::Qos, name.as_bytes(), CONTROL_BUF)?)
-            })
+            .call_again(self.config.mapper_port, call, |_| Ok(()))
             .await
             .and_then(|rep| Ok(QosReport::decode(rep.data()?)?));
         match got {
@@ -255,7 +375,10 @@ impl Inner {
     /// QOS: answered by the mapper; a change applies here at once (other nodes pick it up
     /// within `throttle::REFRESH`), and the reply carries this vlmc's count of delayed I/Os.
     async fn qos(&self, name: &str, req: Request) -> Outcome {
-        let vol = self.vol(name);
+        let vol = match self.vol(name) {
+            Ok(v) => v,
+            Err(f) => return Err((f, Some(req))),
+        };
         let port = self.config.mapper_port;
         let mut rep = match self.forward(req, port).await? {
             Some(rep) => rep,
@@ -281,7 +404,10 @@ impl Inner {
     /// OPEN shared: from now on nothing of this volume is cached here. Under the drain
     /// barrier, so no I/O planned from the cache is still in flight when the mode changes.
     async fn open_shared(&self, name: &str, req: Request) -> Outcome {
-        let vol = self.vol(name);
+        let vol = match self.vol(name) {
+            Ok(v) => v,
+            Err(f) => return Err((f, Some(req))),
+        };
         let _exclusive = vol.gate.write().await;
         vol.shared.store(true, Ordering::Release);
         vol.clear();
@@ -305,26 +431,34 @@ impl Inner {
             }
         };
         let names: BTreeSet<&str> = group.members.iter().map(|(v, _)| v.as_str()).collect();
-        let vols: Vec<Arc<Vol>> = names.iter().map(|n| self.vol(n)).collect();
+        let vols: Result<Vec<Arc<Vol>>, Failure> = names.iter().map(|n| self.vol(n)).collect();
+        let vols = match vols {
+            Ok(v) => v,
+            Err(f) => return Err((f, Some(req))),
+        };
         let mut held = Vec::with_capacity(vols.len());
         for vol in &vols {
             held.push(vol.gate.write().await);
         }
         let mut result = Ok(());
         for (volume, snapshot) in &group.members {
-            let make = || {
-                let mut sub = self
-                    .client
-                    .alloc(Op::Snapshot, volume.as_bytes(), CONTROL_BUF)?;
+            let fill = |sub: &mut Request| {
                 let payload = xseg::protocol::NamePayload {
                     name: snapshot.clone(),
                     size: 0,
                 };
                 let n = payload.encode(sub.buffer_mut()?)?;
                 sub.set_data_len(n as u64)?;
-                Ok(sub)
+                Ok(())
             };
-            if let Err(f) = self.call_again(self.config.mapper_port, make).await {
+            // Waited for to the end: the gates must not open while a cut may still happen.
+            let call = Call {
+                op: Op::Snapshot,
+                target: volume.as_bytes(),
+                buffer: CONTROL_BUF,
+                wait: Wait::ToReply,
+            };
+            if let Err(f) = self.call_again(self.config.mapper_port, call, fill).await {
                 result = Err(Failure {
                     message: format!("group snapshot member {volume}: {}", f.message),
                     ..f
@@ -346,28 +480,65 @@ impl Inner {
         }
     }
 
-    /// One call of vlmc's own, for a request `make` can build again; a failed reply becomes a
-    /// failure with its message. A send to a queue that is momentarily full (or reported
-    /// corrupt by a racing producer, see xseg's ring) is retried with a fresh request
-    /// ([`AsyncClient::call_again`], by xseg's one retry policy).
+    /// One call of vlmc's own: allocates the request `call` describes, lets `fill` complete
+    /// it, sends it to `port` and waits by `call.wait`; a failed reply becomes a failure with
+    /// its message. An exhausted pool is waited out (bounded, then TimedOut: nothing was
+    /// sent); a send refused for a moment is retried with a fresh request, by xseg's one
+    /// policy ([`xseg::SendRetry`]).
     async fn call_again(
         &self,
         port: u32,
-        make: impl Fn() -> Result<Request, Failure>,
+        call: Call<'_>,
+        fill: impl Fn(&mut Request) -> Result<(), Failure>,
     ) -> Result<Request, Failure> {
-        let rep = self
-            .client
-            .call_again(make, port, self.config.timeout)
-            .await?;
-        if rep.status() == Status::Ok {
-            Ok(rep)
-        } else {
-            Err(Failure::from_reply(&rep))
+        let mut pool = xseg::retry::PoolBackoff::new(POOL_RETRIES, Duration::from_micros(50), 10);
+        let mut send = xseg::SendRetry::new();
+        loop {
+            let mut req = match self.client.alloc(call.op, call.target, call.buffer) {
+                Ok(r) => r,
+                Err(e @ (xseg::Error::NoRequest | xseg::Error::NoBuffer(_))) => {
+                    match pool.next_pause() {
+                        Some(pause) => {
+                            tokio::time::sleep(pause).await;
+                            continue;
+                        }
+                        None => {
+                            return Err(Failure::new(
+                                Status::TimedOut,
+                                format!("vlmc: the segment stayed exhausted ({e}); try again"),
+                            ));
+                        }
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            };
+            // On failure `req` drops here, which frees it.
+            fill(&mut req)?;
+            let sent = match call.wait {
+                Wait::Bounded => self.client.call(req, port, self.config.timeout).await,
+                Wait::ToReply => {
+                    let slow = |waited: Duration| {
+                        tracing::warn!(op = ?call.op, object = %String::from_utf8_lossy(call.target),
+                            port, ?waited, "a write is slow; waiting for it (it is never abandoned)");
+                    };
+                    let every = self.config.timeout;
+                    self.client.call_to_reply(req, port, every, slow).await
+                }
+            };
+            match sent {
+                Err(e) if send.allows(&e) => send.pause().await,
+                Err(e) => return Err(e.into()),
+                Ok(rep) if rep.status() == Status::Ok => return Ok(rep),
+                Ok(rep) => return Err(Failure::from_reply(&rep)),
+            }
         }
     }
 
     async fn flush(&self, name: &str, req: Request) -> Outcome {
-        let vol = self.vol(name);
+        let vol = match self.vol(name) {
+            Ok(v) => v,
+            Err(f) => return Err((f, Some(req))),
+        };
         let _shared = vol.gate.read().await;
         vol.drain_writes_before_now().await;
         let port = self.config.blocker_port;
@@ -390,10 +561,11 @@ fn count_delay(wait: Duration) {
 
 /// Counts a finished request in [`crate::metrics`]: volume I/O per volume, snapshots and
 /// clones with their latency; a deleted volume's counters are dropped to keep the bound.
-fn count(op: Op, name: &str, ok: bool, bytes: u64, took: Duration) {
+/// I/O of `no_volume` (a name that is not a volume) is not counted.
+fn count(op: Op, name: &str, ok: bool, no_volume: bool, bytes: u64, took: Duration) {
     let stats = crate::metrics::global();
     match op {
-        Op::Read | Op::Write | Op::Flush => {
+        Op::Read | Op::Write | Op::Flush if !no_volume => {
             let v = stats.volume(name);
             match op {
                 Op::Read => v.read.record(ok, bytes, took),

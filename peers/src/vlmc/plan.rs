@@ -9,7 +9,7 @@ use xseg::protocol::{MapReply, extent};
 use xseg::{Op, Request, Status};
 
 use super::cache::{Mapping, Meta, Vol, lock};
-use super::{Inner, IntoOutcome, Outcome};
+use super::{Call, Inner, IntoOutcome, Outcome, Wait};
 use crate::block_range::{Piece, split};
 use crate::failure::Failure;
 use crate::wire::{self, CONTROL_BUF, DiscardReply, VolumeInfo};
@@ -19,10 +19,14 @@ impl Inner {
         if !refresh && let Some(m) = *lock(&vol.meta) {
             return Ok(m);
         }
+        let call = Call {
+            op: Op::Info,
+            target: name.as_bytes(),
+            buffer: CONTROL_BUF,
+            wait: Wait::Bounded,
+        };
         let rep = self
-            .call_again(self.config.mapper_port, || {
-                Ok(self.client.alloc(Op::Info, name.as_bytes(), CONTROL_BUF)?)
-            })
+            .call_again(self.config.mapper_port, call, |_| Ok(()))
             .await?;
         let info = VolumeInfo::decode(rep.data()?)?;
         let m = Meta {
@@ -85,15 +89,19 @@ impl Inner {
         let end = pieces[last].block * bs + pieces[last].object_offset + pieces[last].len;
         let blocks = pieces[last].block - pieces[first].block + 1;
         let generation = lock(&vol.cache).generation;
-        let op = if write { Op::MapWrite } else { Op::MapRead };
-        let make = || {
-            let cap = wire::map_reply_capacity(blocks).max(CONTROL_BUF);
-            let mut req = self.client.alloc(op, name.as_bytes(), cap)?;
+        let call = Call {
+            op: if write { Op::MapWrite } else { Op::MapRead },
+            target: name.as_bytes(),
+            buffer: wire::map_reply_capacity(blocks).max(CONTROL_BUF),
+            // A MAPW may copy a block and change the map: never abandoned.
+            wait: if write { Wait::ToReply } else { Wait::Bounded },
+        };
+        let fill = |req: &mut Request| {
             req.set_offset(start);
             req.set_size(end - start);
-            Ok(req)
+            Ok(())
         };
-        let rep = self.call_again(self.config.mapper_port, make).await?;
+        let rep = self.call_again(self.config.mapper_port, call, fill).await?;
         let reply = MapReply::decode(rep.data()?)?;
         let fresh = vol.install(&reply, start, bs, (!shared).then_some(generation), write)?;
         for (slot, p) in out.iter_mut().zip(pieces) {
@@ -110,7 +118,10 @@ impl Inner {
 
     pub(super) async fn io(self: &Arc<Self>, name: &str, mut req: Request) -> Outcome {
         let write = req.op() == Op::Write;
-        let vol = self.vol(name);
+        let vol = match self.vol(name) {
+            Ok(v) => v,
+            Err(f) => return Err((f, Some(req))),
+        };
         // Before the gate: a throttled I/O must not hold up a snapshot's barrier.
         let wait = self.throttle(name, &vol, req.size()).await;
         if !wait.is_zero() {
@@ -191,6 +202,9 @@ impl Inner {
         }
         let pieces = split(offset, len, meta.block_size);
         let maps = self.mappings(name, vol, meta, &pieces, write).await?;
+        if write {
+            writable(name, &pieces, &maps)?;
+        }
         Ok(Some((pieces, maps)))
     }
 
@@ -224,16 +238,21 @@ impl Inner {
             let me = self.clone();
             calls.spawn(async move {
                 let port = me.config.blocker_port;
-                let make = || {
-                    let mut sub = me.client.alloc(op, object.as_bytes(), p.len)?;
+                let call = Call {
+                    op,
+                    target: object.as_bytes(),
+                    buffer: p.len,
+                    wait: if write { Wait::ToReply } else { Wait::Bounded },
+                };
+                let fill = |sub: &mut Request| {
                     if write {
                         sub.write_data(&data)?;
                     }
                     sub.set_offset(p.object_offset);
                     sub.set_size(p.len);
-                    Ok(sub)
+                    Ok(())
                 };
-                (i, me.call_again(port, make).await)
+                (i, me.call_again(port, call, fill).await)
             });
         }
         let mut first_error = None;
@@ -272,7 +291,7 @@ impl Inner {
         name: &str,
         req: &mut Request,
     ) -> Result<(), Failure> {
-        let vol = self.vol(name);
+        let vol = self.vol(name)?;
         let _shared = vol.gate.read().await;
         let _ticket = vol.begin_write();
         let (offset, len) = (req.offset(), req.size());
@@ -295,15 +314,19 @@ impl Inner {
         forget();
         let blocks_n = blocks.len() as u64;
         let op = req.op();
-        let make = || {
+        let call = Call {
+            op,
+            target: name.as_bytes(),
             // Partial blocks, at most one at each end, come back as extents; 4 is headroom.
-            let cap = wire::discard_reply_capacity(blocks_n.min(4)).max(CONTROL_BUF);
-            let mut sub = self.client.alloc(op, name.as_bytes(), cap)?;
+            buffer: wire::discard_reply_capacity(blocks_n.min(4)).max(CONTROL_BUF),
+            wait: Wait::ToReply,
+        };
+        let fill = |sub: &mut Request| {
             sub.set_offset(offset);
             sub.set_size(len);
-            Ok(sub)
+            Ok(())
         };
-        let rep = self.call_again(self.config.mapper_port, make).await;
+        let rep = self.call_again(self.config.mapper_port, call, fill).await;
         // Entries changed at the mapper whatever the outcome; replies sent meanwhile are stale.
         forget();
         let rep = rep?;
@@ -317,15 +340,20 @@ impl Inner {
             let me = self.clone();
             calls.spawn(async move {
                 let port = me.config.blocker_port;
-                let make = || {
-                    let mut sub = me.client.alloc(Op::Write, e.object.as_bytes(), e.len)?;
+                let call = Call {
+                    op: Op::Write,
+                    target: e.object.as_bytes(),
+                    buffer: e.len,
+                    wait: Wait::ToReply,
+                };
+                let fill = |sub: &mut Request| {
                     sub.buffer_mut()?[..e.len as usize].fill(0);
                     sub.set_data_len(e.len)?;
                     sub.set_offset(e.offset);
                     sub.set_size(e.len);
-                    Ok(sub)
+                    Ok(())
                 };
-                me.call_again(port, make).await.map(drop)
+                me.call_again(port, call, fill).await.map(drop)
             });
         }
         let mut first_error = None;
@@ -340,4 +368,25 @@ impl Inner {
         req.complete(len);
         Ok(())
     }
+}
+
+/// A write needs a writable object for every piece: the mapper's MAPW promises one. A ZERO or
+/// read-only mapping would have the write reported done with nothing stored (or stored in an
+/// object a snapshot shares), so it fails the write instead.
+fn writable(name: &str, pieces: &[Piece], maps: &[Mapping]) -> Result<(), Failure> {
+    for (p, m) in pieces.iter().zip(maps) {
+        let what = match m {
+            Mapping::Object { writable: true, .. } => continue,
+            Mapping::Object { name: object, .. } => format!("read-only object {object}"),
+            Mapping::Zero => "no object (ZERO)".to_string(),
+        };
+        return Err(Failure::new(
+            Status::Io,
+            format!(
+                "vlmc: the mapper mapped block {} of {name} to {what} for a write",
+                p.block
+            ),
+        ));
+    }
+    Ok(())
 }
