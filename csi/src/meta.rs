@@ -30,6 +30,31 @@ use crate::errors::CsiError;
 /// than misread.
 pub const RECORD_VERSION: u32 = 1;
 
+/// Decodes a record read from `object` (named in errors): the format version first, so that a
+/// newer controller's record is refused rather than misread. Public so that the fuzz target
+/// runs exactly this.
+pub fn decode_record<T: DeserializeOwned>(
+    object: &ObjectName,
+    data: &[u8],
+) -> Result<T, MetaError> {
+    let corrupt = |reason: String| MetaError::Corrupt {
+        object: object.to_string(),
+        reason,
+    };
+    #[derive(Deserialize)]
+    struct Versioned {
+        version: u32,
+    }
+    let v: Versioned = serde_json::from_slice(data).map_err(|e| corrupt(e.to_string()))?;
+    if v.version > RECORD_VERSION {
+        return Err(corrupt(format!(
+            "format {} is newer than this controller's {RECORD_VERSION}",
+            v.version
+        )));
+    }
+    serde_json::from_slice(data).map_err(|e| corrupt(e.to_string()))
+}
+
 /// The kind of a record, which fixes its object-name prefix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RecordKind {
@@ -217,22 +242,7 @@ impl MetaStore {
         let Some(raw) = self.backend.read_map(&object).await? else {
             return Ok(None);
         };
-        let corrupt = |reason: String| MetaError::Corrupt {
-            object: object.to_string(),
-            reason,
-        };
-        #[derive(Deserialize)]
-        struct Versioned {
-            version: u32,
-        }
-        let v: Versioned = serde_json::from_slice(&raw.data).map_err(|e| corrupt(e.to_string()))?;
-        if v.version > RECORD_VERSION {
-            return Err(corrupt(format!(
-                "format {} is newer than this controller's {RECORD_VERSION}",
-                v.version
-            )));
-        }
-        let record = serde_json::from_slice(&raw.data).map_err(|e| corrupt(e.to_string()))?;
+        let record = decode_record(&object, &raw.data)?;
         Ok(Some(Stored {
             record,
             version: raw.version,

@@ -130,6 +130,26 @@ pub fn parse_device(target: &str) -> Option<u32> {
     t.parse().ok()
 }
 
+/// Decodes the text of a state file read from `path` (named in errors): an empty file is an
+/// empty table; anything else must be a document of this version. Public so that the fuzz
+/// target runs exactly this.
+pub fn decode_state(path: &Path, text: &str) -> Result<Vec<DeviceRecord>, DevicesError> {
+    if text.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    let doc: StateDoc = serde_json::from_str(text).map_err(|source| DevicesError::Corrupt {
+        path: path.to_owned(),
+        source,
+    })?;
+    if doc.version != STATE_VERSION {
+        return Err(DevicesError::Version {
+            path: path.to_owned(),
+            found: doc.version,
+        });
+    }
+    Ok(doc.devices)
+}
+
 #[derive(Default, Serialize, Deserialize)]
 struct StateDoc {
     version: u32,
@@ -191,21 +211,10 @@ impl DeviceTable {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(StateDoc::default()),
             Err(e) => return Err(self.io_err(e)),
         }
-        if text.trim().is_empty() {
-            return Ok(StateDoc::default());
-        }
-        let doc: StateDoc =
-            serde_json::from_str(&text).map_err(|source| DevicesError::Corrupt {
-                path: self.path.clone(),
-                source,
-            })?;
-        if doc.version != STATE_VERSION {
-            return Err(DevicesError::Version {
-                path: self.path.clone(),
-                found: doc.version,
-            });
-        }
-        Ok(doc)
+        Ok(StateDoc {
+            version: STATE_VERSION,
+            devices: decode_state(&self.path, &text)?,
+        })
     }
 
     fn write_doc(&self, doc: &StateDoc) -> Result<(), DevicesError> {

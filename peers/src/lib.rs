@@ -25,6 +25,9 @@ pub mod failure;
 pub mod fence;
 pub mod flock;
 pub mod fs_stats;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod map_format;
 pub mod mapper;
 pub mod metrics;

@@ -60,6 +60,29 @@ impl Envelope {
     }
 }
 
+/// Decodes a request line, checking the version before the shape so that a newer client gets
+/// "version" rather than a confusing parse error. The server's one way in (and the fuzz
+/// target's: this file is compiled into `fuzz/` as it is, so it depends on serde only).
+pub fn decode_request(line: &[u8]) -> Result<Request, (ErrorKind, String)> {
+    let value: serde_json::Value = serde_json::from_slice(line)
+        .map_err(|e| (ErrorKind::Protocol, format!("request is not JSON: {e}")))?;
+    match value.get("v").and_then(serde_json::Value::as_u64) {
+        Some(v) if v == u64::from(VERSION) => {}
+        v => {
+            return Err((
+                ErrorKind::Version,
+                format!(
+                    "control protocol version {} is not supported by this archip up (it speaks {VERSION})",
+                    v.map_or("<missing>".to_string(), |v| v.to_string())
+                ),
+            ));
+        }
+    }
+    let env: Envelope = serde_json::from_value(value)
+        .map_err(|e| (ErrorKind::Protocol, format!("bad request: {e}")))?;
+    Ok(env.request)
+}
+
 /// What a client can ask for. Sizes are bytes.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "op", rename_all = "snake_case")]

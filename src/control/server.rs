@@ -18,9 +18,9 @@ use tokio::net::{UnixListener, UnixStream};
 use xseg::Segment;
 
 use super::protocol::{
-    DedupSummary, Envelope, ErrorKind, ExportSummary, Frame, GcSummary, ImportSummary, Lock,
-    MAX_FRAME, MAX_LINE, MAX_REQUEST_LINE, PeerReport, PortReport, QosSummary, Reply, Request,
-    StatusReport, VERSION, Volume,
+    DedupSummary, ErrorKind, ExportSummary, Frame, GcSummary, ImportSummary, Lock, MAX_FRAME,
+    MAX_LINE, MAX_REQUEST_LINE, PeerReport, PortReport, QosSummary, Reply, Request, StatusReport,
+    Volume, decode_request,
 };
 
 /// What a request failed with, as sent to the client.
@@ -247,26 +247,9 @@ async fn send<W: AsyncWrite + Unpin>(w: &mut W, reply: &Reply) -> std::io::Resul
     w.write_all(&line).await
 }
 
-/// Parses the request line, checking the version before the shape so that a newer client gets
-/// "version" rather than a confusing parse error.
+/// Parses the request line ([`decode_request`]).
 fn parse_request(line: &[u8]) -> Outcome<Request> {
-    let value: serde_json::Value = serde_json::from_slice(line)
-        .map_err(|e| Failure::new(ErrorKind::Protocol, format!("request is not JSON: {e}")))?;
-    match value.get("v").and_then(serde_json::Value::as_u64) {
-        Some(v) if v == u64::from(VERSION) => {}
-        v => {
-            return Err(Failure::new(
-                ErrorKind::Version,
-                format!(
-                    "control protocol version {} is not supported by this archip up (it speaks {VERSION})",
-                    v.map_or("<missing>".to_string(), |v| v.to_string())
-                ),
-            ));
-        }
-    }
-    let env: Envelope = serde_json::from_value(value)
-        .map_err(|e| Failure::new(ErrorKind::Protocol, format!("bad request: {e}")))?;
-    Ok(env.request)
+    decode_request(line).map_err(|(kind, message)| Failure::new(kind, message))
 }
 
 async fn connection(

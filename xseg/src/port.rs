@@ -345,7 +345,7 @@ impl Sender {
         q.path_len.store(1, Relaxed);
         match self.push(&req, dst, REQ_ALLOCATED) {
             Ok(()) => {
-                std::mem::forget(req);
+                req.hand_on();
                 Ok(())
             }
             Err(e) => Err((e, req)),
@@ -367,7 +367,7 @@ impl Sender {
         // Still ours to answer if it cannot be sent: a drop then fails it back to its sender.
         match self.push(&req, dst, REQ_SERVING) {
             Ok(()) => {
-                std::mem::forget(req);
+                req.hand_on();
                 Ok(())
             }
             Err(e) => {
@@ -390,14 +390,26 @@ impl Sender {
         let elapsed = now_ns().saturating_sub(q.accept_ns.load(Relaxed));
         let bucket = (63 - elapsed.max(1).leading_zeros() as usize).min(HIST_BUCKETS - 1);
         stats.service_ns[bucket].fetch_add(1, Relaxed);
-        let index = req.index;
-        std::mem::forget(req);
+        let index = req.hand_on();
         self.seg.respond_raw(index);
     }
 
     /// Wakes this port's own consumer (used to stop a sleeping peer loop).
     pub fn wake(&self) {
         self.seg.wake(self.no);
+    }
+}
+
+impl Request {
+    /// Gives up the handle once the slot belongs to someone else (queued to a port, or
+    /// answered), without the Drop that would fail or free it, but still releasing the
+    /// handle's reference to the segment: `mem::forget` leaked that reference, and with it
+    /// the port's mapping and file descriptor for the life of the process.
+    fn hand_on(self) -> u32 {
+        let me = std::mem::ManuallyDrop::new(self);
+        // SAFETY: `me` is never used or dropped after this read, so the Arc moves out once.
+        drop(unsafe { std::ptr::read(&me.seg) });
+        me.index
     }
 }
 

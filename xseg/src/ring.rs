@@ -10,6 +10,8 @@
 //! So no state that a dead process leaves behind can stall the ring: nothing here is a lock.
 //!
 //! Positions carry the lap number, so a stale or replayed slot value is recognised (no ABA).
+//! Head and tail are free-running counters read from shared memory, so garbage can put them
+//! anywhere: all arithmetic on them wraps.
 
 use std::sync::atomic::{AtomicU64, Ordering::*};
 use std::time::{Duration, Instant};
@@ -114,7 +116,7 @@ impl Ring {
             }
             if self
                 .tail()
-                .compare_exchange_weak(tail, tail + 1, AcqRel, Relaxed)
+                .compare_exchange_weak(tail, tail.wrapping_add(1), AcqRel, Relaxed)
                 .is_err()
             {
                 std::hint::spin_loop();
@@ -155,7 +157,8 @@ impl Ring {
         }
         if tail.wrapping_sub(head) > self.capacity {
             // Garbage in the counters: resynchronise to an empty ring at the current head.
-            for pos in head..head + self.capacity {
+            for i in 0..self.capacity {
+                let pos = head.wrapping_add(i);
                 self.slot(pos).store(slot_value(pos, EMPTY), Relaxed);
             }
             self.tail().store(head, Release);
@@ -202,8 +205,8 @@ impl Ring {
 
     fn advance(&self, head: u64) {
         self.slot(head)
-            .store(slot_value(head + self.capacity, EMPTY), Release);
-        self.head().store(head + 1, Release);
+            .store(slot_value(head.wrapping_add(self.capacity), EMPTY), Release);
+        self.head().store(head.wrapping_add(1), Release);
     }
 
     /// Entries between head and tail (approximate under concurrency).
@@ -276,6 +279,34 @@ mod tests {
         }
         assert_eq!(got, vec![7]);
         assert!(start.elapsed() >= HOLE_PATIENCE);
+    }
+
+    #[test]
+    fn positions_at_the_top_of_u64_wrap_around() {
+        // Head and tail are read from shared memory: garbage can put them anywhere, the very
+        // top included (found by fuzz/fuzz_targets/xseg_requests.rs as an overflow panic).
+        let (_m, r) = ring(8);
+        let start = u64::MAX - 2;
+        for i in 0..8 {
+            let pos = start.wrapping_add(i);
+            r.slot(pos).store(slot_value(pos, EMPTY), Relaxed);
+        }
+        r.head().store(start, Relaxed);
+        r.tail().store(start, Relaxed);
+        let mut w = HoleWatch::default();
+        for i in 0..6 {
+            r.push(i).unwrap();
+        }
+        for i in 0..6 {
+            assert_eq!(r.pop(&mut w), Pop::Item(i));
+        }
+        assert_eq!(r.pop(&mut w), Pop::Empty);
+        // A tail far beyond the head: the ring resynchronises without overflowing.
+        r.head().store(u64::MAX - 1, Relaxed);
+        r.tail().store(100, Relaxed);
+        assert_eq!(r.pop(&mut w), Pop::Corrupt);
+        r.push(4).unwrap();
+        assert_eq!(r.pop(&mut w), Pop::Item(4));
     }
 
     #[test]

@@ -256,3 +256,33 @@ fn segment_of_another_user_is_refused() {
     std::os::unix::fs::chown(&s.path, Some(0), Some(0)).unwrap();
     Segment::attach(&s.path).unwrap();
 }
+
+/// A request handed on (submitted, forwarded, responded) gives up its handle without running
+/// its Drop; its reference to the port's mapping must still be released, or every port a
+/// process ever bound keeps its mapping and file descriptor forever (found by the fuzz target
+/// xseg_requests as a LeakSanitizer report).
+#[test]
+fn handed_on_requests_release_their_mapping() {
+    let s = Scratch::new("leak", &small_config());
+    let mut server = s.seg.bind(1, "server").unwrap();
+    let mut client = s.seg.bind_dynamic("client").unwrap();
+    for _ in 0..3 {
+        let req = client.alloc(Op::Read, b"vol", 0).unwrap();
+        client.submit(req, 1).map_err(|(e, _)| e).unwrap();
+        let mut got = server.accept().expect("the request arrived");
+        got.complete(0);
+        server.respond(got);
+        let rep = client.receive().expect("the reply arrived");
+        client.free(rep);
+    }
+    assert_eq!(
+        std::sync::Arc::strong_count(client.segment()),
+        1,
+        "client mapping leaked"
+    );
+    assert_eq!(
+        std::sync::Arc::strong_count(server.segment()),
+        1,
+        "server mapping leaked"
+    );
+}

@@ -808,7 +808,7 @@ fn parse_map_prefix(name: &ObjectName, prefix: &[u8]) -> Result<u64, BlockerErro
     ))
 }
 
-fn encode_lock(info: &LockInfo) -> Vec<u8> {
+pub(crate) fn encode_lock(info: &LockInfo) -> Vec<u8> {
     let holder = info.holder.as_ref().map(|h| h.as_str()).unwrap_or("");
     let mut out = Vec::with_capacity(22 + holder.len());
     out.extend_from_slice(LOCK_MAGIC);
@@ -820,7 +820,7 @@ fn encode_lock(info: &LockInfo) -> Vec<u8> {
     out
 }
 
-fn decode_lock(name: &ObjectName, bytes: &[u8]) -> Result<LockInfo, BlockerError> {
+pub(crate) fn decode_lock(name: &ObjectName, bytes: &[u8]) -> Result<LockInfo, BlockerError> {
     if bytes.len() < 22 || &bytes[..8] != LOCK_MAGIC {
         return Err(corrupt(name, "not a lock object"));
     }

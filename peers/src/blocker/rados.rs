@@ -143,13 +143,13 @@ fn lock_object(lock: &ObjectName) -> String {
 
 /// A lock object's content.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct LockState {
-    info: LockInfo,
+pub(crate) struct LockState {
+    pub(crate) info: LockInfo,
     /// The holder's client address, for blocklisting it when the lock is broken.
-    address: String,
+    pub(crate) address: String,
 }
 
-fn encode_lock(s: &LockState) -> Vec<u8> {
+pub(crate) fn encode_lock(s: &LockState) -> Vec<u8> {
     let holder = s.info.holder.as_ref().map(|h| h.as_str()).unwrap_or("");
     format!(
         "{LOCK_MAGIC}\ngeneration={}\nholder={holder}\naddress={}\n",
@@ -158,7 +158,7 @@ fn encode_lock(s: &LockState) -> Vec<u8> {
     .into_bytes()
 }
 
-fn decode_lock(object: &str, bytes: &[u8]) -> Result<LockState, BlockerError> {
+pub(crate) fn decode_lock(object: &str, bytes: &[u8]) -> Result<LockState, BlockerError> {
     let corrupt = |reason: &str| BlockerError::Corrupt {
         object: object.to_owned(),
         reason: reason.to_owned(),

@@ -24,7 +24,7 @@ use uuid::Uuid;
 
 use super::{
     FORMAT_VERSION, MAX_BLOCK_SIZE, MAX_BLOCKS, MAX_PAGE_ENTRIES, MIN_BLOCK_SIZE, MIN_PAGE_ENTRIES,
-    MapEntry, MapFormatError, Reader, VolumeName, append_checksum, verify_checksum,
+    MapEntry, MapFormatError, Reader, VolumeName, append_checksum, checked_body,
     volume_name_problem,
 };
 
@@ -194,11 +194,7 @@ impl MapHeader {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, MapFormatError> {
-        if bytes.len() < 8 || &bytes[..8] != MAGIC {
-            return Err(MapFormatError::BadMagic);
-        }
-        let body = verify_checksum(bytes)?;
-        let mut r = Reader::new(&body[8..]);
+        let mut r = Reader::new(checked_body(bytes, MAGIC)?);
         let version = r.u16("version")?;
         if version != FORMAT_VERSION && version != HEADER_VERSION {
             return Err(MapFormatError::UnsupportedVersion(version));

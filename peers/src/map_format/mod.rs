@@ -332,9 +332,46 @@ pub(crate) fn append_checksum(out: &mut Vec<u8>) {
     out.extend_from_slice(&crc.to_le_bytes());
 }
 
+/// Checks the magic and the trailing CRC-32C of a map object and returns what lies between.
+/// An object too short to hold both is refused: otherwise the two overlap, and a checksum that
+/// happens to match would leave a body shorter than the magic to slice.
+pub(crate) fn checked_body<'a>(
+    bytes: &'a [u8],
+    magic: &[u8; 8],
+) -> Result<&'a [u8], MapFormatError> {
+    if bytes.len() < 8 || &bytes[..8] != magic {
+        return Err(MapFormatError::BadMagic);
+    }
+    if bytes.len() < 8 + 4 {
+        return Err(MapFormatError::Truncated("checksum"));
+    }
+    Ok(&verify_checksum(bytes)?[8..])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn magic_and_checksum_never_overlap() {
+        // Found by fuzz/fuzz_targets/map_page.rs: "ARCHPG0" plus its CRC-32C happens to
+        // start with '1', so 11 bytes pass both the magic and the checksum, and decoding
+        // sliced the 7-byte body at 8 and panicked.
+        let mut page = b"ARCHPG0".to_vec();
+        append_checksum(&mut page);
+        assert_eq!(&page[..8], b"ARCHPG01");
+        assert!(MapPage::decode(&page, Uuid::nil(), 0, 16).is_err());
+        // The same overlap for any magic, at every short length.
+        for len in 8..12 {
+            let mut b = vec![7u8; len - 4];
+            append_checksum(&mut b);
+            let magic: [u8; 8] = b[..8].try_into().unwrap();
+            assert!(matches!(
+                checked_body(&b, &magic),
+                Err(MapFormatError::Truncated(_))
+            ));
+        }
+    }
 
     #[test]
     fn volume_names() {

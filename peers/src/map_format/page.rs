@@ -18,7 +18,7 @@ use std::collections::HashMap;
 
 use uuid::Uuid;
 
-use super::{FORMAT_VERSION, MapEntry, MapFormatError, Reader, append_checksum, verify_checksum};
+use super::{FORMAT_VERSION, MapEntry, MapFormatError, Reader, append_checksum, checked_body};
 
 const MAGIC: &[u8; 8] = b"ARCHPG01";
 
@@ -145,11 +145,7 @@ impl MapPage {
         page: u32,
         page_entries: u32,
     ) -> Result<Self, MapFormatError> {
-        if bytes.len() < 8 || &bytes[..8] != MAGIC {
-            return Err(MapFormatError::BadMagic);
-        }
-        let body = verify_checksum(bytes)?;
-        let mut r = Reader::new(&body[8..]);
+        let mut r = Reader::new(checked_body(bytes, MAGIC)?);
         let version = r.u16("version")?;
         if version != FORMAT_VERSION {
             return Err(MapFormatError::UnsupportedVersion(version));
