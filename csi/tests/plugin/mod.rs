@@ -15,8 +15,8 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 
-use csi::ControllerPlugin;
 use csi::ControllerConfig;
+use csi::ControllerPlugin;
 use csi::health::PeerSetHealth;
 use csi::pb::controller_client::ControllerClient;
 use csi::pb::group_controller_client::GroupControllerClient;
