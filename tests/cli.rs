@@ -1031,11 +1031,10 @@ fn wait_for_path(path: &Path, what: &str, child: &mut Child) {
 
 /// SIGTERM to a child, then its exit code (bounded wait) and its stderr.
 fn terminate(child: Child) -> (i32, String) {
+    let pid = child.id() as libc::pid_t;
     // SAFETY: kill(2) on our own child's pid, which has not been waited for yet.
-    assert_eq!(
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) },
-        0
-    );
+    let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
+    assert_eq!(rc, 0);
     terminate_wait(child)
 }
 
