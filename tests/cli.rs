@@ -908,7 +908,11 @@ fn gc_without_grace_is_refused_while_another_peer_set_shares_the_backend() {
     a.ok(&["import", img.to_str().unwrap(), "g"]);
     a.ok(&["volume", "delete", "g"]);
     let garbage = a.object_bytes();
-    assert!(garbage >= MIB as u64, "no garbage to collect: {garbage}");
+    // (What the objects take depends on the random data: seen one byte short of the MiB.)
+    assert!(
+        garbage >= MIB as u64 / 2,
+        "no garbage to collect: {garbage}"
+    );
 
     let mut b = Up::start_registered(Some(&a.data_dir), "node-b", Some(registry.path()));
     let o = a.run(&["gc", "--grace", "0"]);
@@ -926,7 +930,7 @@ fn gc_without_grace_is_refused_while_another_peer_set_shares_the_backend() {
     assert_eq!(a.object_bytes(), garbage);
     // --force takes the risk on purpose.
     let gc = a.json(&["gc", "--grace", "0", "--force"]);
-    assert!(sum_u64(&gc, "deleted_bytes") >= MIB as u64, "{gc}");
+    assert!(sum_u64(&gc, "deleted_bytes") >= garbage, "{gc}");
     assert_eq!(a.object_bytes(), 0, "objects left after a forced gc");
     // With node-b stopped (its registration gone), no --force is needed.
     assert_eq!(b.stop(), 0);
