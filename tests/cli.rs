@@ -34,6 +34,9 @@ struct Up {
     segment: PathBuf,
     node: String,
     log: PathBuf,
+    /// Where the peer set registers (shared by instances that must see each other); `None`:
+    /// the default directory.
+    peerset_dir: Option<PathBuf>,
     /// Holds the control socket and the log; the data directory too unless shared.
     _scratch: tempfile::TempDir,
 }
@@ -56,7 +59,14 @@ impl Up {
 
     /// `up` on `data_dir` (another instance's, to play a second node), or a fresh one.
     fn start_on(data_dir: Option<&Path>, node: &str) -> Up {
+        Self::start_registered(data_dir, node, None)
+    }
+
+    /// [`start_on`](Self::start_on) registering in `peerset_dir` (shared with another
+    /// instance, so the two see each other), or in the default directory.
+    fn start_registered(data_dir: Option<&Path>, node: &str, peerset_dir: Option<&Path>) -> Up {
         let scratch = tempfile::tempdir().expect("tempdir");
+        let peerset_dir = peerset_dir.map(Path::to_owned);
         let data_dir = data_dir.map_or_else(|| scratch.path().join("data"), Path::to_owned);
         let control = scratch.path().join("control.sock");
         let segment = PathBuf::from("/dev/shm").join(unique(node));
@@ -68,6 +78,7 @@ impl Up {
             segment,
             node: node.to_string(),
             log,
+            peerset_dir,
             _scratch: scratch,
         };
         up.launch();
@@ -75,7 +86,7 @@ impl Up {
     }
 
     fn flags(&self) -> Vec<String> {
-        vec![
+        let mut flags = vec![
             "--data-dir".into(),
             self.data_dir.display().to_string(),
             "--segment".into(),
@@ -84,7 +95,11 @@ impl Up {
             self.node.clone(),
             "--control".into(),
             self.control.display().to_string(),
-        ]
+        ];
+        if let Some(d) = &self.peerset_dir {
+            flags.extend(["--peerset-dir".into(), d.display().to_string()]);
+        }
+        flags
     }
 
     /// Starts the child and waits for its ready line.
@@ -866,5 +881,313 @@ fn controller_and_node_default_to_segments_of_their_own() {
             help.contains("archipelago-controller") && help.contains("archipelago-node"),
             "the role defaults are documented: {help}"
         );
+    }
+}
+
+/// `gc --grace 0` deletes every unreferenced object, including those another peer set on the
+/// same backend wrote for an operation still in flight: the server refuses it while the
+/// registry shows such a peer set, changes nothing, and `--force` proceeds.
+#[test]
+fn gc_without_grace_is_refused_while_another_peer_set_shares_the_backend() {
+    let registry = tempfile::tempdir().unwrap();
+    let a = Up::start_registered(None, "node-a", Some(registry.path()));
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("img.raw");
+    let mut data = vec![0u8; MIB];
+    Rng::new().fill(&mut data);
+    std::fs::write(&img, &data).unwrap();
+    a.ok(&[
+        "volume",
+        "create",
+        "g",
+        "--size",
+        "4M",
+        "--block-size",
+        "64K",
+    ]);
+    a.ok(&["import", img.to_str().unwrap(), "g"]);
+    a.ok(&["volume", "delete", "g"]);
+    let garbage = a.object_bytes();
+    // (What the objects take depends on the random data: seen one byte short of the MiB.)
+    assert!(
+        garbage >= MIB as u64 / 2,
+        "no garbage to collect: {garbage}"
+    );
+
+    let mut b = Up::start_registered(Some(&a.data_dir), "node-b", Some(registry.path()));
+    let o = a.run(&["gc", "--grace", "0"]);
+    assert_eq!(o.code, 2, "not refused as bad input: {o:?}");
+    assert!(o.stderr.contains("gc --grace 0 refused"), "{o:?}");
+    assert!(
+        o.stderr.contains("node-b"),
+        "the other peer set is not named: {o:?}"
+    );
+    assert!(o.stdout.is_empty(), "{o:?}");
+    assert_eq!(a.object_bytes(), garbage, "a refused gc deleted objects");
+    // A dry run deletes nothing, so it is allowed.
+    let dry = a.json(&["gc", "--dry-run", "--grace", "0"]);
+    assert!(sum_u64(&dry, "deleted_objects") >= 16, "{dry}");
+    assert_eq!(a.object_bytes(), garbage);
+    // --force takes the risk on purpose.
+    let gc = a.json(&["gc", "--grace", "0", "--force"]);
+    assert!(sum_u64(&gc, "deleted_bytes") >= garbage, "{gc}");
+    assert_eq!(a.object_bytes(), 0, "objects left after a forced gc");
+    // With node-b stopped (its registration gone), no --force is needed.
+    assert_eq!(b.stop(), 0);
+    let again = a.json(&["gc", "--grace", "0"]);
+    assert_eq!(again["deleted_objects"], 0, "{again}");
+}
+
+/// A hand-rolled NBD client (newstyle, EXPORT_NAME, simple replies): enough to keep many
+/// writes in flight and see which were acknowledged.
+struct NbdClient(UnixStream);
+
+impl NbdClient {
+    fn connect(socket: &Path, export: &str) -> (NbdClient, u64) {
+        use node::nbd::proto;
+        let mut s = UnixStream::connect(socket).expect("connect to the NBD socket");
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        let mut hello = [0u8; 18];
+        s.read_exact(&mut hello).unwrap();
+        assert_eq!(
+            u64::from_be_bytes(hello[..8].try_into().unwrap()),
+            proto::NBDMAGIC
+        );
+        assert_eq!(
+            u64::from_be_bytes(hello[8..16].try_into().unwrap()),
+            proto::IHAVEOPT
+        );
+        s.write_all(&proto::client_flags::KNOWN.to_be_bytes())
+            .unwrap();
+        let mut o = Vec::new();
+        o.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
+        o.extend_from_slice(&proto::opt::EXPORT_NAME.to_be_bytes());
+        o.extend_from_slice(&(export.len() as u32).to_be_bytes());
+        o.extend_from_slice(export.as_bytes());
+        s.write_all(&o).unwrap();
+        let mut r = [0u8; 10];
+        s.read_exact(&mut r).unwrap();
+        (NbdClient(s), u64::from_be_bytes(r[..8].try_into().unwrap()))
+    }
+
+    fn request(&mut self, kind: u16, handle: u64, offset: u64, data: &[u8], len: u32) {
+        use node::nbd::proto;
+        let mut h = Vec::with_capacity(28 + data.len());
+        h.extend_from_slice(&proto::REQUEST_MAGIC.to_be_bytes());
+        h.extend_from_slice(&0u16.to_be_bytes());
+        h.extend_from_slice(&kind.to_be_bytes());
+        h.extend_from_slice(&handle.to_be_bytes());
+        h.extend_from_slice(&offset.to_be_bytes());
+        h.extend_from_slice(&len.to_be_bytes());
+        h.extend_from_slice(data);
+        self.0.write_all(&h).unwrap();
+    }
+
+    fn write(&mut self, handle: u64, offset: u64, data: &[u8]) {
+        self.request(
+            node::nbd::proto::cmd::WRITE,
+            handle,
+            offset,
+            data,
+            data.len() as u32,
+        );
+    }
+
+    fn flush(&mut self, handle: u64) {
+        self.request(node::nbd::proto::cmd::FLUSH, handle, 0, &[], 0);
+    }
+
+    /// The next simple reply (error, handle), or `None` once the server closed the connection.
+    fn reply(&mut self) -> Option<(u32, u64)> {
+        let mut r = [0u8; 16];
+        match self.0.read_exact(&mut r) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return None,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return None,
+            Err(e) => panic!("reading an NBD reply: {e}"),
+        }
+        assert_eq!(
+            u32::from_be_bytes(r[..4].try_into().unwrap()),
+            node::nbd::proto::SIMPLE_REPLY_MAGIC
+        );
+        Some((
+            u32::from_be_bytes(r[4..8].try_into().unwrap()),
+            u64::from_be_bytes(r[8..].try_into().unwrap()),
+        ))
+    }
+}
+
+/// Polls (bounded) until `path` exists.
+fn wait_for_path(path: &Path, what: &str, child: &mut Child) {
+    let deadline = std::time::Instant::now() + WAIT;
+    while !path.exists() {
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!("{what} exited ({st}) before {} appeared", path.display());
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// SIGTERM to a child, then its exit code (bounded wait) and its stderr.
+fn terminate(child: Child) -> (i32, String) {
+    let pid = child.id() as libc::pid_t;
+    // SAFETY: kill(2) on our own child's pid, which has not been waited for yet.
+    let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
+    assert_eq!(rc, 0);
+    terminate_wait(child)
+}
+
+/// `export-nbd`: its unix socket is owner-only unless widened, and SIGTERM drains: requests
+/// in flight finish and every acknowledged write is in the volume, then a clean exit.
+#[test]
+fn export_nbd_socket_mode_and_sigterm_drain() {
+    use std::os::unix::fs::PermissionsExt;
+    let up = Up::start("nbd");
+    up.ok(&[
+        "volume",
+        "create",
+        "disk",
+        "--size",
+        "16M",
+        "--block-size",
+        "1M",
+    ]);
+    let scratch = tempfile::tempdir().unwrap();
+    let export = |socket: &Path, extra: &[&str]| -> Child {
+        Command::new(ARCHIP)
+            .args(["export-nbd", "disk", "--socket"])
+            .arg(socket)
+            .args(extra)
+            .args(up.flags())
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn export-nbd")
+    };
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+
+    // Widened on request; SIGTERM with no client is a clean exit that removes the socket.
+    let wide = scratch.path().join("wide.sock");
+    let mut child = export(&wide, &["--socket-mode", "660"]);
+    wait_for_path(&wide, "export-nbd", &mut child);
+    assert_eq!(mode(&wide), 0o660);
+    let (code, err) = terminate(child);
+    assert_eq!(code, 0, "{err}");
+    assert!(!wide.exists(), "socket left behind");
+    let o = up.run(&[
+        "export-nbd",
+        "disk",
+        "--socket",
+        "/tmp/x.sock",
+        "--socket-mode",
+        "1777",
+    ]);
+    assert_eq!(o.code, 2, "{o:?}");
+
+    // Owner-only by default.
+    let sock = scratch.path().join("disk.sock");
+    let mut child = export(&sock, &[]);
+    wait_for_path(&sock, "export-nbd", &mut child);
+    assert_eq!(mode(&sock), 0o600);
+    let (mut c, size) = NbdClient::connect(&sock, "disk");
+    assert_eq!(size, 16 << 20);
+    let mut rng = Rng::new();
+    const CHUNK: usize = 64 << 10;
+    let mut expect = vec![0u8; 16 << 20];
+    // Phase 1: written and flushed before any signal.
+    rng.fill(&mut expect[..2 * MIB]);
+    for (i, chunk) in expect[..2 * MIB].chunks(CHUNK).enumerate() {
+        c.write(i as u64, (i * CHUNK) as u64, chunk);
+    }
+    c.flush(999);
+    for _ in 0..=(2 * MIB / CHUNK) {
+        assert_eq!(c.reply().expect("reply before the signal").0, 0);
+    }
+    // Phase 2: a burst of writes and a FLUSH in flight when SIGTERM arrives.
+    let mut burst = vec![0u8; 12 * MIB];
+    rng.fill(&mut burst);
+    let base = 3 * MIB;
+    let n = burst.len() / CHUNK;
+    for i in 0..n {
+        c.write(
+            1000 + i as u64,
+            (base + i * CHUNK) as u64,
+            &burst[i * CHUNK..][..CHUNK],
+        );
+    }
+    c.flush(5000);
+    // One answer from the burst: the server is working on it when the signal comes.
+    let first = c.reply().expect("first reply of the burst");
+    let pid = child.id() as libc::pid_t;
+    // SAFETY: kill(2) on our own child, still running (not waited for).
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let mut acked = vec![first];
+    while let Some(r) = c.reply() {
+        acked.push(r);
+    }
+    let (code, err) = terminate_wait(child);
+    assert_eq!(code, 0, "export-nbd did not exit cleanly: {err}");
+    assert!(!sock.exists(), "socket left behind");
+    let mut written = 0;
+    for (e, h) in &acked {
+        assert_eq!(*e, 0, "request {h} failed while draining: {err}");
+        if (1000..5000).contains(h) {
+            let i = (*h - 1000) as usize;
+            expect[base + i * CHUNK..][..CHUNK].copy_from_slice(&burst[i * CHUNK..][..CHUNK]);
+            written += 1;
+        }
+    }
+    eprintln!("{written} of {n} burst writes acknowledged before the drain ended");
+    // Every acknowledged write is in the volume (the untouched and unacknowledged ranges are
+    // compared only where nothing could have been written).
+    let out = scratch.path().join("out.raw");
+    up.ok(&["export", "disk", out.to_str().unwrap()]);
+    let got = std::fs::read(&out).unwrap();
+    assert_eq!(got.len(), expect.len());
+    assert!(
+        got[..2 * MIB] == expect[..2 * MIB],
+        "flushed phase-1 data differs"
+    );
+    for (e, h) in &acked {
+        if *e == 0 && (1000..5000).contains(h) {
+            let off = base + (*h - 1000) as usize * CHUNK;
+            assert!(
+                got[off..][..CHUNK] == expect[off..][..CHUNK],
+                "acknowledged write {h} lost"
+            );
+        }
+    }
+    assert!(
+        got[2 * MIB..base].iter().all(|&b| b == 0),
+        "unwritten range changed"
+    );
+}
+
+/// Waits (bounded) for a child already sent SIGTERM; its exit code and stderr.
+fn terminate_wait(mut child: Child) -> (i32, String) {
+    let pid = child.id() as libc::pid_t;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let code = child.wait().map(|s| s.code().unwrap_or(-1));
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        let _ = tx.send((code, err));
+    });
+    match rx.recv_timeout(WAIT) {
+        Ok((code, err)) => (code.expect("wait"), err),
+        Err(_) => {
+            // SAFETY: kill(2) on our own child; the waiting thread reaps it.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            panic!("export-nbd did not stop after SIGTERM");
+        }
     }
 }

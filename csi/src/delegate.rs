@@ -173,6 +173,20 @@ impl Delegation {
         Ok(client)
     }
 
+    /// Whether a peer set of `node` runs on this host, as far as the registry can tell:
+    /// `None` when there is no registry to ask or it cannot be read, so a caller keeps its
+    /// old answer rather than call a node missing on no evidence.
+    pub(crate) fn node_registered(&self, node: &str) -> Option<bool> {
+        let registry = self.registry.as_ref()?;
+        match registry.lookup(node) {
+            Ok(found) => Some(found.is_some()),
+            Err(e) => {
+                tracing::warn!(node, error = %e, "peer-set registry unreadable; node presence unknown");
+                None
+            }
+        }
+    }
+
     fn connect(entry: &PeerSetEntry) -> Result<Arc<VolumeClient>, Unreachable> {
         let seg: Arc<Segment> = Segment::attach(&entry.segment).map_err(|e| {
             Unreachable(format!(

@@ -488,13 +488,37 @@ async fn publish_records_nodes_and_enforces_single_writers() {
         ),
         Code::AlreadyExists
     );
-    // A node-local volume cannot reach another node.
+    // A node-local volume cannot reach another node that exists (its peer set runs on this
+    // host) ...
+    let (other, _other_data) = p.other_node("node-b");
     assert_eq!(
         code(
             c.controller_publish_volume(publish(&local.volume_id, "node-b", snw.clone(), false))
                 .await
         ),
         Code::FailedPrecondition
+    );
+    // ... and a node that does not exist is NOT_FOUND (csi-sanity's "node does not exist"),
+    // not a topology mismatch.
+    let e = c
+        .controller_publish_volume(publish(
+            &local.volume_id,
+            "some-fake-node-id",
+            snw.clone(),
+            false,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert!(e.message().contains("some-fake-node-id"), "{e:?}");
+    // Once node-b's peer set is gone, it is no longer known either.
+    other.stop();
+    assert_eq!(
+        code(
+            c.controller_publish_volume(publish(&local.volume_id, "node-b", snw.clone(), false))
+                .await
+        ),
+        Code::NotFound
     );
 
     // A shared single-writer volume: a second node is refused.

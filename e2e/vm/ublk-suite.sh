@@ -21,7 +21,11 @@
 #           `archip up --csi-endpoint`, and `archip controller` + `archip node`, as child
 #           processes driven by a gRPC CSI client (volumes, snapshots, clones, stage/publish
 #           in mount and block mode, clean SIGTERM shutdown).
-# ARCHIP_UBLK_PARTS selects parts (default "guest device node cli"; "tests" = device node),
+#   full    suites/archip-full-guest.sh: `archip up` on a 48 MiB tmpfs, devices written until
+#           the backend is full: writes fail with ENOSPC (not EIO), flushed data stays intact,
+#           and after delete + gc writes go on.
+# Only the binaries the selected parts run are built.
+# ARCHIP_UBLK_PARTS selects parts (default "guest device node cli full"; "tests" = device node),
 # e.g. ARCHIP_UBLK_PARTS="node cli" e2e/vm/ublk-suite.sh bookworm-backports.
 # ARCHIP_UBLK_FILTER, if set, is passed to the csi_node and csi_binary test binaries as a
 # test-name filter (e.g. "xfs").
@@ -40,22 +44,32 @@ read -r -a EXTRA <<<"${ARCHIP_VM_SUITE_ARGS:-}"
 now() { echo "${EPOCHREALTIME/./}"; }
 secs() { local d=$(( $(now) - $1 )); printf '%d.%02d' $((d / 1000000)) $((d % 1000000 / 10000)); }
 
-t=$(now)
-echo "=== ublk suite: building (release)" >&2
-(cd "$ROOT" && cargo build --release -q -p node --bin archip-ublk-test && cargo build --release -q -p archipelago --bin archip)
-TESTBIN=$(cd "$ROOT" && cargo test --release -q -p node --test ublk_device --no-run --message-format=json 2>/dev/null |
-  grep '"name":"ublk_device"' | grep '"kind":\["test"\]' | grep -o '"executable":"[^"]*"' | sed 's/"executable":"\(.*\)"/\1/' | tail -n 1)
-[ -x "$TESTBIN" ] || { echo "ublk-suite: no ublk_device test binary" >&2; exit 1; }
-CSIBIN=$(cd "$ROOT" && cargo test --release -q -p node --test csi_node --no-run --message-format=json 2>/dev/null |
-  grep '"name":"csi_node"' | grep '"kind":\["test"\]' | grep -o '"executable":"[^"]*"' | sed 's/"executable":"\(.*\)"/\1/' | tail -n 1)
-[ -x "$CSIBIN" ] || { echo "ublk-suite: no csi_node test binary" >&2; exit 1; }
-BINTEST=$(cd "$ROOT" && cargo test --release -q -p archipelago --test csi_binary --no-run --message-format=json 2>/dev/null |
-  grep '"name":"csi_binary"' | grep '"kind":\["test"\]' | grep -o '"executable":"[^"]*"' | sed 's/"executable":"\(.*\)"/\1/' | tail -n 1)
-[ -x "$BINTEST" ] || { echo "ublk-suite: no csi_binary test binary" >&2; exit 1; }
-PARTS=${ARCHIP_UBLK_PARTS:-guest device node cli}
+PARTS=${ARCHIP_UBLK_PARTS:-guest device node cli full}
 PARTS=${PARTS//tests/device node}
 FILTER=()
 [ -z "${ARCHIP_UBLK_FILTER:-}" ] || FILTER=("$ARCHIP_UBLK_FILTER")
+wants() { case " $PARTS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+# The test binary of `cargo test --release -p $1 --test $2`.
+test_binary() {
+  local exe
+  exe=$(cd "$ROOT" && cargo test --release -q -p "$1" --test "$2" --no-run --message-format=json 2>/dev/null |
+    grep "\"name\":\"$2\"" | grep '"kind":\["test"\]' | grep -o '"executable":"[^"]*"' | sed 's/"executable":"\(.*\)"/\1/' | tail -n 1)
+  [ -x "$exe" ] || { echo "ublk-suite: no $2 test binary" >&2; exit 1; }
+  echo "$exe"
+}
+
+t=$(now)
+echo "=== ublk suite: building (release)" >&2
+if wants guest || wants node; then
+  (cd "$ROOT" && cargo build --release -q -p node --bin archip-ublk-test)
+fi
+if wants cli || wants full; then
+  (cd "$ROOT" && cargo build --release -q -p archipelago --bin archip)
+fi
+TESTBIN='' CSIBIN='' BINTEST=''
+if wants device; then TESTBIN=$(test_binary node ublk_device); fi
+if wants node; then CSIBIN=$(test_binary node csi_node); fi
+if wants cli; then BINTEST=$(test_binary archipelago csi_binary); fi
 echo "=== ublk suite: built in $(secs "$t")s" >&2
 
 summary=() failed=0
@@ -81,8 +95,14 @@ for suite in "$@"; do
         --bin "$TARGET/release/archip" --bin "$BINTEST" \
         --env ARCHIP_BIN=/usr/local/bin/archip --file "$HERE/suites/archip-cli-guest.sh" \
         -- sh -c "sh /root/archip-cli-guest.sh && $(basename "$BINTEST") --test-threads=1 ${FILTER[*]:-}" || rc=$?
+    elif [ "$part" = full ]; then
+      # A full backend under ublk devices (coreutils dd: busybox's has no oflag=direct).
+      "$HERE/run-in-vm.sh" "${EXTRA[@]}" --suite "$suite" --cpus 2 --mem 2G --timeout 900 \
+        --bin "$TARGET/release/archip" --bin "$(command -v dd)" \
+        --file "$HERE/suites/archip-full-guest.sh" \
+        -- sh /root/archip-full-guest.sh || rc=$?
     else
-      echo "ublk-suite: unknown part '$part' (guest, device, node, cli, tests)" >&2; rc=2
+      echo "ublk-suite: unknown part '$part' (guest, device, node, cli, full, tests)" >&2; rc=2
     fi
     if [ "$rc" = 0 ]; then r=PASS; else r="FAIL (status $rc)"; failed=1; fi
     summary+=("$suite $part: $r, wall $(secs "$t")s")

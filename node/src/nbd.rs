@@ -34,7 +34,7 @@ mod transmission;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,6 +47,9 @@ use tokio::task::JoinSet;
 pub use crate::io_stats::IoStats;
 use crate::io_stats::{Frontend, bump};
 pub use bench::{BenchOptions, bench};
+
+/// The unix socket's permission bits unless asked otherwise: owner only.
+pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
 
 /// Which volumes a server exports, by NBD export name.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,6 +67,10 @@ pub struct NbdConfig {
     /// A unix socket to listen on; a stale socket file at the path is replaced, a live one is
     /// refused.
     pub unix_socket: Option<PathBuf>,
+    /// Permission bits of the unix socket, exactly (whatever the umask). Whoever may connect
+    /// reads and writes every exported volume, and NBD here has no authentication, so the
+    /// default is owner-only ([`DEFAULT_SOCKET_MODE`]).
+    pub socket_mode: u32,
     /// A TCP address to listen on; must be loopback, since NBD here has neither TLS nor
     /// authentication. Port 0 picks a free port (see [`NbdServer::tcp_addr`]).
     pub tcp: Option<SocketAddr>,
@@ -100,6 +107,7 @@ impl NbdConfig {
         NbdConfig {
             exports: Exports::All,
             unix_socket: None,
+            socket_mode: DEFAULT_SOCKET_MODE,
             tcp: None,
             max_io: 32 << 20,
             queue_depth: 128,
@@ -120,6 +128,14 @@ impl NbdConfig {
             && !a.ip().is_loopback()
         {
             return Err(NbdError::NotLoopback(a));
+        }
+        // The owner must keep read and write (connecting needs write), or the server would
+        // lock out the very user that started it.
+        if self.socket_mode & !0o777 != 0 || self.socket_mode & 0o600 != 0o600 {
+            return bad(format!(
+                "socket mode {:o} is not a permission mode that lets the owner connect (600..777)",
+                self.socket_mode
+            ));
         }
         if let Exports::Volume(v) = &self.exports
             && proto::parse_name(v.as_bytes()).is_err()
@@ -217,7 +233,7 @@ impl std::fmt::Debug for NbdServer {
     }
 }
 
-fn bind_unix(path: &Path) -> Result<(UnixListener, SocketFile), NbdError> {
+fn bind_unix(path: &Path, mode: u32) -> Result<(UnixListener, SocketFile), NbdError> {
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
             return Err(NbdError::NotASocket(path.to_path_buf()));
@@ -228,18 +244,62 @@ fn bind_unix(path: &Path) -> Result<(UnixListener, SocketFile), NbdError> {
         // Nobody answers: left behind by a server that died. Replace it.
         let _ = std::fs::remove_file(path);
     }
-    let l = UnixListener::bind(path).map_err(|source| NbdError::Listen {
+    let listen_err = |source| NbdError::Listen {
         what: path.display().to_string(),
         source,
-    })?;
-    Ok((l, SocketFile(path.to_path_buf())))
+    };
+    // bind(2) creates the socket with the umask's bits, and a chmod after it leaves a window
+    // in which anyone the umask lets in can connect. So it is bound inside a fresh owner-only
+    // directory beside the path, given its mode there, and only then renamed into place.
+    let private = private_dir_beside(path).map_err(listen_err)?;
+    let staged = private.0.join("nbd.sock");
+    let bound = UnixListener::bind(&staged)
+        .and_then(|l| {
+            std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode)).map(|()| l)
+        })
+        .and_then(|l| std::fs::rename(&staged, path).map(|()| l))
+        .map_err(listen_err)?;
+    Ok((bound, SocketFile(path.to_path_buf())))
+}
+
+/// A directory only its owner can enter, removed (with whatever is left in it) when dropped.
+struct PrivateDir(PathBuf);
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn private_dir_beside(path: &Path) -> std::io::Result<PrivateDir> {
+    use std::os::unix::fs::DirBuilderExt;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map_or_else(|| "nbd".to_owned(), |n| n.to_string_lossy().into_owned());
+    let dir = parent.join(format!(
+        ".{name}.bind-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    Ok(PrivateDir(dir))
 }
 
 impl NbdServer {
     /// Checks the configuration and binds the listeners. Must run inside a tokio runtime.
     pub fn bind(client: Arc<VolumeClient>, config: NbdConfig) -> Result<NbdServer, NbdError> {
         config.validate()?;
-        let unix = config.unix_socket.as_deref().map(bind_unix).transpose()?;
+        let unix = config
+            .unix_socket
+            .as_deref()
+            .map(|p| bind_unix(p, config.socket_mode))
+            .transpose()?;
         let tcp = match config.tcp {
             None => None,
             Some(addr) => {

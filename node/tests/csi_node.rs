@@ -439,6 +439,26 @@ fn info_capabilities_and_request_errors() {
     assert_eq!(code(env.unstage("v", Path::new(""))), Code::InvalidArgument);
     // Stats and expand.
     assert_eq!(code(env.stats("v", &env.path("missing"))), Code::NotFound);
+    // A volume that does not exist is NOT_FOUND whatever the path looks like (csi-sanity
+    // sends a relative one), before the path is checked.
+    for path in ["some/path", "", "/nowhere"] {
+        let path = Path::new(path);
+        assert_eq!(
+            code(env.stats("nope", path)),
+            Code::NotFound,
+            "stats {path:?}"
+        );
+        assert_eq!(
+            code(env.expand("nope", path, 0)),
+            Code::NotFound,
+            "expand {path:?}"
+        );
+    }
+    // An existing volume with a relative path: the path is wrong.
+    assert_eq!(
+        code(env.stats("v", Path::new("some/path"))),
+        Code::InvalidArgument
+    );
     assert_eq!(code(env.stats("v", Path::new(""))), Code::InvalidArgument);
     assert_eq!(code(env.stats("", &st)), Code::InvalidArgument);
     assert_eq!(

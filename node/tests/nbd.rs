@@ -823,3 +823,53 @@ async fn binding_refuses_non_loopback_and_live_sockets() {
     ));
     assert_eq!(std::fs::read(&sock).unwrap(), b"precious");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_unix_socket_is_owner_only_unless_widened() {
+    use std::os::unix::fs::PermissionsExt;
+    let peers = ScratchPeerSet::start("nbd-mode", test_xseg()).expect("peer set");
+    let client = Arc::new(peers.client().unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("disk.sock");
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    // Whatever the umask would have given (it is not touched here: the mode is set exactly).
+    let mut c = NbdConfig::volume("disk");
+    c.unix_socket = Some(sock.clone());
+    assert_eq!(c.socket_mode, 0o600);
+    let server = NbdServer::bind(client.clone(), c.clone()).unwrap();
+    assert_eq!(mode(&sock), 0o600);
+    // Nothing but the socket is left beside it (the directory it was bound in is gone).
+    let names = |d: &Path| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(dir.path()), ["disk.sock"]);
+    // The socket moved into place is the listening one: a connection reaches its backlog
+    // (the server is bound, not yet serving).
+    UnixStream::connect(&sock).expect("connect to the renamed socket");
+    drop(server);
+    // Nobody listens once the server is gone, and the file went with it.
+    assert!(UnixStream::connect(&sock).is_err());
+    assert!(!sock.exists());
+
+    c.socket_mode = 0o660;
+    let server = NbdServer::bind(client.clone(), c.clone()).unwrap();
+    assert_eq!(mode(&sock), 0o660);
+    drop(server);
+
+    // Modes that lock the owner out, or are not permission bits, are refused before anything
+    // is created.
+    for bad in [0o400, 0o060, 0o1777, 0o10600] {
+        c.socket_mode = bad;
+        let e = NbdServer::bind(client.clone(), c.clone()).unwrap_err();
+        assert!(
+            matches!(e, node::nbd::NbdError::Config(_)),
+            "mode {bad:o}: {e}"
+        );
+        assert_eq!(names(dir.path()), Vec::<String>::new(), "mode {bad:o}");
+    }
+}

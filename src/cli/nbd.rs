@@ -21,6 +21,10 @@ pub struct ExportNbdArgs {
     /// Unix socket to listen on.
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
+    /// Permission bits (octal) of the --socket file. Default: 600, since whoever can connect
+    /// reads and writes the exported volumes; 660 to let the owner's group connect too.
+    #[arg(long, value_name = "MODE", value_parser = super::parse_mode, requires = "socket")]
+    pub socket_mode: Option<u32>,
     /// TCP address to listen on (loopback only: NBD has no authentication here).
     #[arg(long, value_name = "ADDR")]
     pub tcp: Option<SocketAddr>,
@@ -40,13 +44,24 @@ pub fn export_nbd(inst: &Instance, args: &ExportNbdArgs) -> anyhow::Result<()> {
         _ => node::nbd::NbdConfig::all(),
     };
     nbd.unix_socket = args.socket.clone();
+    if let Some(mode) = args.socket_mode {
+        nbd.socket_mode = mode;
+    }
     nbd.tcp = args.tcp;
     let rt = tokio::runtime::Runtime::new().context("starting the NBD runtime")?;
     rt.block_on(async {
-        let stats = node::nbd::serve(client, nbd, async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await?;
+        // SIGTERM (what a service manager or a pod's shutdown sends) drains like ctrl-c: no
+        // new connections or requests, the in-flight ones finish, what was written is
+        // flushed, then a clean exit. Installed before binding, so a signal sent as soon as
+        // the socket appears is never lost to the default action.
+        let stop = super::up::stop_signals()?;
+        let server = node::nbd::NbdServer::bind(client, nbd)?;
+        let stats = server
+            .run(async {
+                let signal = stop.await;
+                tracing::info!(signal, "export-nbd: draining");
+            })
+            .await?;
         eprintln!("{}", stats.json());
         anyhow::Ok(())
     })

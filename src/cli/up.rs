@@ -108,7 +108,7 @@ pub(crate) fn config(inst: &Instance, workers: Option<usize>) -> anyhow::Result<
 
 /// A signal stream for SIGINT and SIGTERM, registered before the caller reports ready so that a
 /// signal sent right after the ready line is never lost to the default action.
-fn stop_signals() -> anyhow::Result<impl std::future::Future<Output = &'static str>> {
+pub(super) fn stop_signals() -> anyhow::Result<impl std::future::Future<Output = &'static str>> {
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     Ok(async move {

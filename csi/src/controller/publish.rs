@@ -69,6 +69,17 @@ impl Core {
         if let Some(home) = &rec.node
             && *home != req.node_id
         {
+            // A node-local volume is reached only from its home node, whose peer sets
+            // register on this host. A node that has none here is unknown to this
+            // controller: the spec's NOT_FOUND, not a topology mismatch of a node that
+            // exists but sits elsewhere.
+            if self.delegation.node_registered(&req.node_id) == Some(false) {
+                return Err(CsiError::NotFound(format!(
+                    "node {:?} is not known here: it is not this controller's node {home} and no \
+                     peer set of it is registered on this host",
+                    req.node_id
+                )));
+            }
             return Err(CsiError::FailedPrecondition(format!(
                 "volume {id} lives in the directory of node {home} and cannot be reached from node {}",
                 req.node_id

@@ -15,6 +15,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 
+use csi::ControllerConfig;
 use csi::ControllerPlugin;
 use csi::health::PeerSetHealth;
 use csi::pb::controller_client::ControllerClient;
@@ -74,7 +75,11 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 impl Plugin {
     pub async fn start(tag: &str) -> Plugin {
-        let dir = tempfile::tempdir().expect("tempdir");
+        Self::start_in(tag, tempfile::tempdir().expect("tempdir")).await
+    }
+
+    /// [`start`](Self::start) on `dir` (a directory on a filesystem of the test's choosing).
+    pub async fn start_in(tag: &str, dir: tempfile::TempDir) -> Plugin {
         let segment = PathBuf::from(format!(
             "/dev/shm/archip-csi-test-{tag}-{}-{}",
             std::process::id(),
@@ -83,6 +88,9 @@ impl Plugin {
         let mut config = PeerConfig::new(dir.path(), segment.to_str().unwrap(), HOME);
         config.xseg = test_xseg();
         config.workers = 2;
+        // A registry of this test's own, so the peer sets of other tests (running at the
+        // same time under the same owner names) are not taken for ours.
+        config.registry = Some(registry_of(dir.path()));
         let set = PeerSet::start(&config).expect("peer set");
         let (plugin, served) = serve(&set, dir.path().to_path_buf(), "csi.sock");
         let channel = csi::dial::connect(&served.socket).await.expect("dial");
@@ -114,6 +122,18 @@ impl Plugin {
         self.served = served;
     }
 
+    /// A peer set of another node on this host, over a directory of its own, registered
+    /// where this controller looks: a node that exists but cannot reach node-local volumes.
+    pub fn other_node(&self, node: &str) -> (PeerSet, tempfile::TempDir) {
+        let data = tempfile::tempdir().expect("tempdir");
+        let segment = data.path().join("segment");
+        let mut config = PeerConfig::new(data.path(), segment.to_str().unwrap(), node);
+        config.xseg = test_xseg();
+        config.workers = 1;
+        config.registry = Some(registry_of(self.dir.path()));
+        (PeerSet::start(&config).expect("peer set"), data)
+    }
+
     pub fn controller(&self) -> ControllerClient<Channel> {
         ControllerClient::new(self.channel.clone())
     }
@@ -127,8 +147,15 @@ impl Plugin {
     }
 }
 
+/// The peer-set registry of a test's data directory.
+pub fn registry_of(data_dir: &std::path::Path) -> PathBuf {
+    data_dir.join("registry")
+}
+
 fn serve(set: &PeerSet, data_dir: PathBuf, socket: &str) -> (ControllerPlugin, Served) {
-    let plugin = ControllerPlugin::open(set.segment(), HOME, data_dir.clone()).expect("controller");
+    let mut config = ControllerConfig::new(HOME, data_dir.clone());
+    config.peerset_registry = Some(registry_of(&data_dir));
+    let plugin = ControllerPlugin::open_with(set.segment(), config).expect("controller");
     let routes = plugin.routes(PeerSetHealth::new(set.segment().clone()));
     let socket = data_dir.join("plugin").join(socket);
     let bound = UnixEndpoint::parse(&format!("unix://{}", socket.display()))

@@ -138,6 +138,24 @@ impl NodeService {
             .map_err(Status::from)
     }
 
+    /// NOT_FOUND for a volume that does not exist, checked before the path is looked at: the
+    /// spec's answer for a missing volume does not depend on what path came with it (a CO
+    /// probing for a deleted volume may send any path, even a relative one). Without a peer
+    /// set to ask, a volume exists here when it is staged on this node.
+    async fn check_exists(&self, name: &str) -> CsiResult<()> {
+        if self.client.is_some() {
+            return self.volume_size(name).await.map(drop);
+        }
+        let n = name.to_owned();
+        match self.blocking(move |o| record(&o.table, &n)).await {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => Err(CsiError::NotFound(format!(
+                "volume {name:?} is not staged on this node"
+            ))),
+            Err(s) => Err(CsiError::Internal(s.message().to_owned())),
+        }
+    }
+
     async fn volume_size(&self, name: &str) -> CsiResult<Option<u64>> {
         let Some(c) = &self.client else {
             return Ok(None);
@@ -351,6 +369,7 @@ impl Node for NodeService {
     ) -> Result<Response<NodeGetVolumeStatsResponse>, Status> {
         let r = request.into_inner();
         let name = volume_name(&r.volume_id)?;
+        self.check_exists(&name).await?;
         validate::check_path("volume_path", &r.volume_path)?;
         let path = PathBuf::from(&r.volume_path);
         let resp = self.blocking(move |o| stats(o, &name, &path)).await?;
@@ -363,6 +382,7 @@ impl Node for NodeService {
     ) -> Result<Response<NodeExpandVolumeResponse>, Status> {
         let r = request.into_inner();
         let name = volume_name(&r.volume_id)?;
+        self.check_exists(&name).await?;
         validate::check_path("volume_path", &r.volume_path)?;
         let block = match &r.volume_capability {
             Some(c) => Some(check_access("volume_capability", Some(c))?.is_block()),
