@@ -508,15 +508,18 @@ impl RadosBlocker {
         let (cluster, used, quota) = blocking(|| {
             let cluster = self.io.cluster.stat()?;
             // The pool exists (this ioctx resolved it), so ENOENT here means the mgr has not
-            // reported the new pool's statistics yet: transient, not "no such pool".
-            let used = self.io.pool_used().map_err(|rc| {
+            // reported the new pool's statistics yet, or (seen on a pool created a moment
+            // before) the monitor answered the quota query without it: transient, not "no
+            // such pool".
+            let transient = |rc: i32| {
                 if rc == -libc::ENOENT {
                     -libc::EAGAIN
                 } else {
                     rc
                 }
-            })?;
-            let quota = self.io.cluster.mon_command(&cmd)?;
+            };
+            let used = self.io.pool_used().map_err(transient)?;
+            let quota = self.io.cluster.mon_command(&cmd).map_err(transient)?;
             Ok::<_, i32>((cluster, used, quota))
         })
         .map_err(|rc| fail(&what, rc))?;
