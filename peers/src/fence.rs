@@ -4,9 +4,12 @@
 //! A volume's lock lives in the backend with its holder (the node id a node plugin's mapper
 //! locks as) and a fencing generation. Breaking it frees the lock without a new holder; the
 //! next node to open the volume takes it at a higher generation, and the lost node's map
-//! writes carry a stale fence and are refused by the backend. This is what `archip lock break`
-//! does for one volume; [`fence_node`] does it for every volume a node holds, and is the one
-//! entry point the Kubernetes node-loss watcher (and a RADOS blocklist, later) call.
+//! writes carry a stale fence and are refused by the backend. On RADOS the break first
+//! blocklists the holder's librados client, so the cluster refuses everything the lost node
+//! might still send, data writes its vlmc has cached included (tests/rados_nodes.rs freezes a
+//! node with SIGSTOP to show it). This is what `archip lock break` does for one volume;
+//! [`fence_node`] does it for every volume a node holds, and is the one entry point the
+//! Kubernetes node-loss watcher calls.
 //!
 //! Rules that keep it safe to run at any time, as often as wanted:
 //! - Only a lock whose holder is exactly the lost node is broken; a free lock, a lock held by

@@ -299,6 +299,11 @@ pub fn spawn_peer(
 
 /// Runs one peer in the current process until it is stopped or the process dies
 /// (`archip peer NAME`).
+///
+/// On RADOS each such process is a librados client of its own, and a volume lock records the
+/// mapper's client only: breaking the lock blocklists the mapper process, not the blocker
+/// process that writes the data objects. Fencing at the data path needs the node's peers in
+/// one process ([`PeerSet::start`], as the node plugin runs them).
 pub fn run_peer(name: &str, config: &PeerConfig) -> Result<(), PeerSetError> {
     let segment = config.open_segment()?;
     let peer = spawn_peer(name, config, &segment, None)?;

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use peers::blocker::rados::{Connect, DEFAULT_TIMEOUT, RadosBlocker};
-use peers::blocker::{Blocker, BlockerError, ObjectName, conformance};
+use peers::blocker::{Blocker, BlockerError, Expect, LockOwner, ObjectName, conformance};
 
 /// The cluster from the environment, or None (and a message) when there is none.
 fn cluster() -> Option<(Connect, String)> {
@@ -182,4 +182,55 @@ async fn a_full_pool_is_no_space() {
         &pool,
         "--yes-i-really-really-mean-it",
     ]);
+}
+
+/// Two clients of one namespace (two connections, two client addresses): a hand-over frees
+/// the lock and leaves the former holder connected; a break fences it off the cluster, every
+/// operation included, and leaves the breaker alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_break_blocklists_the_holder_and_a_hand_over_does_not() {
+    let Some((connect, pool)) = cluster() else {
+        return;
+    };
+    let ns = fresh_namespace();
+    let x = RadosBlocker::connect(&connect, &pool, &ns).unwrap();
+    let y = RadosBlocker::connect(&connect, &pool, &ns).unwrap();
+    let lock = n("vol.lk");
+    let (ox, oy) = (
+        LockOwner::new("node-x").unwrap(),
+        LockOwner::new("node-y").unwrap(),
+    );
+
+    let fx = x.lock_acquire(&lock, &ox).await.unwrap();
+    x.write(&n("data.x"), 0, b"before").await.unwrap();
+    let before = y.lock_hand_over(&lock).await.unwrap();
+    assert_eq!(before.holder.as_ref().map(|h| h.as_str()), Some("node-x"));
+    // Still connected: x's fence is stale, but the cluster serves it.
+    x.write(&n("data.x"), 0, b"after!").await.unwrap();
+    assert!(matches!(
+        x.write_map(&n("map"), b"m", Expect::Absent, Some(&fx))
+            .await,
+        Err(BlockerError::Fenced { .. })
+    ));
+
+    let fx = x.lock_acquire(&lock, &ox).await.unwrap();
+    let before = y.lock_break(&lock).await.unwrap();
+    assert_eq!(before.holder.as_ref().map(|h| h.as_str()), Some("node-x"));
+    for r in [
+        x.write(&n("data.x"), 0, b"late").await,
+        x.write_map(&n("map"), b"m", Expect::Absent, Some(&fx))
+            .await
+            .map(drop),
+        x.read(&n("data.x"), 0, &mut [0u8; 6]).await,
+    ] {
+        assert!(matches!(r, Err(BlockerError::Blocklisted { .. })), "{r:?}");
+    }
+    let fy = y.lock_acquire(&lock, &oy).await.unwrap();
+    y.write(&n("data.x"), 0, b"theirs").await.unwrap();
+    y.write_map(&n("map"), b"m", Expect::Absent, Some(&fy))
+        .await
+        .unwrap();
+    let mut buf = [0u8; 6];
+    y.read(&n("data.x"), 0, &mut buf).await.unwrap();
+    assert_eq!(&buf, b"theirs");
 }

@@ -463,6 +463,10 @@ impl Blocker for FaultyBlocker {
         Box::pin(async move { mutate!(self, lock, self.inner.lock_break(lock)) })
     }
 
+    fn lock_hand_over<'a>(&'a self, lock: &'a ObjectName) -> BlockerFuture<'a, LockInfo> {
+        Box::pin(async move { mutate!(self, lock, self.inner.lock_hand_over(lock)) })
+    }
+
     fn capacity(&self) -> BlockerFuture<'_, Capacity> {
         self.inner.capacity()
     }

@@ -447,6 +447,15 @@ pub trait Blocker: Send + Sync + fmt::Debug {
     /// former holder's fence is stale from now on.
     fn lock_break<'a>(&'a self, lock: &'a ObjectName) -> BlockerFuture<'a, LockInfo>;
 
+    /// Free a lock that a live holder gives up to another node: the live-migration handover
+    /// of a volume both nodes opened shared. As with [`Blocker::lock_break`], the former
+    /// holder's fence is stale from now on; unlike it, the former holder is not cut off the
+    /// backend (a RADOS blocklist), since that node goes on serving its other volumes and
+    /// still reads this one. A backend that fences through the lock alone needs nothing more.
+    fn lock_hand_over<'a>(&'a self, lock: &'a ObjectName) -> BlockerFuture<'a, LockInfo> {
+        self.lock_break(lock)
+    }
+
     /// Total and available bytes of the storage behind this blocker (a filesystem, a pool),
     /// shared with whatever else uses it. Asynchronous because a remote backend has to ask.
     fn capacity(&self) -> BlockerFuture<'_, Capacity>;

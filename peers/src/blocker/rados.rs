@@ -30,6 +30,11 @@
 //! even those already cached and sent late. That is the same fencing RBD's exclusive lock uses.
 //! Within one blocker (one client, which cannot blocklist itself), fenced writes and lock changes
 //! are ordered by a local read-write lock instead.
+//! A shared volume's handover ([`Blocker::lock_hand_over`]) blocklists nobody: the source node is
+//! alive and keeps serving its other volumes, so cutting its client off would be a node loss. It
+//! is fenced by the lock as on files: its stale map writes are refused (the map's
+//! compare-and-swap closes the gap between the check and the write), and a shared volume is
+//! never cached in its vlmc, so every data write it makes asks its mapper first.
 
 mod aio;
 
@@ -462,6 +467,36 @@ impl RadosBlocker {
         write.await
     }
 
+    /// Free a lock whoever holds it; with `fence_holder`, first blocklist the holder's client
+    /// when it is not this one (a break), without it leave the holder connected (a handover).
+    async fn free_lock(
+        &self,
+        lock: &ObjectName,
+        fence_holder: bool,
+    ) -> Result<LockInfo, BlockerError> {
+        let _order = self.lock_order.write().await;
+        for _ in 0..RETRIES {
+            let (mut state, version) = self.read_lock(lock).await?;
+            let before = state.info.clone();
+            if before.holder.is_none() {
+                return Ok(before);
+            }
+            // Fence first, free second: once the lock is free a new holder may write, and by
+            // then the deposed client must already be refused by every OSD.
+            if fence_holder && !state.address.is_empty() && state.address != self.address {
+                let address = state.address.clone();
+                blocking(|| self.io.cluster.blocklist(&address, BLOCKLIST_SECONDS))
+                    .map_err(|rc| fail(format_args!("blocklisting {address}"), rc))?;
+            }
+            state.info.holder = None;
+            state.address.clear();
+            if self.write_lock(lock, &state, version).await? {
+                return Ok(before);
+            }
+        }
+        Err(Self::contended(lock))
+    }
+
     async fn capacity_now(&self) -> Result<Capacity, BlockerError> {
         let what = format!("rados pool {}", self.pool);
         let cmd = serde_json::json!({
@@ -473,15 +508,18 @@ impl RadosBlocker {
         let (cluster, used, quota) = blocking(|| {
             let cluster = self.io.cluster.stat()?;
             // The pool exists (this ioctx resolved it), so ENOENT here means the mgr has not
-            // reported the new pool's statistics yet: transient, not "no such pool".
-            let used = self.io.pool_used().map_err(|rc| {
+            // reported the new pool's statistics yet, or (seen on a pool created a moment
+            // before) the monitor answered the quota query without it: transient, not "no
+            // such pool".
+            let transient = |rc: i32| {
                 if rc == -libc::ENOENT {
                     -libc::EAGAIN
                 } else {
                     rc
                 }
-            })?;
-            let quota = self.io.cluster.mon_command(&cmd)?;
+            };
+            let used = self.io.pool_used().map_err(transient)?;
+            let quota = self.io.cluster.mon_command(&cmd).map_err(transient)?;
             Ok::<_, i32>((cluster, used, quota))
         })
         .map_err(|rc| fail(&what, rc))?;
@@ -789,29 +827,11 @@ impl Blocker for RadosBlocker {
     }
 
     fn lock_break<'a>(&'a self, lock: &'a ObjectName) -> BlockerFuture<'a, LockInfo> {
-        Box::pin(async move {
-            let _order = self.lock_order.write().await;
-            for _ in 0..RETRIES {
-                let (mut state, version) = self.read_lock(lock).await?;
-                let before = state.info.clone();
-                if before.holder.is_none() {
-                    return Ok(before);
-                }
-                // Fence first, free second: once the lock is free a new holder may write, and by
-                // then the deposed client must already be refused by every OSD.
-                if !state.address.is_empty() && state.address != self.address {
-                    let address = state.address.clone();
-                    blocking(|| self.io.cluster.blocklist(&address, BLOCKLIST_SECONDS))
-                        .map_err(|rc| fail(format_args!("blocklisting {address}"), rc))?;
-                }
-                state.info.holder = None;
-                state.address.clear();
-                if self.write_lock(lock, &state, version).await? {
-                    return Ok(before);
-                }
-            }
-            Err(Self::contended(lock))
-        })
+        Box::pin(self.free_lock(lock, true))
+    }
+
+    fn lock_hand_over<'a>(&'a self, lock: &'a ObjectName) -> BlockerFuture<'a, LockInfo> {
+        Box::pin(self.free_lock(lock, false))
     }
 
     fn capacity(&self) -> BlockerFuture<'_, Capacity> {

@@ -543,7 +543,10 @@ impl Mapper {
         let lock = lock_object(name);
         match self.maps.lock_acquire(&lock, &self.owner).await {
             Err(BlockerError::Locked { holder, .. }) => {
-                let before = self.maps.lock_break(&lock).await.ctx(name)?;
+                // A handover, not a break: the source node stays connected to the backend
+                // (on RADOS, not blocklisted), since it serves other volumes and still reads
+                // this one.
+                let before = self.maps.lock_hand_over(&lock).await.ctx(name)?;
                 crate::metrics::global()
                     .lock_takeovers
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -1,17 +1,24 @@
 //! The three peers as separate processes: this test binary re-executed with a role in its
-//! environment, each calling `peers::peerset::run_peer` as `archip peer NAME` does.
+//! environment, each calling `peers::peerset::run_peer` as `archip peer NAME` does. Or a whole
+//! peer set in one child process ([`PeerProcs::spawn_set`], as a node plugin runs it), with a
+//! node identity and a backend of its own: a stand-in for one node of a cluster.
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use peers::backend::BackendConfig;
 use peers::client::{ClientError, VolumeClient};
-use peers::peerset::{PEERS, PeerConfig, Ports, peer_port, run_peer};
+use peers::peerset::{PEERS, PeerConfig, PeerSet, Ports, peer_port, run_peer};
 
 const ROLE: &str = "ARCHIP_CRASH_ROLE";
 const SEGMENT: &str = "ARCHIP_CRASH_SEGMENT";
 const DATA: &str = "ARCHIP_CRASH_DATA";
+const NODE_ENV: &str = "ARCHIP_CRASH_NODE";
+const BACKEND: &str = "ARCHIP_CRASH_BACKEND";
+/// The role of a child running all three peers ([`PeerProcs::spawn_set`]).
+const WHOLE_SET: &str = "set";
 
 /// The node identity of every mapper incarnation: a restarted mapper must get its own locks
 /// back.
@@ -49,7 +56,28 @@ pub fn run_child_role() {
     };
     let segment = PathBuf::from(std::env::var(SEGMENT).expect("segment path"));
     let data = PathBuf::from(std::env::var(DATA).expect("data dir"));
-    let r = run_peer(&role, &peer_config(&data, &segment));
+    let mut config = peer_config(&data, &segment);
+    if let Ok(node) = std::env::var(NODE_ENV) {
+        config.node = node;
+    }
+    if let Ok(backend) = std::env::var(BACKEND) {
+        config.backend = BackendConfig::parse(&backend).expect("backend description");
+    }
+    if role == WHOLE_SET {
+        // Not in the host's registry: nothing is forwarded to a test's peer set.
+        config.registry = None;
+        match PeerSet::start(&config) {
+            // Serves until killed; the peers run on their own threads.
+            Ok(_set) => loop {
+                std::thread::park();
+            },
+            Err(e) => {
+                eprintln!("peer set of {} did not start: {e}", config.node);
+                std::process::exit(1);
+            }
+        }
+    }
+    let r = run_peer(&role, &config);
     eprintln!("crash test peer {role} stopped: {r:?}");
     std::process::exit(if r.is_ok() { 0 } else { 1 });
 }
@@ -59,7 +87,11 @@ pub fn run_child_role() {
 pub struct PeerProcs {
     test: &'static str,
     data_dir: PathBuf,
+    /// One child per peer, or the whole set in `children[0]` ([`PeerProcs::spawn_set`]).
     children: [Option<Child>; 3],
+    whole_set: bool,
+    node: Option<String>,
+    backend: Option<String>,
 }
 
 impl PeerProcs {
@@ -68,15 +100,60 @@ impl PeerProcs {
             test,
             data_dir: data_dir.to_path_buf(),
             children: [None, None, None],
+            whole_set: false,
+            node: None,
+            backend: None,
         }
+    }
+
+    /// Peers started from now on lock as `node` (default [`NODE`]).
+    #[allow(
+        dead_code,
+        reason = "the two-node tests use it, the crash test does not"
+    )]
+    pub fn with_node(mut self, node: &str) -> PeerProcs {
+        self.node = Some(node.to_owned());
+        self
+    }
+
+    /// Peers started from now on open this backend (the text form of
+    /// [`BackendConfig::parse`]) instead of the file backend in the data directory.
+    #[allow(
+        dead_code,
+        reason = "the two-node tests use it, the crash test does not"
+    )]
+    pub fn with_backend(mut self, backend: &str) -> PeerProcs {
+        self.backend = Some(backend.to_owned());
+        self
     }
 
     /// Starts peer `i` of [`PEERS`] on `segment` (it must not be running).
     pub fn spawn(&mut self, i: usize, segment: &Path) {
+        assert!(!self.whole_set, "this is a whole peer set");
         assert!(self.children[i].is_none(), "{} is running", PEERS[i]);
+        self.children[i] = Some(self.command(PEERS[i], segment).spawn().expect("spawn peer"));
+    }
+
+    /// Starts all three peers in one child process on `segment`, sharing one blocker (as
+    /// `PeerSet::start` does in a node plugin): one process to freeze or kill as a node.
+    /// [`PeerProcs::pid`], `kill` and `wait_ready` then take index 0 for the whole set.
+    #[allow(
+        dead_code,
+        reason = "the two-node tests use it, the crash test does not"
+    )]
+    pub fn spawn_set(&mut self, segment: &Path) {
+        assert!(
+            self.children.iter().all(Option::is_none),
+            "peers are running"
+        );
+        self.whole_set = true;
+        self.children[0] = Some(self.command(WHOLE_SET, segment).spawn().expect("spawn set"));
+    }
+
+    fn command(&self, role: &str, segment: &Path) -> Command {
         let mut cmd = Command::new(std::env::current_exe().expect("test binary"));
         cmd.args(["--exact", self.test, "--nocapture", "--test-threads=1"])
-            .env(ROLE, PEERS[i])
+            .env(ROLE, role)
             .env(SEGMENT, segment)
             .env(DATA, &self.data_dir)
             // Peers print nothing we wait for (readiness is a PING); their panics go to stderr.
@@ -92,7 +169,13 @@ impl PeerProcs {
                 Ok(())
             });
         }
-        self.children[i] = Some(cmd.spawn().expect("spawn peer process"));
+        if let Some(node) = &self.node {
+            cmd.env(NODE_ENV, node);
+        }
+        if let Some(backend) = &self.backend {
+            cmd.env(BACKEND, backend);
+        }
+        cmd
     }
 
     pub fn pid(&self, i: usize) -> Option<libc::pid_t> {
@@ -131,13 +214,23 @@ impl PeerProcs {
     /// Waits until peer `i` answers a PING on its port. Before it binds the port, a PING fails
     /// at once with "no peer"; that is polled, a bounded number of times.
     pub async fn wait_ready(&mut self, i: usize, client: &VolumeClient) {
-        let port = peer_port(PEERS[i]).expect("peer port");
+        if self.whole_set && i == 0 {
+            for name in PEERS {
+                self.wait_port_ready(name, 0, client).await;
+            }
+        } else {
+            self.wait_port_ready(PEERS[i], i, client).await;
+        }
+    }
+
+    async fn wait_port_ready(&mut self, name: &str, i: usize, client: &VolumeClient) {
+        let port = peer_port(name).expect("peer port");
         let mut last = None;
         for _ in 0..READY_ATTEMPTS {
             match client.ping(port).await {
                 Ok(_) => return,
                 Err(e @ (ClientError::PeerGone(_) | ClientError::Transport(_))) => last = Some(e),
-                Err(e) => panic!("PING {} answered {e}", PEERS[i]),
+                Err(e) => panic!("PING {} answered {e}", name),
             }
             if let Some(status) = self.children[i]
                 .as_mut()
@@ -145,13 +238,13 @@ impl PeerProcs {
                 .try_wait()
                 .expect("try_wait")
             {
-                panic!("{} exited with {status} before serving", PEERS[i]);
+                panic!("{} exited with {status} before serving", name);
             }
             tokio::time::sleep(READY_PAUSE).await;
         }
         panic!(
             "{} not serving after {READY_ATTEMPTS} polls: {last:?}",
-            PEERS[i]
+            name
         );
     }
 }
