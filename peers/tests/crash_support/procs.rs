@@ -6,12 +6,16 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use peers::backend::BackendConfig;
 use peers::client::{ClientError, VolumeClient};
 use peers::peerset::{PEERS, PeerConfig, Ports, peer_port, run_peer};
 
 const ROLE: &str = "ARCHIP_CRASH_ROLE";
 const SEGMENT: &str = "ARCHIP_CRASH_SEGMENT";
 const DATA: &str = "ARCHIP_CRASH_DATA";
+/// The backend's text form (`file:/DIR`, `rados:pool=..`): every peer process uses the one
+/// the test chose, the way `archip peer --backend` does.
+const BACKEND: &str = "ARCHIP_CRASH_BACKEND";
 
 /// The node identity of every mapper incarnation: a restarted mapper must get its own locks
 /// back.
@@ -32,8 +36,9 @@ pub fn segment_config() -> xseg::Config {
     }
 }
 
-pub fn peer_config(data_dir: &Path, segment: &Path) -> PeerConfig {
+pub fn peer_config(data_dir: &Path, segment: &Path, backend: &BackendConfig) -> PeerConfig {
     let mut config = PeerConfig::new(data_dir, segment.to_str().expect("utf-8 path"), NODE);
+    config.backend = backend.clone();
     config.xseg = segment_config();
     config.workers = 2;
     // Calls to a dead mapper or blocker fail back (PeerGone) at once; this only bounds a hang.
@@ -49,24 +54,28 @@ pub fn run_child_role() {
     };
     let segment = PathBuf::from(std::env::var(SEGMENT).expect("segment path"));
     let data = PathBuf::from(std::env::var(DATA).expect("data dir"));
-    let r = run_peer(&role, &peer_config(&data, &segment));
+    let backend = std::env::var(BACKEND).expect("backend");
+    let backend = BackendConfig::parse(&backend).expect("backend description");
+    let r = run_peer(&role, &peer_config(&data, &segment, &backend));
     eprintln!("crash test peer {role} stopped: {r:?}");
     std::process::exit(if r.is_ok() { 0 } else { 1 });
 }
 
-/// The peer processes of one data directory, over the segment they are given. Every child is
+/// The peer processes of one data directory and backend, over the segment they are given. Every child is
 /// killed when this is dropped, and also when the test thread dies (PR_SET_PDEATHSIG).
 pub struct PeerProcs {
     test: &'static str,
     data_dir: PathBuf,
+    backend: BackendConfig,
     children: [Option<Child>; 3],
 }
 
 impl PeerProcs {
-    pub fn new(test: &'static str, data_dir: &Path) -> PeerProcs {
+    pub fn new(test: &'static str, data_dir: &Path, backend: &BackendConfig) -> PeerProcs {
         PeerProcs {
             test,
             data_dir: data_dir.to_path_buf(),
+            backend: backend.clone(),
             children: [None, None, None],
         }
     }
@@ -79,6 +88,7 @@ impl PeerProcs {
             .env(ROLE, PEERS[i])
             .env(SEGMENT, segment)
             .env(DATA, &self.data_dir)
+            .env(BACKEND, self.backend.to_string())
             // Peers print nothing we wait for (readiness is a PING); their panics go to stderr.
             .stdin(Stdio::null())
             .stdout(Stdio::null());
