@@ -37,14 +37,7 @@ export ARCHIP_MODEL_OPS=${ARCHIP_MODEL_OPS:-4000}
 export ARCHIP_OPS=${ARCHIP_OPS:-3000}
 export ARCHIP_CRASH_ITERS=${ARCHIP_CRASH_ITERS:-30}
 
-# Known to fail on RADOS, skipped here by name so that it shows (and so that the rest
-# still gates): the shared-mode handover takes the lock over with lock_break, which on RADOS
-# blocklists the former holder's client, so the source node cannot even read afterwards.
-# Needs a handover that moves the lock without fencing its holder out of the cluster.
-SKIP=(--skip handover_between_two_nodes_serves_no_stale_data)
-
 cd "$ROOT"
 cargo test -p peers --features rados --no-fail-fast \
   --test model --test xseg_model --test crash --test dedup_gc --test qos \
-  --test shared_volumes --test names --test xseg_volumes \
-  -- "${SKIP[@]}"
+  --test shared_volumes --test names --test xseg_volumes

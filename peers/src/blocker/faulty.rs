@@ -463,6 +463,14 @@ impl Blocker for FaultyBlocker {
         Box::pin(async move { mutate!(self, lock, self.inner.lock_break(lock)) })
     }
 
+    fn lock_hand_over<'a>(
+        &'a self,
+        lock: &'a ObjectName,
+        owner: &'a LockOwner,
+    ) -> BlockerFuture<'a, Fence> {
+        Box::pin(async move { mutate!(self, lock, self.inner.lock_hand_over(lock, owner)) })
+    }
+
     fn capacity(&self) -> BlockerFuture<'_, Capacity> {
         self.inner.capacity()
     }

@@ -447,6 +447,28 @@ pub trait Blocker: Send + Sync + fmt::Debug {
     /// former holder's fence is stale from now on.
     fn lock_break<'a>(&'a self, lock: &'a ObjectName) -> BlockerFuture<'a, LockInfo>;
 
+    /// Move a lock to `owner` from whoever holds it, for the cooperative handover of a shared
+    /// (live-migrating) volume: the former holder's fence goes stale, as with a break, but the
+    /// former holder stays a reader of the backend, because the source node of a migration
+    /// keeps reading until it detaches. A backend whose break cuts the holder off entirely
+    /// (RADOS blocklists its client) must override this; for the others a break and an
+    /// acquire are the same thing.
+    fn lock_hand_over<'a>(
+        &'a self,
+        lock: &'a ObjectName,
+        owner: &'a LockOwner,
+    ) -> BlockerFuture<'a, Fence> {
+        Box::pin(async move {
+            match self.lock_acquire(lock, owner).await {
+                Err(BlockerError::Locked { .. }) => {
+                    self.lock_break(lock).await?;
+                    self.lock_acquire(lock, owner).await
+                }
+                r => r,
+            }
+        })
+    }
+
     /// Total and available bytes of the storage behind this blocker (a filesystem, a pool),
     /// shared with whatever else uses it. Asynchronous because a remote backend has to ask.
     fn capacity(&self) -> BlockerFuture<'_, Capacity>;

@@ -814,6 +814,37 @@ impl Blocker for RadosBlocker {
         })
     }
 
+    /// The lock moves in one OSD-checked compare-and-swap, with no blocklisting: the former
+    /// holder's fence is stale (a new generation), its client keeps working.
+    fn lock_hand_over<'a>(
+        &'a self,
+        lock: &'a ObjectName,
+        owner: &'a LockOwner,
+    ) -> BlockerFuture<'a, Fence> {
+        Box::pin(async move {
+            let _order = self.lock_order.write().await;
+            for _ in 0..RETRIES {
+                let (mut state, version) = self.read_lock(lock).await?;
+                let ours =
+                    state.info.holder.as_ref() == Some(owner) && state.address == self.address;
+                if !ours {
+                    state.info.generation += 1;
+                    state.info.holder = Some(owner.clone());
+                    state.address.clone_from(&self.address);
+                    if !self.write_lock(lock, &state, version).await? {
+                        continue;
+                    }
+                }
+                return Ok(Fence {
+                    lock: lock.clone(),
+                    owner: owner.clone(),
+                    generation: state.info.generation,
+                });
+            }
+            Err(Self::contended(lock))
+        })
+    }
+
     fn capacity(&self) -> BlockerFuture<'_, Capacity> {
         Box::pin(self.capacity_now())
     }

@@ -86,6 +86,13 @@ impl Blocker for Yielding {
     fn lock_break<'a>(&'a self, l: &'a ObjectName) -> BlockerFuture<'a, LockInfo> {
         yielding!(self.lock_break(l))
     }
+    fn lock_hand_over<'a>(
+        &'a self,
+        l: &'a ObjectName,
+        o: &'a LockOwner,
+    ) -> BlockerFuture<'a, Fence> {
+        yielding!(self.lock_hand_over(l, o))
+    }
     fn capacity(&self) -> BlockerFuture<'_, peers::blocker::Capacity> {
         yielding!(self.capacity())
     }
