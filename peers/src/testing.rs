@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use xseg::Segment;
 
-use crate::backend::Store;
+use crate::backend::{BackendConfig, Store};
 use crate::blocker::Blocker;
 use crate::client::VolumeClient;
 use crate::mapper::{Mapper, MapperError};
@@ -76,7 +76,7 @@ pub fn test_config() -> xseg::Config {
     }
 }
 
-/// A running peer set (vlmc, mapper, file blocker) over a scratch directory and a scratch
+/// A running peer set (vlmc, mapper, blocker) over a scratch directory and a scratch
 /// segment; stopped, and the segment removed, on drop.
 pub struct ScratchPeerSet {
     pub set: Option<PeerSet>,
@@ -87,6 +87,13 @@ pub struct ScratchPeerSet {
 
 impl ScratchPeerSet {
     pub fn start(tag: &str) -> ScratchPeerSet {
+        Self::start_on(tag, None)
+    }
+
+    /// A scratch peer set over `backend` (the file backend in its scratch directory when
+    /// `None`): how a test suite runs the same code on every backend. The caller keeps the
+    /// backend alive and isolated (a fresh directory or RADOS namespace of its own).
+    pub fn start_on(tag: &str, backend: Option<BackendConfig>) -> ScratchPeerSet {
         let dir = ScratchDir::new(tag);
         let segment = PathBuf::from(format!(
             "/dev/shm/xseg-test-{tag}-{}-{}",
@@ -96,8 +103,14 @@ impl ScratchPeerSet {
         let mut config = PeerConfig::new(dir.path(), segment.to_str().unwrap(), "node-test");
         config.xseg = test_config();
         config.workers = 4;
+        if let Some(backend) = backend {
+            config.backend = backend;
+        }
         let seg = Segment::create(&segment, &config.xseg).expect("segment");
-        let blocker: Arc<dyn Blocker> = config.backend.open(Store::Objects).expect("file blocker");
+        let blocker: Arc<dyn Blocker> = config
+            .backend
+            .open(Store::Objects)
+            .unwrap_or_else(|e| panic!("opening {}: {e}", config.backend));
         let set = PeerSet::start_with(&config, seg, blocker.clone()).expect("peer set");
         ScratchPeerSet {
             set: Some(set),

@@ -31,10 +31,11 @@
 //! backend holds no data object that no live map refers to (beyond the ones GC spares by
 //! design: those named at a live volume's current epoch).
 
+mod common;
 mod crash_support;
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::time::{Duration, Instant};
@@ -44,7 +45,7 @@ use crash_support::procs::{self, NODE, PeerProcs};
 use crash_support::workload::{
     BLOCK, Counters, CutWrite, Exists, Map, PAGE_ENTRIES, Pool, Shared, VOLUME_BLOCKS, Worker,
 };
-use peers::blocker::{Blocker, FileBlocker, LockOwner};
+use peers::blocker::LockOwner;
 use peers::client::{
     ClientError, ClientOptions, CreateRequest, GcRequest, QosLimits, VolumeClient,
 };
@@ -78,10 +79,12 @@ async fn step<T>(ctx: &Context, what: &str, f: impl std::future::Future<Output =
     }
 }
 
-/// Everything the parent runs: the data directory, the current segment, the peer processes
-/// and the client.
+/// Everything the parent runs: the data directory, the backend, the current segment, the peer
+/// processes and the client.
 struct Cluster {
     dir: Option<tempfile::TempDir>,
+    /// The backend `ARCHIP_TEST_BACKEND` names; the peer processes get its description.
+    backend: common::TestBackend,
     segment: PathBuf,
     incarnation: u32,
     procs: PeerProcs,
@@ -91,9 +94,11 @@ struct Cluster {
 impl Cluster {
     fn new() -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
-        let procs = PeerProcs::new(TEST, dir.path());
+        let backend = common::TestBackend::fresh("crash");
+        let procs = PeerProcs::new(TEST, dir.path(), backend.config());
         Cluster {
             dir: Some(dir),
+            backend,
             segment: PathBuf::new(),
             incarnation: 0,
             procs,
@@ -103,10 +108,6 @@ impl Cluster {
 
     fn client(&self) -> Arc<VolumeClient> {
         self.client.clone().expect("connected")
-    }
-
-    fn data_dir(&self) -> &Path {
-        self.dir.as_ref().expect("data directory").path()
     }
 
     fn segment(&self) -> Arc<Segment> {
@@ -789,9 +790,7 @@ async fn final_check(cluster: &mut Cluster, workers: &[Worker]) -> Result<(), St
     }
     cluster.procs.kill_all();
 
-    let dir = cluster.data_dir().join(peers::backend::OBJECTS_SUBDIR);
-    let blocker: Arc<dyn Blocker> =
-        Arc::new(FileBlocker::open(&dir).map_err(|e| format!("{}: {e}", dir.display()))?);
+    let blocker = cluster.backend.open();
     let audit = Mapper::new(
         blocker.clone(),
         LockOwner::new("soak-audit").expect("valid owner"),

@@ -1,4 +1,6 @@
-//! Dedup and GC over the file blocker, and GC racing with concurrent operations.
+//! Dedup and GC, and GC racing with concurrent operations, on the backend
+//! `ARCHIP_TEST_BACKEND` names (files by default, or RADOS); the races also on a memory
+//! blocker that yields before every call, which interleaves tasks at every backend call.
 
 mod common;
 
@@ -6,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::Yielding;
-use peers::blocker::{Blocker, FileBlocker, LockOwner};
+use peers::blocker::{Blocker, LockOwner};
 use peers::mapper::{CreateOptions, GcOptions, Mapper};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -48,8 +50,8 @@ fn image() -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn importing_the_same_image_twice_stores_it_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let b: Arc<dyn Blocker> = Arc::new(FileBlocker::open(dir.path()).unwrap());
+    let backend = common::TestBackend::fresh("dedup");
+    let b = backend.open();
     let m = Mapper::new(b.clone(), LockOwner::new("n").unwrap());
     let img = image();
     m.create("first", img.len() as u64, opts()).await.unwrap();
@@ -93,8 +95,17 @@ async fn importing_the_same_image_twice_stores_it_once() {
 /// volume reads back what was written: GC never deleted a referenced object.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gc_is_safe_while_other_operations_run() {
+    gc_while_other_operations_run(Arc::new(Yielding::default())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_is_safe_while_other_operations_run_on_the_test_backend() {
+    let backend = common::TestBackend::fresh("gc-concurrent");
+    gc_while_other_operations_run(backend.open()).await;
+}
+
+async fn gc_while_other_operations_run(b: Arc<dyn Blocker>) {
     let seed = common::seed("gc_concurrent");
-    let b: Arc<dyn Blocker> = Arc::new(Yielding::default());
     let m = Arc::new(Mapper::new(b.clone(), LockOwner::new("n").unwrap()));
     let workers = 4;
     let rounds = 60;
@@ -185,7 +196,16 @@ async fn gc_is_safe_while_other_operations_run() {
 /// write lands.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_first_writes_to_a_shared_block_copy_once() {
-    let b: Arc<dyn Blocker> = Arc::new(Yielding::default());
+    first_writes_to_a_shared_block(Arc::new(Yielding::default())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_writes_to_a_shared_block_copy_once_on_the_test_backend() {
+    let backend = common::TestBackend::fresh("copy-once");
+    first_writes_to_a_shared_block(backend.open()).await;
+}
+
+async fn first_writes_to_a_shared_block(b: Arc<dyn Blocker>) {
     let m = Arc::new(Mapper::new(b.clone(), LockOwner::new("n").unwrap()));
     m.create("v", 2 * BS, opts()).await.unwrap();
     common::write(&m, "v", 0, &vec![9u8; BS as usize])

@@ -1,7 +1,8 @@
 //! Model-based randomized test of the mapper: thousands of random operations on several volumes,
 //! snapshots and clones, each checked against a plain in-memory model (a byte vector per volume).
 //!
-//! Runs against the memory blocker and the file blocker (in a temporary directory). Every read
+//! Runs against the memory blocker and the backend `ARCHIP_TEST_BACKEND` names (the file
+//! blocker in a temporary directory by default, or a fresh RADOS namespace). Every read
 //! is compared with the model, every map is verified (storage decodes, cache equals storage),
 //! and GC runs in the middle of it all, so a GC that deleted a referenced object shows up as a
 //! wrong read. Reproduce a failure with `ARCHIP_SEED=<seed printed> cargo test -p peers --test
@@ -14,7 +15,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use peers::blocker::{Blocker, FileBlocker, LockOwner, MemoryBlocker};
+use peers::blocker::{Blocker, LockOwner, MemoryBlocker};
 use peers::mapper::{BlockState, CreateOptions, GcOptions, GcReport, Mapper, MapperError};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -31,14 +32,14 @@ struct ModelVolume {
 
 enum Backend {
     Memory(Arc<MemoryBlocker>),
-    File(tempfile::TempDir),
+    Test(common::TestBackend),
 }
 
 impl Backend {
     fn blocker(&self) -> Arc<dyn Blocker> {
         match self {
             Backend::Memory(m) => m.clone(),
-            Backend::File(dir) => Arc::new(FileBlocker::open(dir.path()).unwrap()),
+            Backend::Test(b) => b.open(),
         }
     }
 }
@@ -598,9 +599,10 @@ async fn model_memory_blocker() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn model_file_blocker() {
-    let dir = tempfile::tempdir().unwrap();
-    run(Backend::File(dir), "model/file").await;
+async fn model_test_backend() {
+    let backend = common::TestBackend::fresh("model");
+    let label = format!("model/{}", backend.kind());
+    run(Backend::Test(backend), &label).await;
 }
 
 // ---------------------------------------------------------------------------------------------

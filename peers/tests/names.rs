@@ -1,10 +1,11 @@
 //! Name validation at the peers' boundaries: the blocker's object names and the mapper's volume
 //! names refuse traversal, NUL, overlong names and the file blocker's reserved suffixes, and a
-//! refused name leaves nothing behind on disk.
+//! refused name leaves nothing behind: no object on any backend (`ARCHIP_TEST_BACKEND`), and on
+//! files nothing on disk outside the objects directory either.
 
-use std::sync::Arc;
+mod common;
 
-use peers::blocker::{BlockerError, FileBlocker, LockOwner, ObjectName};
+use peers::blocker::{BlockerError, LockOwner, ObjectName};
 use peers::mapper::{CreateOptions, Mapper, MapperError};
 
 fn bad_names() -> Vec<String> {
@@ -41,17 +42,26 @@ fn object_names_are_refused_at_the_blocker_boundary() {
 
 #[tokio::test]
 async fn volume_names_are_refused_by_every_mapper_entry_point() {
-    let dir = tempfile::tempdir().unwrap();
-    let parent_before: Vec<_> = std::fs::read_dir(dir.path().parent().unwrap())
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    let objects = dir.path().join("objects");
-    let b = Arc::new(FileBlocker::open(&objects).unwrap());
-    let m = Mapper::new(b, LockOwner::new("n1").unwrap());
+    let backend = common::TestBackend::fresh("names");
+    // On files: what is beside the backend's directory, which a traversal would add to.
+    let beside = || {
+        backend.objects_dir().map(|objects| {
+            let root = objects.parent().unwrap().to_path_buf();
+            let mut names: Vec<_> = std::fs::read_dir(root.parent().unwrap())
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            names.sort();
+            (root, names)
+        })
+    };
+    let before = beside();
+    let b = backend.open();
+    let m = Mapper::new(b.clone(), LockOwner::new("n1").unwrap());
     m.create("good", 1 << 20, CreateOptions::default())
         .await
         .unwrap();
+    let objects_before = b.list("").await.unwrap();
     let mut names = bad_names();
     names.push("a".repeat(129));
     names.push("_underscore-first".into());
@@ -80,17 +90,27 @@ async fn volume_names_are_refused_by_every_mapper_entry_point() {
         refused(m.dedup(name).await.map(|_| ()));
     }
     assert_eq!(m.list().await.unwrap().len(), 1, "nothing was created");
-    let parent_after: Vec<_> = std::fs::read_dir(dir.path().parent().unwrap())
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
+    let names = |v: Vec<peers::blocker::ObjectInfo>| {
+        let mut n: Vec<String> = v.into_iter().map(|o| o.name.to_string()).collect();
+        n.sort();
+        n
+    };
     assert_eq!(
-        parent_before.len(),
-        parent_after.len(),
-        "nothing escaped the directory"
+        names(b.list("").await.unwrap()),
+        names(objects_before),
+        "no object was written"
     );
-    for entry in std::fs::read_dir(dir.path()).unwrap() {
-        assert_eq!(entry.unwrap().file_name(), "objects");
+    // A temporary directory's siblings are other tests' (they come and go): what matters is
+    // that no name a refused volume would have made appeared beside it.
+    if let (Some((root, before)), Some((_, after))) = (before, beside()) {
+        let new: Vec<_> = after.iter().filter(|n| !before.contains(n)).collect();
+        assert!(
+            new.iter().all(|n| n.to_string_lossy().starts_with(".tmp")),
+            "nothing escaped the directory: {new:?}"
+        );
+        for entry in std::fs::read_dir(&root).unwrap() {
+            assert_eq!(entry.unwrap().file_name(), "objects");
+        }
     }
     assert!(
         LockOwner::new("../n").is_err() && LockOwner::new("n\0").is_err(),

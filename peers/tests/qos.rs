@@ -1,15 +1,16 @@
 //! QoS limits: stored per volume by the mapper, enforced by vlmc, reclaimed with the volume.
 
+mod common;
+
 use std::sync::Arc;
 
 use peers::client::{ClientError, GcRequest, QosLimits};
-use peers::testing::ScratchPeerSet;
 
 const KIB: u64 = 1024;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn limits_are_stored_per_volume_and_checked() {
-    let h = ScratchPeerSet::start("qos-store");
+    let h = common::scratch_peer_set("qos-store");
     let c = h.client();
     c.create("db", 4 << 20, Some(64 * KIB)).await.unwrap();
     assert_eq!(c.qos("db").await.unwrap().limits(), QosLimits::default());
@@ -53,7 +54,7 @@ async fn limits_are_stored_per_volume_and_checked() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn vlmc_delays_io_beyond_the_limit() {
-    let h = ScratchPeerSet::start("qos-io");
+    let h = common::scratch_peer_set("qos-io");
     let c = Arc::new(h.client());
     c.create("vm", 4 << 20, Some(64 * KIB)).await.unwrap();
     c.write("vm", 0, &[1u8; 4096]).await.unwrap();

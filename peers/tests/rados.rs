@@ -203,8 +203,9 @@ async fn a_break_blocklists_the_holder_and_a_hand_over_does_not() {
 
     let fx = x.lock_acquire(&lock, &ox).await.unwrap();
     x.write(&n("data.x"), 0, b"before").await.unwrap();
-    let before = y.lock_hand_over(&lock).await.unwrap();
-    assert_eq!(before.holder.as_ref().map(|h| h.as_str()), Some("node-x"));
+    let fy = y.lock_hand_over(&lock, &oy).await.unwrap();
+    assert!(fy.generation > fx.generation);
+    assert_eq!(y.lock_info(&lock).await.unwrap().holder.as_ref(), Some(&oy));
     // Still connected: x's fence is stale, but the cluster serves it.
     x.write(&n("data.x"), 0, b"after!").await.unwrap();
     assert!(matches!(
@@ -212,6 +213,7 @@ async fn a_break_blocklists_the_holder_and_a_hand_over_does_not() {
             .await,
         Err(BlockerError::Fenced { .. })
     ));
+    y.lock_release(&fy).await.unwrap();
 
     let fx = x.lock_acquire(&lock, &ox).await.unwrap();
     let before = y.lock_break(&lock).await.unwrap();

@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crash_support::procs::{self, PeerProcs};
+use peers::backend::BackendConfig;
 use peers::client::{ClientError, ClientOptions, VolumeClient};
 use peers::fence::{FencedVolume, fence_node};
 use peers::peerset::Ports;
@@ -153,9 +154,8 @@ impl Node {
             rand::random::<u32>()
         ));
         let seg = Segment::create(&segment, &procs::segment_config()).expect("segment");
-        let mut procs = PeerProcs::new(test, dir.path())
-            .with_node(name)
-            .with_backend(&pool.backend());
+        let backend = BackendConfig::parse(&pool.backend()).expect("backend description");
+        let mut procs = PeerProcs::new(test, dir.path(), &backend).with_node(name);
         procs.spawn_set(&segment);
         let opts = ClientOptions {
             timeout: Duration::from_secs(40),

@@ -1,10 +1,10 @@
 //! The live-migration handover: one volume attached through two peer sets (two nodes) over
-//! one backend, both opened shared. Each node reads what the other wrote (no stale cache), the
+//! one backend (the one `ARCHIP_TEST_BACKEND` names), both opened shared. Each node reads what the other wrote (no stale cache), the
 //! first write on a node takes the lock over from the other, and the map stays consistent.
 
-use std::path::Path;
+mod common;
 
-use peers::backend::Store;
+use peers::backend::{BackendConfig, Store};
 use peers::client::{ClientError, VolumeClient};
 use peers::peerset::{PeerConfig, PeerSet};
 use peers::testing::test_config;
@@ -13,28 +13,32 @@ use xseg::Segment;
 const KIB: u64 = 1024;
 const BS: u64 = 64 * KIB;
 
-/// One node: its own segment and peer set, over a shared objects directory.
+/// One node: its own segment, data directory and peer set, over the shared backend.
 struct Node {
     set: Option<PeerSet>,
     segment: std::path::PathBuf,
+    _data_dir: tempfile::TempDir,
 }
 
 impl Node {
-    fn start(dir: &Path, name: &str) -> Node {
+    fn start(backend: &BackendConfig, name: &str) -> Node {
+        let data_dir = tempfile::tempdir().unwrap();
         let segment = std::path::PathBuf::from(format!(
             "/dev/shm/xseg-test-shared-{name}-{}-{}",
             std::process::id(),
             rand::random::<u32>()
         ));
-        let mut config = PeerConfig::new(dir, segment.to_str().unwrap(), name);
+        let mut config = PeerConfig::new(data_dir.path(), segment.to_str().unwrap(), name);
+        config.backend = backend.clone();
         config.xseg = test_config();
         config.workers = 2;
         let seg = Segment::create(&segment, &config.xseg).expect("segment");
-        let blocker = config.backend.open(Store::Objects).expect("file blocker");
+        let blocker = config.backend.open(Store::Objects).expect("blocker");
         let set = PeerSet::start_with(&config, seg, blocker).expect("peer set");
         Node {
             set: Some(set),
             segment,
+            _data_dir: data_dir,
         }
     }
 
@@ -71,9 +75,9 @@ async fn holder(c: &VolumeClient, vol: &str) -> (Option<String>, u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn handover_between_two_nodes_serves_no_stale_data() {
-    let dir = tempfile::tempdir().unwrap();
-    let a = Node::start(dir.path(), "node-a");
-    let b = Node::start(dir.path(), "node-b");
+    let backend = common::TestBackend::fresh("shared");
+    let a = Node::start(backend.config(), "node-a");
+    let b = Node::start(backend.config(), "node-b");
     let (ca, cb) = (a.client(), b.client());
     ca.create("vm", 16 * BS, Some(BS)).await.unwrap();
     ca.open_shared("vm").await.unwrap();
@@ -148,9 +152,9 @@ async fn handover_between_two_nodes_serves_no_stale_data() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_exclusive_open_still_refuses_a_second_writer() {
-    let dir = tempfile::tempdir().unwrap();
-    let a = Node::start(dir.path(), "node-a");
-    let b = Node::start(dir.path(), "node-b");
+    let backend = common::TestBackend::fresh("shared");
+    let a = Node::start(backend.config(), "node-a");
+    let b = Node::start(backend.config(), "node-b");
     let (ca, cb) = (a.client(), b.client());
     ca.create("db", 4 * BS, Some(BS)).await.unwrap();
     ca.open("db").await.unwrap();
@@ -167,8 +171,8 @@ async fn an_exclusive_open_still_refuses_a_second_writer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn shared_open_checks_its_input() {
-    let dir = tempfile::tempdir().unwrap();
-    let a = Node::start(dir.path(), "node-a");
+    let backend = common::TestBackend::fresh("shared-input");
+    let a = Node::start(backend.config(), "node-a");
     let c = a.client();
     let e = c.open_shared("missing").await.unwrap_err();
     assert!(matches!(e, ClientError::NotFound(_)), "{e:?}");

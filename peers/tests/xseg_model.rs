@@ -1,12 +1,14 @@
 //! Model-based randomized test of volumes over xseg: random operations through `VolumeClient`
-//! (client → vlmc → mapper → file blocker), every read compared with an in-memory model, every
+//! (client → vlmc → mapper → blocker, on the backend `ARCHIP_TEST_BACKEND` names), every read compared with an in-memory model, every
 //! map verified. Replay a failure with the printed `ARCHIP_SEED`; `ARCHIP_OPS` sets the length.
+
+mod common;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use peers::client::{ClientError, CreateRequest, GcRequest, VolumeClient, VolumeKind};
-use peers::testing::{ScratchPeerSet, seed};
+use peers::testing::seed;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -308,7 +310,7 @@ async fn random_operations_match_the_model() {
         .ok()
         .map(|s| s.parse().expect("ARCHIP_OPS must be a number"))
         .unwrap_or(10_000);
-    let h = ScratchPeerSet::start("model");
+    let h = common::scratch_peer_set("xseg-model");
     let mut run = Run {
         c: Arc::new(h.client()),
         rng: StdRng::seed_from_u64(seed),

@@ -275,4 +275,27 @@ async fn locks_and_fences(b: &dyn Blocker) {
     let err = b.delete_map(&m, Expect::Any, Some(&fc)).await.unwrap_err();
     assert!(matches!(err, BlockerError::Fenced { .. }), "{err}");
     assert!(b.read_map(&m).await.unwrap().is_some());
+
+    // A handover moves the lock in one step: the former holder's fence is stale, the new one
+    // works, a free lock is simply taken and handing over to the holder changes nothing.
+    let fc2 = b.lock_hand_over(&lock, &c).await.unwrap();
+    assert!(fc2.generation > fa2.generation);
+    assert_eq!(b.lock_info(&lock).await.unwrap().holder.as_ref(), Some(&c));
+    assert_eq!(
+        b.lock_hand_over(&lock, &c).await.unwrap(),
+        fc2,
+        "idempotent"
+    );
+    let err = b
+        .write_map(&m, b"stale a", Expect::Any, Some(&fa2))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, BlockerError::Fenced { .. }), "{err}");
+    b.write_map(&m, b"by c", Expect::Any, Some(&fc2))
+        .await
+        .unwrap();
+    b.lock_release(&fc2).await.unwrap();
+    let fa3 = b.lock_hand_over(&lock, &a).await.unwrap();
+    assert!(fa3.generation > fc2.generation);
+    assert_eq!(b.lock_info(&lock).await.unwrap().holder.as_ref(), Some(&a));
 }

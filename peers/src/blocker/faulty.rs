@@ -463,8 +463,12 @@ impl Blocker for FaultyBlocker {
         Box::pin(async move { mutate!(self, lock, self.inner.lock_break(lock)) })
     }
 
-    fn lock_hand_over<'a>(&'a self, lock: &'a ObjectName) -> BlockerFuture<'a, LockInfo> {
-        Box::pin(async move { mutate!(self, lock, self.inner.lock_hand_over(lock)) })
+    fn lock_hand_over<'a>(
+        &'a self,
+        lock: &'a ObjectName,
+        owner: &'a LockOwner,
+    ) -> BlockerFuture<'a, Fence> {
+        Box::pin(async move { mutate!(self, lock, self.inner.lock_hand_over(lock, owner)) })
     }
 
     fn capacity(&self) -> BlockerFuture<'_, Capacity> {

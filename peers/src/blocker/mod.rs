@@ -447,13 +447,26 @@ pub trait Blocker: Send + Sync + fmt::Debug {
     /// former holder's fence is stale from now on.
     fn lock_break<'a>(&'a self, lock: &'a ObjectName) -> BlockerFuture<'a, LockInfo>;
 
-    /// Free a lock that a live holder gives up to another node: the live-migration handover
-    /// of a volume both nodes opened shared. As with [`Blocker::lock_break`], the former
-    /// holder's fence is stale from now on; unlike it, the former holder is not cut off the
-    /// backend (a RADOS blocklist), since that node goes on serving its other volumes and
-    /// still reads this one. A backend that fences through the lock alone needs nothing more.
-    fn lock_hand_over<'a>(&'a self, lock: &'a ObjectName) -> BlockerFuture<'a, LockInfo> {
-        self.lock_break(lock)
+    /// Move a lock to `owner` from whoever holds it, for the cooperative handover of a shared
+    /// (live-migrating) volume: the former holder's fence goes stale, as with a break, but the
+    /// former holder stays a reader of the backend, because the source node of a migration
+    /// keeps reading until it detaches. A backend whose break cuts the holder off entirely
+    /// (RADOS blocklists its client) must override this; for the others a break and an
+    /// acquire are the same thing.
+    fn lock_hand_over<'a>(
+        &'a self,
+        lock: &'a ObjectName,
+        owner: &'a LockOwner,
+    ) -> BlockerFuture<'a, Fence> {
+        Box::pin(async move {
+            match self.lock_acquire(lock, owner).await {
+                Err(BlockerError::Locked { .. }) => {
+                    self.lock_break(lock).await?;
+                    self.lock_acquire(lock, owner).await
+                }
+                r => r,
+            }
+        })
     }
 
     /// Total and available bytes of the storage behind this blocker (a filesystem, a pool),

@@ -467,13 +467,9 @@ impl RadosBlocker {
         write.await
     }
 
-    /// Free a lock whoever holds it; with `fence_holder`, first blocklist the holder's client
-    /// when it is not this one (a break), without it leave the holder connected (a handover).
-    async fn free_lock(
-        &self,
-        lock: &ObjectName,
-        fence_holder: bool,
-    ) -> Result<LockInfo, BlockerError> {
+    /// Free a lock whoever holds it, first blocklisting the holder's client when it is not
+    /// this one (a break; a handover is [`Blocker::lock_hand_over`] and blocklists nothing).
+    async fn free_lock(&self, lock: &ObjectName) -> Result<LockInfo, BlockerError> {
         let _order = self.lock_order.write().await;
         for _ in 0..RETRIES {
             let (mut state, version) = self.read_lock(lock).await?;
@@ -483,7 +479,7 @@ impl RadosBlocker {
             }
             // Fence first, free second: once the lock is free a new holder may write, and by
             // then the deposed client must already be refused by every OSD.
-            if fence_holder && !state.address.is_empty() && state.address != self.address {
+            if !state.address.is_empty() && state.address != self.address {
                 let address = state.address.clone();
                 blocking(|| self.io.cluster.blocklist(&address, BLOCKLIST_SECONDS))
                     .map_err(|rc| fail(format_args!("blocklisting {address}"), rc))?;
@@ -827,11 +823,38 @@ impl Blocker for RadosBlocker {
     }
 
     fn lock_break<'a>(&'a self, lock: &'a ObjectName) -> BlockerFuture<'a, LockInfo> {
-        Box::pin(self.free_lock(lock, true))
+        Box::pin(self.free_lock(lock))
     }
 
-    fn lock_hand_over<'a>(&'a self, lock: &'a ObjectName) -> BlockerFuture<'a, LockInfo> {
-        Box::pin(self.free_lock(lock, false))
+    /// The lock moves in one OSD-checked compare-and-swap, with no blocklisting: the former
+    /// holder's fence is stale (a new generation), its client keeps working.
+    fn lock_hand_over<'a>(
+        &'a self,
+        lock: &'a ObjectName,
+        owner: &'a LockOwner,
+    ) -> BlockerFuture<'a, Fence> {
+        Box::pin(async move {
+            let _order = self.lock_order.write().await;
+            for _ in 0..RETRIES {
+                let (mut state, version) = self.read_lock(lock).await?;
+                let ours =
+                    state.info.holder.as_ref() == Some(owner) && state.address == self.address;
+                if !ours {
+                    state.info.generation += 1;
+                    state.info.holder = Some(owner.clone());
+                    state.address.clone_from(&self.address);
+                    if !self.write_lock(lock, &state, version).await? {
+                        continue;
+                    }
+                }
+                return Ok(Fence {
+                    lock: lock.clone(),
+                    owner: owner.clone(),
+                    generation: state.info.generation,
+                });
+            }
+            Err(Self::contended(lock))
+        })
     }
 
     fn capacity(&self) -> BlockerFuture<'_, Capacity> {

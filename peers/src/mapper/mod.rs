@@ -543,21 +543,24 @@ impl Mapper {
         let lock = lock_object(name);
         match self.maps.lock_acquire(&lock, &self.owner).await {
             Err(BlockerError::Locked { holder, .. }) => {
-                // A handover, not a break: the source node stays connected to the backend
-                // (on RADOS, not blocklisted), since it serves other volumes and still reads
-                // this one.
-                let before = self.maps.lock_hand_over(&lock).await.ctx(name)?;
+                // Not a break: on RADOS a break blocklists the former holder, and the source
+                // node of a migration must keep reading.
+                let fence = self
+                    .maps
+                    .lock_hand_over(&lock, &self.owner)
+                    .await
+                    .ctx(name)?;
                 crate::metrics::global()
                     .lock_takeovers
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::warn!(
                     volume = %name,
                     from = %holder,
-                    generation = before.generation,
+                    generation = fence.generation,
                     to = %self.owner,
                     "shared volume: lock handed over to this node (first write here)"
                 );
-                self.acquire(name).await
+                Ok(fence)
             }
             r => r.ctx(name),
         }

@@ -16,6 +16,8 @@ const ROLE: &str = "ARCHIP_CRASH_ROLE";
 const SEGMENT: &str = "ARCHIP_CRASH_SEGMENT";
 const DATA: &str = "ARCHIP_CRASH_DATA";
 const NODE_ENV: &str = "ARCHIP_CRASH_NODE";
+/// The backend's text form (`file:/DIR`, `rados:pool=..`): every peer process uses the one
+/// the test chose, the way `archip peer --backend` does.
 const BACKEND: &str = "ARCHIP_CRASH_BACKEND";
 /// The role of a child running all three peers ([`PeerProcs::spawn_set`]).
 const WHOLE_SET: &str = "set";
@@ -60,9 +62,8 @@ pub fn run_child_role() {
     if let Ok(node) = std::env::var(NODE_ENV) {
         config.node = node;
     }
-    if let Ok(backend) = std::env::var(BACKEND) {
-        config.backend = BackendConfig::parse(&backend).expect("backend description");
-    }
+    let backend = std::env::var(BACKEND).expect("backend");
+    config.backend = BackendConfig::parse(&backend).expect("backend description");
     if role == WHOLE_SET {
         // Not in the host's registry: nothing is forwarded to a test's peer set.
         config.registry = None;
@@ -82,7 +83,7 @@ pub fn run_child_role() {
     std::process::exit(if r.is_ok() { 0 } else { 1 });
 }
 
-/// The peer processes of one data directory, over the segment they are given. Every child is
+/// The peer processes of one data directory and backend, over the segment they are given. Every child is
 /// killed when this is dropped, and also when the test thread dies (PR_SET_PDEATHSIG).
 pub struct PeerProcs {
     test: &'static str,
@@ -91,18 +92,19 @@ pub struct PeerProcs {
     children: [Option<Child>; 3],
     whole_set: bool,
     node: Option<String>,
-    backend: Option<String>,
+    /// The text form of the backend every child opens.
+    backend: String,
 }
 
 impl PeerProcs {
-    pub fn new(test: &'static str, data_dir: &Path) -> PeerProcs {
+    pub fn new(test: &'static str, data_dir: &Path, backend: &BackendConfig) -> PeerProcs {
         PeerProcs {
             test,
             data_dir: data_dir.to_path_buf(),
             children: [None, None, None],
             whole_set: false,
             node: None,
-            backend: None,
+            backend: backend.to_string(),
         }
     }
 
@@ -113,17 +115,6 @@ impl PeerProcs {
     )]
     pub fn with_node(mut self, node: &str) -> PeerProcs {
         self.node = Some(node.to_owned());
-        self
-    }
-
-    /// Peers started from now on open this backend (the text form of
-    /// [`BackendConfig::parse`]) instead of the file backend in the data directory.
-    #[allow(
-        dead_code,
-        reason = "the two-node tests use it, the crash test does not"
-    )]
-    pub fn with_backend(mut self, backend: &str) -> PeerProcs {
-        self.backend = Some(backend.to_owned());
         self
     }
 
@@ -172,9 +163,7 @@ impl PeerProcs {
         if let Some(node) = &self.node {
             cmd.env(NODE_ENV, node);
         }
-        if let Some(backend) = &self.backend {
-            cmd.env(BACKEND, backend);
-        }
+        cmd.env(BACKEND, &self.backend);
         cmd
     }
 
