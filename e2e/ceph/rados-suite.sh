@@ -7,9 +7,11 @@
 # start-ceph.sh, with a ceph-mgr (the blocker's capacity and the pool quota
 # that the full-pool test fills both come from the mgr's statistics), waits
 # until the cluster reports its size, runs the peers crate's unit tests and
-# its RADOS tests (`cargo test -p peers --features rados --lib --test rados`;
-# the other peers tests do not touch RADOS and run in `cargo test`) against
-# it, and stops and removes the cluster whatever the outcome.
+# its RADOS-only tests against it (the blocker, tests/rados.rs; two nodes on
+# one pool with fencing, tests/rados_nodes.rs), and stops and removes the
+# cluster whatever the outcome. The backend-parameterized suites (model,
+# crash, dedup, GC, locks, QoS, shared, names) run on RADOS through
+# suite-on-rados.sh.
 # Exits with cargo's status. Needs root the first time (start-ceph.sh
 # installs ceph and librados-dev with apt-get).
 set -euo pipefail
