@@ -37,6 +37,7 @@
 //! never cached in its vlmc, so every data write it makes asks its mapper first.
 
 mod aio;
+pub mod watch;
 
 use std::ffi::CString;
 use std::sync::Arc;

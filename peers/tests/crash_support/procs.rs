@@ -17,6 +17,7 @@ const SEGMENT: &str = "ARCHIP_CRASH_SEGMENT";
 const DATA: &str = "ARCHIP_CRASH_DATA";
 const NODE_ENV: &str = "ARCHIP_CRASH_NODE";
 const BACKEND: &str = "ARCHIP_CRASH_BACKEND";
+const REGISTRY: &str = "ARCHIP_CRASH_REGISTRY";
 /// The role of a child running all three peers ([`PeerProcs::spawn_set`]).
 const WHOLE_SET: &str = "set";
 
@@ -64,8 +65,9 @@ pub fn run_child_role() {
         config.backend = BackendConfig::parse(&backend).expect("backend description");
     }
     if role == WHOLE_SET {
-        // Not in the host's registry: nothing is forwarded to a test's peer set.
-        config.registry = None;
+        // Not in the host's registry: nothing is forwarded to a test's peer set, unless the
+        // test gives the node a registry directory of its own.
+        config.registry = std::env::var(REGISTRY).ok().map(PathBuf::from);
         match PeerSet::start(&config) {
             // Serves until killed; the peers run on their own threads.
             Ok(_set) => loop {
@@ -92,6 +94,7 @@ pub struct PeerProcs {
     whole_set: bool,
     node: Option<String>,
     backend: Option<String>,
+    registry: Option<PathBuf>,
 }
 
 impl PeerProcs {
@@ -103,6 +106,7 @@ impl PeerProcs {
             whole_set: false,
             node: None,
             backend: None,
+            registry: None,
         }
     }
 
@@ -124,6 +128,17 @@ impl PeerProcs {
     )]
     pub fn with_backend(mut self, backend: &str) -> PeerProcs {
         self.backend = Some(backend.to_owned());
+        self
+    }
+
+    /// A whole peer set started from now on records itself in this registry directory (by
+    /// default in none).
+    #[allow(
+        dead_code,
+        reason = "the forwarding tests use it, the crash test does not"
+    )]
+    pub fn with_registry(mut self, dir: &Path) -> PeerProcs {
+        self.registry = Some(dir.to_owned());
         self
     }
 
@@ -174,6 +189,9 @@ impl PeerProcs {
         }
         if let Some(backend) = &self.backend {
             cmd.env(BACKEND, backend);
+        }
+        if let Some(registry) = &self.registry {
+            cmd.env(REGISTRY, registry);
         }
         cmd
     }
