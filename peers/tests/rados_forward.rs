@@ -308,6 +308,55 @@ async fn snapshot_and_expand_through_the_holder() {
     assert_eq!(back, tail);
     assert_eq!(holder_of(&cb, VOL).await.as_deref(), Some("node-a"));
 
+    // A live clone and a group snapshot go the same way.
+    let op = ForwardOp::Clone {
+        source: VOL.into(),
+        name: "live-copy".into(),
+        size: None,
+    };
+    notifier.on_holder(&cb, &op).await.expect("clone through A");
+    let mut copied = vec![0u8; tail.len()];
+    cb.read("live-copy", size + BS, &mut copied).await.unwrap();
+    assert_eq!(copied, tail, "the clone holds A's write past the old end");
+    ca.create("other", size, Some(BS)).await.unwrap();
+    ca.open("other").await.unwrap();
+    ca.write("other", 0, &slot_data(7)).await.unwrap();
+    let op = ForwardOp::GroupSnapshot {
+        members: vec![
+            (VOL.into(), "g-live".into()),
+            ("other".into(), "g-other".into()),
+        ],
+    };
+    notifier
+        .on_holder(&cb, &op)
+        .await
+        .expect("group snapshot through A");
+    let mut member = vec![0u8; SLOT as usize];
+    cb.read("g-other", 0, &mut member).await.unwrap();
+    assert_eq!(member, slot_data(7));
+    cb.read("g-live", size + BS, &mut copied).await.unwrap();
+    assert_eq!(copied, tail);
+
+    // Members held by two nodes cannot be cut together, and nothing is cut.
+    cb.create("mine", size, Some(BS)).await.unwrap();
+    cb.open("mine").await.unwrap();
+    let op = ForwardOp::GroupSnapshot {
+        members: vec![
+            ("mine".into(), "h-mine".into()),
+            (VOL.into(), "h-live".into()),
+        ],
+    };
+    match notifier.on_holder(&cb, &op).await {
+        Err(ForwardError::Invalid(why)) => assert!(why.contains("different nodes"), "{why}"),
+        r => panic!("a group held by two nodes: {r:?}"),
+    }
+    for s in ["h-mine", "h-live"] {
+        assert!(
+            matches!(cb.info(s).await, Err(ClientError::NotFound(_))),
+            "{s} was cut"
+        );
+    }
+
     // Errors come back typed from the holder: a snapshot name that exists already (sent to
     // A directly; B's own mapper would refuse it before any forwarding).
     let op = ForwardOp::Snapshot {

@@ -429,6 +429,30 @@ impl Notifier {
         op: &ForwardOp,
     ) -> Result<u64, ForwardError> {
         op.validate().map_err(ForwardError::Invalid)?;
+        if let ForwardOp::GroupSnapshot { members } = op {
+            // A local attempt could cut the free members before the mapper refuses a held
+            // one: pick the peer set from the locks first, as the CSI controller does.
+            let mut holders = std::collections::BTreeSet::new();
+            for (v, _) in members {
+                match local.lock_info(v).await {
+                    Ok(l) => holders.extend(l.holder),
+                    Err(ClientError::NotFound(_)) => {}
+                    Err(e) => return Err(ForwardError::Local(e)),
+                }
+            }
+            let mut holders = holders.into_iter();
+            match (holders.next(), holders.next()) {
+                (None, _) => {}
+                // Possibly this very node: its own watch answers then, through the same vlmc.
+                (Some(h), None) => return self.forward(&h, op).await,
+                (Some(h1), Some(h2)) => {
+                    return Err(ForwardError::Invalid(format!(
+                        "the members are held by different nodes ({h1}, {h2}, ...); a group is \
+                         cut under one barrier by one node"
+                    )));
+                }
+            }
+        }
         match op.perform(local).await {
             Ok(size) => Ok(size),
             Err(ClientError::Locked { holder, .. }) if !holder.is_empty() => {
@@ -447,8 +471,13 @@ enum Event {
         cookie: u64,
         data: Vec<u8>,
     },
-    /// The watch broke (connection reset, timeout): watch again.
-    Lost(i32),
+    /// The watch `cookie` broke (connection reset, timeout): watch again.
+    Lost {
+        cookie: u64,
+        err: i32,
+    },
+    /// The peer set stops.
+    Stop,
 }
 
 /// The callback's state, alive (boxed, at a fixed address) as long as the watch.
@@ -483,10 +512,10 @@ extern "C" fn on_notify(
     });
 }
 
-extern "C" fn on_error(arg: *mut c_void, _cookie: u64, err: libc::c_int) {
+extern "C" fn on_error(arg: *mut c_void, cookie: u64, err: libc::c_int) {
     // SAFETY: as in `on_notify`.
     let ctx = unsafe { &*(arg as *const Ctx) };
-    let _ = ctx.tx.send(Event::Lost(err));
+    let _ = ctx.tx.send(Event::Lost { cookie, err });
 }
 
 /// A watch registration: the cookie and the ioctx it was made on.
@@ -616,7 +645,7 @@ impl Drop for NodeWatch {
     fn drop(&mut self) {
         // Closing every sender (ours; the callback's goes with the unwatch) ends the worker.
         if let Some(tx) = self.stop.take() {
-            let _ = tx.send(Event::Lost(0));
+            let _ = tx.send(Event::Stop);
         }
         if let Some(w) = self.worker.take() {
             let _ = w.join();
@@ -633,10 +662,13 @@ async fn serve(
     mut rx: mpsc::UnboundedReceiver<Event>,
 ) {
     let mut client: Option<VolumeClient> = None;
+    let mut stopping = false;
     while let Some(ev) = rx.recv().await {
         match ev {
-            Event::Lost(0) => break,
-            Event::Lost(err) => {
+            Event::Stop => break,
+            // An error of a watch already replaced.
+            Event::Lost { cookie, .. } if cookie != handle.cookie => {}
+            Event::Lost { err, .. } => {
                 tracing::warn!(node, errno = -err, "watch lost; watching again");
                 // SAFETY: our cookie on our ioctx.
                 unsafe { rados::rados_unwatch2(handle.io.raw, handle.cookie) };
@@ -646,7 +678,8 @@ async fn serve(
                             handle.cookie = c;
                             break;
                         }
-                        // Blocklisted: this client will never watch again; the node is fenced.
+                        // Blocklisted: this client will never watch again; the node is fenced,
+                        // and callers get the "fence it" error, which is already true.
                         Err(rc) if rc == -libc::ESHUTDOWN => {
                             tracing::error!(
                                 node,
@@ -656,9 +689,18 @@ async fn serve(
                         }
                         Err(rc) => {
                             tracing::warn!(node, errno = -rc, "watching again failed; retrying");
-                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            // Waits for the next try, but not past a stop.
+                            if let Ok(None | Some(Event::Stop)) =
+                                tokio::time::timeout(Duration::from_secs(1), rx.recv()).await
+                            {
+                                stopping = true;
+                                break;
+                            }
                         }
                     }
+                }
+                if stopping {
+                    break;
                 }
             }
             Event::Notify { id, cookie, data } => {
