@@ -37,4 +37,4 @@ until [ "$(rados df -f json 2>/dev/null | sed -n 's/.*"total_space":\([0-9]*\).*
 done
 
 cd "$ROOT"
-cargo test -p peers --features rados --lib --test rados --test rados_nodes
+cargo test -p peers --features rados --lib --test rados --test rados_nodes --test rados_forward

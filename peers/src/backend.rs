@@ -322,24 +322,38 @@ impl BackendConfig {
                 Ok(Arc::new(blocker))
             }
             #[cfg(feature = "rados")]
-            BackendConfig::Rados(c) => {
-                let blocker = crate::blocker::RadosBlocker::connect(
-                    &c.connect(),
-                    &c.pool,
-                    &c.namespace_of(store),
-                )
-                .map_err(|source| BackendError::Open {
-                    backend: self.to_string(),
-                    source,
-                })?;
-                Ok(Arc::new(blocker))
-            }
+            BackendConfig::Rados(_) => Ok(self.open_rados(store)?),
             #[cfg(not(feature = "rados"))]
             BackendConfig::Rados(_) => Err(BackendError::NeedsFeature {
                 kind: "rados",
                 feature: "rados",
             }),
         }
+    }
+
+    /// Opens one store of a RADOS backend as the concrete blocker, for what needs librados
+    /// beyond the blocker interface (watch/notify, [`crate::blocker::rados::watch`]).
+    #[cfg(feature = "rados")]
+    pub fn open_rados(
+        &self,
+        store: Store,
+    ) -> Result<Arc<crate::blocker::RadosBlocker>, BackendError> {
+        let BackendConfig::Rados(c) = self else {
+            return Err(BackendError::Open {
+                backend: self.to_string(),
+                source: crate::blocker::BlockerError::io(
+                    self.to_string(),
+                    std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a rados backend"),
+                ),
+            });
+        };
+        let blocker =
+            crate::blocker::RadosBlocker::connect(&c.connect(), &c.pool, &c.namespace_of(store))
+                .map_err(|source| BackendError::Open {
+                    backend: self.to_string(),
+                    source,
+                })?;
+        Ok(Arc::new(blocker))
     }
 
     /// The [`BackendId`] that a blocker opened on this backend's [`Store::Objects`] reports,

@@ -362,6 +362,9 @@ pub struct PeerSet {
     peers: Vec<RunningPeer>,
     /// This peer set's registry entry, removed before the peers stop.
     registration: Option<Registration>,
+    /// This node's watch for operations forwarded over RADOS, stopped before the peers.
+    #[cfg(feature = "rados")]
+    watch: Option<crate::blocker::rados::watch::NodeWatch>,
 }
 
 impl std::fmt::Debug for PeerSet {
@@ -380,10 +383,44 @@ impl PeerSet {
     /// written costs only the forwarding of operations to this peer set, so that is a warning.
     pub fn start(config: &PeerConfig) -> Result<PeerSet, PeerSetError> {
         let segment = config.open_segment()?;
+        #[cfg(feature = "rados")]
+        let (blocker, rados) = match &config.backend {
+            BackendConfig::Rados(_) => {
+                let r = config.backend.open_rados(Store::Objects)?;
+                (r.clone() as Arc<dyn Blocker>, Some(r))
+            }
+            _ => (config.backend.open(Store::Objects)?, None),
+        };
+        #[cfg(not(feature = "rados"))]
         let blocker = config.backend.open(Store::Objects)?;
         let mut set = Self::start_with(config, segment, blocker.clone())?;
         set.registration = set.register(blocker.as_ref());
+        #[cfg(feature = "rados")]
+        if let Some(r) = rados {
+            set.watch = set.watch_node(&r);
+        }
         Ok(set)
+    }
+
+    /// On RADOS, answers operations other nodes forward to this node by notify (the
+    /// cross-machine counterpart of the registry). Like the registry, a failure costs only
+    /// the forwarding: a warning.
+    #[cfg(feature = "rados")]
+    fn watch_node(
+        &self,
+        blocker: &crate::blocker::RadosBlocker,
+    ) -> Option<crate::blocker::rados::watch::NodeWatch> {
+        match crate::blocker::rados::watch::NodeWatch::start(
+            blocker,
+            &self.config.node,
+            self.segment.path().to_owned(),
+        ) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(error = %e, node = %self.config.node, "not watching for forwarded operations: operations on volumes this node holds cannot be forwarded to it from other machines");
+                None
+            }
+        }
     }
 
     fn register(&self, blocker: &dyn Blocker) -> Option<Registration> {
@@ -434,6 +471,8 @@ impl PeerSet {
             config: config.clone(),
             peers,
             registration: None,
+            #[cfg(feature = "rados")]
+            watch: None,
         })
     }
 
@@ -458,6 +497,8 @@ impl PeerSet {
 
     fn shutdown(&mut self) {
         drop(self.registration.take());
+        #[cfg(feature = "rados")]
+        drop(self.watch.take());
         while let Some(p) = self.peers.pop() {
             p.stop();
         }

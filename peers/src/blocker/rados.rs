@@ -37,6 +37,8 @@
 //! never cached in its vlmc, so every data write it makes asks its mapper first.
 
 mod aio;
+/// Operations on a volume in use forwarded to its holder across machines (watch/notify).
+pub mod watch;
 
 use std::ffi::CString;
 use std::sync::Arc;

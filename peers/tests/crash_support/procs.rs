@@ -19,6 +19,7 @@ const NODE_ENV: &str = "ARCHIP_CRASH_NODE";
 /// The backend's text form (`file:/DIR`, `rados:pool=..`): every peer process uses the one
 /// the test chose, the way `archip peer --backend` does.
 const BACKEND: &str = "ARCHIP_CRASH_BACKEND";
+const REGISTRY: &str = "ARCHIP_CRASH_REGISTRY";
 /// The role of a child running all three peers ([`PeerProcs::spawn_set`]).
 const WHOLE_SET: &str = "set";
 
@@ -65,8 +66,9 @@ pub fn run_child_role() {
     let backend = std::env::var(BACKEND).expect("backend");
     config.backend = BackendConfig::parse(&backend).expect("backend description");
     if role == WHOLE_SET {
-        // Not in the host's registry: nothing is forwarded to a test's peer set.
-        config.registry = None;
+        // Not in the host's registry: nothing is forwarded to a test's peer set, unless the
+        // test gives the node a registry directory of its own.
+        config.registry = std::env::var(REGISTRY).ok().map(PathBuf::from);
         match PeerSet::start(&config) {
             // Serves until killed; the peers run on their own threads.
             Ok(_set) => loop {
@@ -94,6 +96,7 @@ pub struct PeerProcs {
     node: Option<String>,
     /// The text form of the backend every child opens.
     backend: String,
+    registry: Option<PathBuf>,
 }
 
 impl PeerProcs {
@@ -105,6 +108,7 @@ impl PeerProcs {
             whole_set: false,
             node: None,
             backend: backend.to_string(),
+            registry: None,
         }
     }
 
@@ -115,6 +119,17 @@ impl PeerProcs {
     )]
     pub fn with_node(mut self, node: &str) -> PeerProcs {
         self.node = Some(node.to_owned());
+        self
+    }
+
+    /// A whole peer set started from now on records itself in this registry directory (by
+    /// default in none).
+    #[allow(
+        dead_code,
+        reason = "the forwarding tests use it, the crash test does not"
+    )]
+    pub fn with_registry(mut self, dir: &Path) -> PeerProcs {
+        self.registry = Some(dir.to_owned());
         self
     }
 
@@ -164,6 +179,9 @@ impl PeerProcs {
             cmd.env(NODE_ENV, node);
         }
         cmd.env(BACKEND, &self.backend);
+        if let Some(registry) = &self.registry {
+            cmd.env(REGISTRY, registry);
+        }
         cmd
     }
 

@@ -155,6 +155,12 @@ impl Cluster {
 
     /// Fetch the newest OSD map, so later operations see every pool and blocklist entry that
     /// the monitors had committed before this call.
+    /// Waits until every watch callback in progress returned (after an unwatch).
+    pub(super) fn watch_flush(&self) {
+        // SAFETY: a connected cluster handle.
+        unsafe { rados::rados_watch_flush(self.0) };
+    }
+
     pub(super) fn wait_for_latest_map(&self) -> Result<(), i32> {
         // SAFETY: a connected handle.
         let rc = unsafe { rados::rados_wait_for_latest_osdmap(self.0) };
