@@ -17,7 +17,8 @@ use tonic::{Response, Status};
 
 use crate::errors::{CsiError, CsiResult};
 use crate::ids;
-use peers::backend::BackendConfig;
+use crate::params::VolumeParams;
+use peers::backend::{BackendConfig, BackendKind};
 
 use crate::inflight::InFlight;
 use crate::meta::{MetaStore, SnapshotRecord};
@@ -64,6 +65,8 @@ pub(crate) struct Core {
     pub(crate) config: ControllerConfig,
     pub(crate) inflight: Arc<InFlight>,
     pub(crate) delegation: crate::delegate::Delegation,
+    /// Credentials the cluster accepted lately, by digest ([`crate::secrets`]), with when.
+    pub(crate) trusted: std::sync::Mutex<std::collections::HashMap<[u8; 32], std::time::Instant>>,
 }
 
 /// Maps a peer error to the code the spec wants. `what` names the object
@@ -157,6 +160,118 @@ pub(crate) fn timestamp(secs: u64) -> prost_types::Timestamp {
 }
 
 impl Core {
+    /// The node a volume of these parameters is pinned to: this controller's node for the file
+    /// backend's node-local directory, none for a shared directory or RADOS (every node
+    /// reaches the pool).
+    pub(crate) fn pinned_node(&self, params: &VolumeParams) -> Option<String> {
+        let backend = params.backend.unwrap_or(self.config.backend.kind());
+        (backend == BackendKind::File && !params.shared).then(|| self.config.node_id.clone())
+    }
+
+    /// Checks that a class's backend is the one this driver serves: its kind, and for RADOS
+    /// the cluster (by fsid), the pool and the namespace. A class cannot point the driver
+    /// elsewhere, and a mismatch is a misconfiguration the user must see, not a volume put
+    /// somewhere else.
+    pub(crate) fn check_target(&self, params: &VolumeParams) -> CsiResult<()> {
+        let serves = self.config.backend.kind();
+        let asked = params.backend.unwrap_or(serves);
+        if asked != serves {
+            return Err(CsiError::InvalidArgument(format!(
+                "parameter {}={asked}: this driver serves the {serves} backend",
+                crate::params::BACKEND
+            )));
+        }
+        let (BackendConfig::Rados(ours), Some(target)) = (&self.config.backend, &params.rados)
+        else {
+            return Ok(());
+        };
+        let id = self.meta.backend_id();
+        let fsid = id.detail("fsid").unwrap_or_default();
+        let namespace = target.namespace.as_deref().unwrap_or(&ours.namespace);
+        if target.cluster_id != fsid || target.pool != ours.pool || namespace != ours.namespace {
+            return Err(CsiError::InvalidArgument(format!(
+                "parameters {}={:?}, {}={:?}, {}={namespace:?}: this driver serves cluster {fsid:?}, pool {:?}, namespace {:?}",
+                crate::params::CLUSTER_ID,
+                target.cluster_id,
+                crate::params::POOL,
+                target.pool,
+                crate::params::RADOS_NAMESPACE,
+                ours.pool,
+                ours.namespace
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks a request's secrets for the backend this driver serves: nothing for the file
+    /// backend; for RADOS, cephx credentials the cluster accepts for the pool and namespace
+    /// ([`crate::secrets`]). Runs before the request changes anything.
+    pub(crate) async fn authorize(
+        &self,
+        secrets: &std::collections::HashMap<String, String>,
+    ) -> CsiResult<()> {
+        let BackendConfig::Rados(ours) = &self.config.backend else {
+            return Ok(());
+        };
+        let creds = crate::secrets::CephCredentials::from_secrets("secrets", secrets)?;
+        let target = format!(
+            "{}/{}/{}",
+            self.meta.backend_id(),
+            ours.pool,
+            ours.namespace
+        );
+        let digest = creds.digest(&target);
+        let fresh = |at: &std::time::Instant| at.elapsed() < crate::secrets::TRUST_FOR;
+        {
+            let mut trusted = self.trusted.lock().expect("never poisoned");
+            trusted.retain(|_, at| fresh(at));
+            if trusted.contains_key(&digest) {
+                return Ok(());
+            }
+        }
+        self.check_credentials(ours, &creds).await?;
+        self.trusted
+            .lock()
+            .expect("never poisoned")
+            .insert(digest, std::time::Instant::now());
+        Ok(())
+    }
+
+    #[cfg(feature = "rados")]
+    async fn check_credentials(
+        &self,
+        ours: &peers::backend::RadosConfig,
+        creds: &crate::secrets::CephCredentials,
+    ) -> CsiResult<()> {
+        use peers::blocker::rados::{CredentialError, check_credentials};
+        let connect = ours.connect();
+        let (pool, namespace) = (ours.pool.clone(), ours.namespace.clone());
+        let user = creds.user.clone();
+        let key = zeroize::Zeroizing::new(creds.key.expose().to_owned());
+        let checked = tokio::task::spawn_blocking(move || {
+            check_credentials(&connect, &user, &key, &pool, &namespace)
+        })
+        .await
+        .map_err(|e| CsiError::Internal(format!("checking the credentials: {e}")))?;
+        checked.map_err(|e| match e {
+            CredentialError::Refused { .. } => CsiError::Unauthenticated(e.to_string()),
+            CredentialError::Denied { .. } => CsiError::PermissionDenied(e.to_string()),
+            CredentialError::NoPool { .. } => CsiError::FailedPrecondition(e.to_string()),
+            CredentialError::Cluster { .. } => CsiError::Unavailable(e.to_string()),
+        })
+    }
+
+    #[cfg(not(feature = "rados"))]
+    async fn check_credentials(
+        &self,
+        _: &peers::backend::RadosConfig,
+        _: &crate::secrets::CephCredentials,
+    ) -> CsiResult<()> {
+        Err(CsiError::FailedPrecondition(
+            "this build has no RADOS support (cargo feature \"rados\")".into(),
+        ))
+    }
+
     /// The catalogue entry behind `id`, if it is an entry of `kind`.
     pub(crate) async fn entry(&self, id: &str, kind: VolumeKind) -> CsiResult<Option<VolumeInfo>> {
         let Some(name) = ids::backend_name(id) else {

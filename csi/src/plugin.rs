@@ -35,6 +35,7 @@ impl ControllerPlugin {
                 config,
                 inflight: InFlight::new(),
                 delegation,
+                trusted: Default::default(),
             }),
         }
     }
