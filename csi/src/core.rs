@@ -65,8 +65,8 @@ pub(crate) struct Core {
     pub(crate) config: ControllerConfig,
     pub(crate) inflight: Arc<InFlight>,
     pub(crate) delegation: crate::delegate::Delegation,
-    /// Credentials the cluster accepted lately, by digest ([`crate::secrets`]), with when.
-    pub(crate) trusted: std::sync::Mutex<std::collections::HashMap<[u8; 32], std::time::Instant>>,
+    /// Checks the credentials in requests' secrets.
+    pub(crate) authorizer: crate::secrets::Authorizer,
 }
 
 /// Maps a peer error to the code the spec wants. `what` names the object
@@ -203,73 +203,12 @@ impl Core {
         Ok(())
     }
 
-    /// Checks a request's secrets for the backend this driver serves: nothing for the file
-    /// backend; for RADOS, cephx credentials the cluster accepts for the pool and namespace
-    /// ([`crate::secrets`]). Runs before the request changes anything.
+    /// Checks a request's secrets for the backend this driver serves ([`crate::secrets`]).
     pub(crate) async fn authorize(
         &self,
         secrets: &std::collections::HashMap<String, String>,
     ) -> CsiResult<()> {
-        let BackendConfig::Rados(ours) = &self.config.backend else {
-            return Ok(());
-        };
-        let creds = crate::secrets::CephCredentials::from_secrets("secrets", secrets)?;
-        let target = format!(
-            "{}/{}/{}",
-            self.meta.backend_id(),
-            ours.pool,
-            ours.namespace
-        );
-        let digest = creds.digest(&target);
-        let fresh = |at: &std::time::Instant| at.elapsed() < crate::secrets::TRUST_FOR;
-        {
-            let mut trusted = self.trusted.lock().expect("never poisoned");
-            trusted.retain(|_, at| fresh(at));
-            if trusted.contains_key(&digest) {
-                return Ok(());
-            }
-        }
-        self.check_credentials(ours, &creds).await?;
-        self.trusted
-            .lock()
-            .expect("never poisoned")
-            .insert(digest, std::time::Instant::now());
-        Ok(())
-    }
-
-    #[cfg(feature = "rados")]
-    async fn check_credentials(
-        &self,
-        ours: &peers::backend::RadosConfig,
-        creds: &crate::secrets::CephCredentials,
-    ) -> CsiResult<()> {
-        use peers::blocker::rados::{CredentialError, check_credentials};
-        let connect = ours.connect();
-        let (pool, namespace) = (ours.pool.clone(), ours.namespace.clone());
-        let user = creds.user.clone();
-        let key = zeroize::Zeroizing::new(creds.key.expose().to_owned());
-        let checked = tokio::task::spawn_blocking(move || {
-            check_credentials(&connect, &user, &key, &pool, &namespace)
-        })
-        .await
-        .map_err(|e| CsiError::Internal(format!("checking the credentials: {e}")))?;
-        checked.map_err(|e| match e {
-            CredentialError::Refused { .. } => CsiError::Unauthenticated(e.to_string()),
-            CredentialError::Denied { .. } => CsiError::PermissionDenied(e.to_string()),
-            CredentialError::NoPool { .. } => CsiError::FailedPrecondition(e.to_string()),
-            CredentialError::Cluster { .. } => CsiError::Unavailable(e.to_string()),
-        })
-    }
-
-    #[cfg(not(feature = "rados"))]
-    async fn check_credentials(
-        &self,
-        _: &peers::backend::RadosConfig,
-        _: &crate::secrets::CephCredentials,
-    ) -> CsiResult<()> {
-        Err(CsiError::FailedPrecondition(
-            "this build has no RADOS support (cargo feature \"rados\")".into(),
-        ))
+        self.authorizer.authorize(secrets).await
     }
 
     /// The catalogue entry behind `id`, if it is an entry of `kind`.

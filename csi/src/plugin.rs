@@ -28,14 +28,15 @@ impl ControllerPlugin {
             config.backend.clone(),
             client.segment().path(),
         );
+        let authorizer = crate::secrets::Authorizer::new(config.backend.clone());
         Self {
             core: Arc::new(Core {
+                authorizer,
                 client,
                 meta,
                 config,
                 inflight: InFlight::new(),
                 delegation,
-                trusted: Default::default(),
             }),
         }
     }

@@ -34,6 +34,10 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use peers::backend::{BackendConfig, RadosConfig};
 
 use base64::Engine as _;
 use zeroize::Zeroizing;
@@ -148,6 +152,78 @@ fn check_key(key: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks the secrets of requests against the backend a driver serves: nothing for the file
+/// backend; for RADOS, cephx credentials the cluster accepts for the pool and namespace. The
+/// controller and the node service (NodeStage) each hold one. Runs before a request changes
+/// anything.
+#[derive(Debug)]
+pub struct Authorizer {
+    backend: BackendConfig,
+    /// Credentials the cluster accepted lately, by [`CephCredentials::digest`], with when.
+    trusted: Mutex<HashMap<[u8; 32], Instant>>,
+}
+
+impl Authorizer {
+    pub fn new(backend: BackendConfig) -> Self {
+        Self {
+            backend,
+            trusted: Mutex::default(),
+        }
+    }
+
+    /// Accepts `secrets` for a request on this backend, or says why not: INVALID_ARGUMENT for
+    /// missing or malformed credentials, UNAUTHENTICATED for a key the cluster refuses,
+    /// PERMISSION_DENIED for caps that do not cover the pool and namespace, UNAVAILABLE when
+    /// the cluster cannot be asked.
+    pub async fn authorize(&self, secrets: &HashMap<String, String>) -> CsiResult<()> {
+        let BackendConfig::Rados(ours) = &self.backend else {
+            return Ok(());
+        };
+        let creds = CephCredentials::from_secrets("secrets", secrets)?;
+        let digest = creds.digest(&self.backend.to_string());
+        {
+            let mut trusted = self.trusted.lock().expect("never poisoned");
+            trusted.retain(|_, at| at.elapsed() < TRUST_FOR);
+            if trusted.contains_key(&digest) {
+                return Ok(());
+            }
+        }
+        check_with_cluster(ours, &creds).await?;
+        self.trusted
+            .lock()
+            .expect("never poisoned")
+            .insert(digest, Instant::now());
+        Ok(())
+    }
+}
+
+#[cfg(feature = "rados")]
+async fn check_with_cluster(ours: &RadosConfig, creds: &CephCredentials) -> CsiResult<()> {
+    use peers::blocker::rados::{CredentialError, check_credentials};
+    let connect = ours.connect();
+    let (pool, namespace) = (ours.pool.clone(), ours.namespace.clone());
+    let user = creds.user.clone();
+    let key = Zeroizing::new(creds.key.expose().to_owned());
+    let checked = tokio::task::spawn_blocking(move || {
+        check_credentials(&connect, &user, &key, &pool, &namespace)
+    })
+    .await
+    .map_err(|e| CsiError::Internal(format!("checking the credentials: {e}")))?;
+    checked.map_err(|e| match e {
+        CredentialError::Refused { .. } => CsiError::Unauthenticated(e.to_string()),
+        CredentialError::Denied { .. } => CsiError::PermissionDenied(e.to_string()),
+        CredentialError::NoPool { .. } => CsiError::FailedPrecondition(e.to_string()),
+        CredentialError::Cluster { .. } => CsiError::Unavailable(e.to_string()),
+    })
+}
+
+#[cfg(not(feature = "rados"))]
+async fn check_with_cluster(_: &RadosConfig, _: &CephCredentials) -> CsiResult<()> {
+    Err(CsiError::FailedPrecondition(
+        "this build has no RADOS support (cargo feature \"rados\")".into(),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -159,6 +235,12 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[tokio::test]
+    async fn the_file_backend_takes_no_credentials() {
+        let a = Authorizer::new(BackendConfig::file("/nonexistent"));
+        a.authorize(&HashMap::new()).await.unwrap();
     }
 
     #[test]

@@ -75,7 +75,10 @@ fn csi_routes(
             max_volumes_per_node: 256,
         },
         Some(client),
-    );
+    )
+    .with_authorizer(Arc::new(csi::secrets::Authorizer::new(
+        config.backend.clone(),
+    )));
     Ok(controller
         .routes(csi::health::PeerSetHealth::new(set.segment().clone()))
         .add_service(node.into_server()))
