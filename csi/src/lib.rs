@@ -19,7 +19,8 @@
 //! - [`delegate`]: forwarding to the peer set that holds a volume's lock; [`node_loss`]:
 //!   fencing the locks of an out-of-service node;
 //! - [`server`], [`dial`]: the unix-socket gRPC server and client; [`health`]: the probe;
-//!   [`redact`]: secrets out of logs; [`bench`]: `archip bench csi`.
+//!   [`redact`]: secrets out of logs; [`secrets`]: the cephx credentials of RADOS classes and
+//!   their check against the cluster; [`bench`]: `archip bench csi`.
 
 pub mod bench;
 pub mod controller;
