@@ -17,7 +17,8 @@ use tonic::{Response, Status};
 
 use crate::errors::{CsiError, CsiResult};
 use crate::ids;
-use peers::backend::BackendConfig;
+use crate::params::VolumeParams;
+use peers::backend::{BackendConfig, BackendKind};
 
 use crate::inflight::InFlight;
 use crate::meta::{MetaStore, SnapshotRecord};
@@ -64,6 +65,8 @@ pub(crate) struct Core {
     pub(crate) config: ControllerConfig,
     pub(crate) inflight: Arc<InFlight>,
     pub(crate) delegation: crate::delegate::Delegation,
+    /// Checks the credentials in requests' secrets.
+    pub(crate) authorizer: crate::secrets::Authorizer,
 }
 
 /// Maps a peer error to the code the spec wants. `what` names the object
@@ -157,6 +160,57 @@ pub(crate) fn timestamp(secs: u64) -> prost_types::Timestamp {
 }
 
 impl Core {
+    /// The node a volume of these parameters is pinned to: this controller's node for the file
+    /// backend's node-local directory, none for a shared directory or RADOS (every node
+    /// reaches the pool).
+    pub(crate) fn pinned_node(&self, params: &VolumeParams) -> Option<String> {
+        let backend = params.backend.unwrap_or(self.config.backend.kind());
+        (backend == BackendKind::File && !params.shared).then(|| self.config.node_id.clone())
+    }
+
+    /// Checks that a class's backend is the one this driver serves: its kind, and for RADOS
+    /// the cluster (by fsid), the pool and the namespace. A class cannot point the driver
+    /// elsewhere, and a mismatch is a misconfiguration the user must see, not a volume put
+    /// somewhere else.
+    pub(crate) fn check_target(&self, params: &VolumeParams) -> CsiResult<()> {
+        let serves = self.config.backend.kind();
+        let asked = params.backend.unwrap_or(serves);
+        if asked != serves {
+            return Err(CsiError::InvalidArgument(format!(
+                "parameter {}={asked}: this driver serves the {serves} backend",
+                crate::params::BACKEND
+            )));
+        }
+        let (BackendConfig::Rados(ours), Some(target)) = (&self.config.backend, &params.rados)
+        else {
+            return Ok(());
+        };
+        let id = self.meta.backend_id();
+        let fsid = id.detail("fsid").unwrap_or_default();
+        let namespace = target.namespace.as_deref().unwrap_or(&ours.namespace);
+        if target.cluster_id != fsid || target.pool != ours.pool || namespace != ours.namespace {
+            return Err(CsiError::InvalidArgument(format!(
+                "parameters {}={:?}, {}={:?}, {}={namespace:?}: this driver serves cluster {fsid:?}, pool {:?}, namespace {:?}",
+                crate::params::CLUSTER_ID,
+                target.cluster_id,
+                crate::params::POOL,
+                target.pool,
+                crate::params::RADOS_NAMESPACE,
+                ours.pool,
+                ours.namespace
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks a request's secrets for the backend this driver serves ([`crate::secrets`]).
+    pub(crate) async fn authorize(
+        &self,
+        secrets: &std::collections::HashMap<String, String>,
+    ) -> CsiResult<()> {
+        self.authorizer.authorize(secrets).await
+    }
+
     /// The catalogue entry behind `id`, if it is an entry of `kind`.
     pub(crate) async fn entry(&self, id: &str, kind: VolumeKind) -> CsiResult<Option<VolumeInfo>> {
         let Some(name) = ids::backend_name(id) else {

@@ -41,6 +41,12 @@ pub enum CsiError {
     /// A bug or an unexpected backend failure.
     #[error("{0}")]
     Internal(String),
+    /// The backend refused to authenticate the credentials in the request's secrets.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The credentials authenticate but do not allow what the request needs.
+    #[error("{0}")]
+    PermissionDenied(String),
 }
 
 impl CsiError {
@@ -57,6 +63,8 @@ impl CsiError {
             CsiError::Unimplemented(_) => Code::Unimplemented,
             CsiError::Unavailable(_) => Code::Unavailable,
             CsiError::Internal(_) => Code::Internal,
+            CsiError::Unauthenticated(_) => Code::Unauthenticated,
+            CsiError::PermissionDenied(_) => Code::PermissionDenied,
         }
     }
 
@@ -114,6 +122,11 @@ mod tests {
             (CsiError::Unimplemented("x".into()), Code::Unimplemented),
             (CsiError::Unavailable("x".into()), Code::Unavailable),
             (CsiError::Internal("x".into()), Code::Internal),
+            (CsiError::Unauthenticated("x".into()), Code::Unauthenticated),
+            (
+                CsiError::PermissionDenied("x".into()),
+                Code::PermissionDenied,
+            ),
         ];
         for (err, code) in cases {
             let msg = err.to_string();

@@ -141,6 +141,7 @@ impl GroupControllerService {
             .iter()
             .map(|v| ids::group_member_id(&gid, v))
             .collect();
+        self.core.authorize(&req.secrets).await?;
         let mut busy: Vec<&str> = vec![&gid];
         busy.extend(members.iter().map(String::as_str));
         let _busy = self.core.inflight.begin(&busy)?;
@@ -264,6 +265,7 @@ impl GroupControllerService {
     ) -> CsiResult<DeleteVolumeGroupSnapshotResponse> {
         check_id("group_snapshot_id", &req.group_snapshot_id)?;
         check_secrets("secrets", &req.secrets)?;
+        self.core.authorize(&req.secrets).await?;
         let gid = req.group_snapshot_id.as_str();
         let _busy = self.core.inflight.begin(&[gid])?;
         let Some(Stored { record, .. }) = self

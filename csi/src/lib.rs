@@ -19,7 +19,8 @@
 //! - [`delegate`]: forwarding to the peer set that holds a volume's lock; [`node_loss`]:
 //!   fencing the locks of an out-of-service node;
 //! - [`server`], [`dial`]: the unix-socket gRPC server and client; [`health`]: the probe;
-//!   [`redact`]: secrets out of logs; [`bench`]: `archip bench csi`.
+//!   [`redact`]: secrets out of logs; [`secrets`]: the cephx credentials of RADOS classes and
+//!   their check against the cluster; [`bench`]: `archip bench csi`.
 
 pub mod bench;
 pub mod controller;
@@ -38,6 +39,7 @@ pub mod node_loss;
 pub mod params;
 mod plugin;
 pub mod redact;
+pub mod secrets;
 pub mod server;
 pub mod validate;
 
@@ -87,6 +89,8 @@ pub struct ControllerOptions {
     pub node_id: String,
     /// The file backend's data directory (the peer set's `data_dir`).
     pub data_dir: PathBuf,
+    /// The backend the volumes and the controller's records live on (the peer set's).
+    pub backend: peers::backend::BackendConfig,
     /// The peer-set registry to find a volume's lock holder in
     /// ([`ControllerConfig::peerset_registry`]); `None` turns forwarding off.
     pub peerset_registry: Option<PathBuf>,
@@ -148,12 +152,14 @@ where
 {
     let mut config = ControllerConfig::new(&opts.node_id, opts.data_dir.clone());
     config.peerset_registry = opts.peerset_registry.clone();
+    config.backend = opts.backend.clone();
     let plugin = ControllerPlugin::open_with(segment, config)?;
     let routes = plugin.routes(health::PeerSetHealth::new(segment.clone()));
     tracing::info!(
         endpoint = %opts.endpoint,
         node = %opts.node_id,
         data_dir = %opts.data_dir.display(),
+        backend = %opts.backend,
         peerset_registry = ?opts.peerset_registry,
         "controller starting"
     );

@@ -221,6 +221,11 @@ impl MetaStore {
         Ok(Self::new(backend.open(Store::Records)?))
     }
 
+    /// The identity of the store holding the records (for RADOS it names the cluster's fsid).
+    pub fn backend_id(&self) -> peers::blocker::BackendId {
+        self.backend.identity()
+    }
+
     /// Total and available bytes of the backend that holds the records, which is the
     /// volumes' backend too (the filesystem of the file backend's directory, a RADOS pool):
     /// what GetCapacity reports, without a path of its own to `statvfs`.

@@ -25,6 +25,14 @@ pub const BLOCK_SIZE: &str = "blockSize";
 /// Parameter: the filesystem the node service creates (ext4 or xfs),
 /// handed to it through the volume context.
 pub const FS_TYPE: &str = "fsType";
+/// Parameter (RADOS): the cluster, by its fsid (`ceph fsid`), as ceph-csi's `clusterID` names
+/// one; it must be the cluster the driver was started on.
+pub const CLUSTER_ID: &str = "clusterID";
+/// Parameter (RADOS): the pool (ceph-csi's name).
+pub const POOL: &str = "pool";
+/// Parameter (RADOS): the RADOS namespace within the pool (ceph-csi's `radosNamespace`);
+/// default: the driver's.
+pub const RADOS_NAMESPACE: &str = "radosNamespace";
 /// Parameter: `"true"` when the file backend's directory is on a
 /// filesystem every node mounts, so volumes are reachable from every node.
 pub const SHARED: &str = "shared";
@@ -45,8 +53,10 @@ pub type Backend = BackendKind;
 /// Validated CreateVolume / GetCapacity parameters.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeParams {
-    /// The backend.
-    pub backend: Backend,
+    /// The backend, if the class names one (else the driver's).
+    pub backend: Option<Backend>,
+    /// Where a RADOS volume lives, for `backend: rados`.
+    pub rados: Option<RadosTarget>,
     /// Block size, if the class sets one (else the source's, or 4 MiB).
     pub block_size: Option<u32>,
     /// Filesystem for mount volumes, if the class sets one.
@@ -56,6 +66,17 @@ pub struct VolumeParams {
     /// The parameters as given, minus the CO's keys: what a retried
     /// CreateVolume is compared against.
     pub canonical: BTreeMap<String, String>,
+}
+
+/// The cluster, pool and namespace a RADOS StorageClass names. The controller checks them
+/// against the backend it serves: a class never moves the driver to another cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RadosTarget {
+    /// The cluster's fsid.
+    pub cluster_id: String,
+    pub pool: String,
+    /// `None`: the driver's namespace.
+    pub namespace: Option<String>,
 }
 
 /// Smallest and largest block sizes the mapper accepts.
@@ -94,7 +115,8 @@ impl VolumeParams {
     pub fn parse(params: &HashMap<String, String>) -> CsiResult<Self> {
         let canonical = canonical(params);
         let mut out = VolumeParams {
-            backend: BackendKind::File,
+            backend: None,
+            rados: None,
             block_size: None,
             fs_type: None,
             shared: false,
@@ -103,10 +125,11 @@ impl VolumeParams {
         for (key, value) in &out.canonical {
             match key.as_str() {
                 BACKEND => {
-                    out.backend = BackendKind::parse(value).map_err(|e| {
+                    out.backend = Some(BackendKind::parse(value).map_err(|e| {
                         CsiError::InvalidArgument(format!("parameter {BACKEND}={value:?}: {e}"))
-                    })?;
+                    })?);
                 }
+                CLUSTER_ID | POOL | RADOS_NAMESPACE => {} // below, with the backend known
                 BLOCK_SIZE => {
                     let bs = parse_size(key, value)?;
                     if !bs.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&bs) {
@@ -127,10 +150,43 @@ impl VolumeParams {
                 SHARED => out.shared = parse_bool(key, value)?,
                 other => {
                     return Err(CsiError::InvalidArgument(format!(
-                        "unknown parameter {other:?} (known: {BACKEND}, {BLOCK_SIZE}, {FS_TYPE}, {SHARED})"
+                        "unknown parameter {other:?} (known: {BACKEND}, {BLOCK_SIZE}, {FS_TYPE}, {SHARED}, and for backend rados {CLUSTER_ID}, {POOL}, {RADOS_NAMESPACE})"
                     )));
                 }
             }
+        }
+        let get = |key: &str| out.canonical.get(key).cloned();
+        if out.backend == Some(BackendKind::Rados) {
+            let need = |key: &str| {
+                get(key).filter(|v| !v.is_empty()).ok_or_else(|| {
+                    CsiError::InvalidArgument(format!(
+                        "parameter {key} is required with {BACKEND}: rados"
+                    ))
+                })
+            };
+            let namespace = get(RADOS_NAMESPACE);
+            if namespace.as_deref() == Some("") {
+                return Err(CsiError::InvalidArgument(format!(
+                    "parameter {RADOS_NAMESPACE} is empty: leave it out for the driver's namespace"
+                )));
+            }
+            if out.shared {
+                return Err(CsiError::InvalidArgument(format!(
+                    "parameter {SHARED} is for the file backend: RADOS volumes are reachable from every node"
+                )));
+            }
+            out.rados = Some(RadosTarget {
+                cluster_id: need(CLUSTER_ID)?,
+                pool: need(POOL)?,
+                namespace,
+            });
+        } else if let Some(key) = [CLUSTER_ID, POOL, RADOS_NAMESPACE]
+            .into_iter()
+            .find(|k| out.canonical.contains_key(*k))
+        {
+            return Err(CsiError::InvalidArgument(format!(
+                "parameter {key} needs {BACKEND}: rados"
+            )));
         }
         Ok(out)
     }
@@ -240,6 +296,7 @@ mod tests {
             ("fsType", "btrfs"),
             ("shared", "yes"),
             ("backend", "rados"),
+            ("pool", "rbd"),
             ("blocksize", "4Ki"),
         ] {
             let e = VolumeParams::parse(&map(&[bad])).unwrap_err();
@@ -250,13 +307,72 @@ mod tests {
     #[test]
     fn backend_names_come_from_the_backend_module() {
         let p = VolumeParams::parse(&map(&[("backend", "file")])).unwrap();
-        assert_eq!(p.backend, BackendKind::File);
+        assert_eq!(p.backend, Some(BackendKind::File));
         let e = VolumeParams::parse(&map(&[("backend", "rados")])).unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        #[cfg(not(feature = "rados"))]
         assert!(e.to_string().contains("cargo feature \"rados\""), "{e}");
+        #[cfg(feature = "rados")]
+        assert!(e.to_string().contains("clusterID is required"), "{e}");
         let e = VolumeParams::parse(&map(&[("backend", "nfs")])).unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument);
         assert!(e.to_string().contains("\"file\""), "names what exists: {e}");
+    }
+
+    #[cfg(feature = "rados")]
+    #[test]
+    fn rados_params() {
+        let p = VolumeParams::parse(&map(&[
+            ("backend", "rados"),
+            ("clusterID", "aa21"),
+            ("pool", "archip"),
+            ("radosNamespace", "team-a"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            p.rados,
+            Some(RadosTarget {
+                cluster_id: "aa21".into(),
+                pool: "archip".into(),
+                namespace: Some("team-a".into())
+            })
+        );
+        for (bad, says) in [
+            (
+                vec![("backend", "rados"), ("pool", "p")],
+                "clusterID is required",
+            ),
+            (
+                vec![("backend", "rados"), ("clusterID", "c")],
+                "pool is required",
+            ),
+            (
+                vec![
+                    ("backend", "rados"),
+                    ("clusterID", "c"),
+                    ("pool", "p"),
+                    ("shared", "true"),
+                ],
+                "every node",
+            ),
+            (
+                vec![
+                    ("backend", "rados"),
+                    ("clusterID", "c"),
+                    ("pool", "p"),
+                    ("radosNamespace", ""),
+                ],
+                "empty",
+            ),
+            (
+                vec![("backend", "file"), ("pool", "p")],
+                "needs backend: rados",
+            ),
+        ] {
+            let e = VolumeParams::parse(&map(&bad)).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{bad:?}");
+            assert!(e.to_string().contains(says), "{bad:?}: {e}");
+        }
     }
 
     #[test]

@@ -28,8 +28,10 @@ impl ControllerPlugin {
             config.backend.clone(),
             client.segment().path(),
         );
+        let authorizer = crate::secrets::Authorizer::new(config.backend.clone());
         Self {
             core: Arc::new(Core {
+                authorizer,
                 client,
                 meta,
                 config,

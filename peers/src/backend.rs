@@ -202,8 +202,9 @@ impl RadosConfig {
         Ok(c)
     }
 
+    /// Where the cluster is and how this process logs in, as the RADOS blocker takes it.
     #[cfg(feature = "rados")]
-    fn connect(&self) -> crate::blocker::rados::Connect {
+    pub fn connect(&self) -> crate::blocker::rados::Connect {
         crate::blocker::rados::Connect {
             conf: self.conf.clone(),
             monitors: self.monitors.clone(),
@@ -259,6 +260,25 @@ pub enum BackendError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// Refuses a keyring that users other than its owner's group can read: a cephx key in a
+/// world-readable file is a key every local user has. (A Kubernetes Secret volume is mode 0644
+/// unless its `defaultMode` says otherwise; the chart sets 0400.)
+#[cfg(feature = "rados")]
+fn check_keyring_private(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path)
+        .map_err(|e| format!("the keyring {} cannot be read: {e}", path.display()))?;
+    let mode = meta.permissions().mode();
+    if mode & 0o004 != 0 {
+        return Err(format!(
+            "the keyring {} is readable by every user (mode {:o}): make it 0600 or 0400",
+            path.display(),
+            mode & 0o777
+        ));
+    }
+    Ok(())
 }
 
 impl BackendConfig {
@@ -347,6 +367,12 @@ impl BackendConfig {
                 ),
             });
         };
+        if let Some(keyring) = &c.keyring {
+            check_keyring_private(keyring).map_err(|reason| BackendError::Invalid {
+                input: self.to_string(),
+                reason,
+            })?;
+        }
         let blocker =
             crate::blocker::RadosBlocker::connect(&c.connect(), &c.pool, &c.namespace_of(store))
                 .map_err(|source| BackendError::Open {

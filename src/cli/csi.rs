@@ -58,6 +58,7 @@ pub fn controller(inst: &Instance, args: &ControllerArgs) -> anyhow::Result<()> 
                 endpoint: args.endpoint.clone(),
                 node_id: node,
                 data_dir: config.data_dir.clone(),
+                backend: config.backend.clone(),
                 peerset_registry: config.registry.clone(),
             },
             csi::server::shutdown_signal(),

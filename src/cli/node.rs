@@ -61,6 +61,7 @@ pub fn node(inst: &Instance, args: &NodeArgs) -> anyhow::Result<()> {
         set.segment(),
         &args.endpoint,
         opts,
+        &config.backend,
         csi::server::shutdown_signal(),
     ));
     set.stop();

@@ -30,9 +30,34 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if not (has .Values.backend.type (list "file" "rados")) -}}
 {{- fail (printf "backend.type must be file or rados, not %q" .Values.backend.type) -}}
 {{- end -}}
-{{- if and (eq .Values.backend.type "rados") (not (or .Values.backend.rados.clusterID .Values.backend.rados.monitors)) -}}
-{{- fail "backend.type rados needs backend.rados.clusterID or backend.rados.monitors" -}}
+{{- if and (eq .Values.backend.type "rados") (not (and .Values.backend.rados.clusterID .Values.backend.rados.monitors)) -}}
+{{- fail "backend.type rados needs backend.rados.clusterID (the fsid, `ceph fsid`) and backend.rados.monitors" -}}
 {{- end -}}
+{{- end -}}
+
+{{/*
+The backend archip's peer set opens (ARCHIP_BACKEND), for rados with the driver's standing
+cephx credential: the id and key come from the Ceph Secret into this container's own
+environment (key-env=, never an argument or a file), and the StorageClass secrets of each
+request are checked against the cluster as well (csi/src/secrets.rs). The Secret must be in
+the release namespace for secretKeyRef.
+*/}}
+{{- define "archip.backendEnv" -}}
+{{- if eq .Values.backend.type "rados" }}
+{{- $r := .Values.backend.rados }}
+- name: ARCHIP_CEPH_USER
+  valueFrom:
+    secretKeyRef:
+      name: {{ $r.secret.name }}
+      key: userID
+- name: ARCHIP_CEPH_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ $r.secret.name }}
+      key: userKey
+- name: ARCHIP_BACKEND
+  value: "rados:pool={{ $r.pool }},namespace={{ $r.namespace | default "archip" }},mon={{ $r.monitors | replace "," ";" }},id=$(ARCHIP_CEPH_USER),key-env=ARCHIP_CEPH_KEY"
+{{- end }}
 {{- end -}}
 
 {{- define "archip.cephSecretNamespace" -}}
@@ -79,6 +104,7 @@ Argument: dict "root" $ "perNode" bool.
       value: /var/lib/archipelago/data
     - name: ARCHIP_PEERSET_DIR
       value: /run/archip/peersets
+    {{- include "archip.backendEnv" $ | indent 4 }}
     - name: RUST_LOG
       value: {{ $v.logLevel | quote }}
   securityContext:

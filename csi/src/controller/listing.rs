@@ -140,7 +140,9 @@ impl Core {
         let params = VolumeParams::parse(&req.parameters)?;
         let block = params.block_size.map_or(DEFAULT_BLOCK_SIZE, u64::from);
         let max = (MAX_BLOCKS * block).min(i64::MAX as u64) as i64;
-        let node = (!params.shared).then_some(self.config.node_id.as_str());
+        self.check_target(&params)?;
+        let node = self.pinned_node(&params);
+        let node = node.as_deref();
         let reachable = req
             .accessible_topology
             .as_ref()

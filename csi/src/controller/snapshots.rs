@@ -26,6 +26,7 @@ impl Core {
         check_secrets("secrets", &req.secrets)?;
         check_map("parameters", &req.parameters)?;
         params::check_snapshot_params(&req.parameters)?;
+        self.authorize(&req.secrets).await?;
         let id = ids::snapshot_id(&req.name);
         let source = req.source_volume_id.as_str();
         let _busy = self.inflight.begin(&[&id])?;
@@ -98,6 +99,7 @@ impl Core {
     ) -> CsiResult<DeleteSnapshotResponse> {
         check_id("snapshot_id", &req.snapshot_id)?;
         check_secrets("secrets", &req.secrets)?;
+        self.authorize(&req.secrets).await?;
         let id = req.snapshot_id.as_str();
         let _busy = self.inflight.begin(&[id])?;
         if let Some(Stored { record, .. }) = self

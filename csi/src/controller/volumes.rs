@@ -223,9 +223,11 @@ impl Core {
             .as_ref()
             .map(source_of)
             .transpose()?;
+        self.check_target(&params)?;
+        self.authorize(&req.secrets).await?;
         let id = ids::volume_id(&req.name);
         let _busy = self.inflight.begin(&[&id])?;
-        let node = (!params.shared).then(|| self.config.node_id.clone());
+        let node = self.pinned_node(&params);
         check_requirements(req.accessibility_requirements.as_ref(), node.as_deref())?;
         let range = req.capacity_range.as_ref();
 
@@ -355,6 +357,7 @@ impl Core {
     ) -> CsiResult<DeleteVolumeResponse> {
         check_id("volume_id", &req.volume_id)?;
         check_secrets("secrets", &req.secrets)?;
+        self.authorize(&req.secrets).await?;
         let id = req.volume_id.as_str();
         let _busy = self.inflight.begin(&[id])?;
         let Some(name) = ids::backend_name(id) else {
@@ -458,6 +461,7 @@ impl Core {
                 Ok::<_, CsiError>(a)
             })
             .transpose()?;
+        self.authorize(&req.secrets).await?;
         let id = req.volume_id.as_str();
         let _busy = self.inflight.begin(&[id])?;
         let info = self.existing(id, VolumeKind::Volume, "volume").await?;

@@ -102,6 +102,8 @@ pub struct NodeService {
     opts: Arc<NodeOptions>,
     client: Option<Arc<VolumeClient>>,
     inflight: Arc<InFlight>,
+    /// Checks NodeStage's secrets (cephx credentials for a RADOS backend); none: not checked.
+    authorizer: Option<Arc<csi::secrets::Authorizer>>,
 }
 
 impl NodeService {
@@ -112,7 +114,16 @@ impl NodeService {
             opts: Arc::new(opts),
             client,
             inflight: InFlight::new(),
+            authorizer: None,
         }
+    }
+
+    /// Checks NodeStage's secrets with `authorizer` (built on the node's backend): a RADOS
+    /// volume is staged only for credentials the cluster accepts ([`csi::secrets`]), before a
+    /// device is made.
+    pub fn with_authorizer(mut self, authorizer: Arc<csi::secrets::Authorizer>) -> Self {
+        self.authorizer = Some(authorizer);
+        self
     }
 
     /// The tonic server of this service.
@@ -172,11 +183,13 @@ impl NodeService {
     }
 }
 
-/// Serves Identity + Node on `endpoint` over the peers serving `segment` until `shutdown`.
+/// Serves Identity + Node on `endpoint` over the peers serving `segment` (opened on `backend`,
+/// whose credentials NodeStage's secrets must carry) until `shutdown`.
 pub async fn run_node<F>(
     segment: &Arc<Segment>,
     endpoint: &str,
     opts: NodeOptions,
+    backend: &peers::backend::BackendConfig,
     shutdown: F,
 ) -> Result<(), csi::RunError>
 where
@@ -184,7 +197,9 @@ where
 {
     let client = Arc::new(VolumeClient::connect(segment)?);
     tracing::info!(%endpoint, node = %opts.node_id, table = %opts.table.path().display(), "CSI node starting");
+    let authorizer = Arc::new(csi::secrets::Authorizer::new(backend.clone()));
     let routes = NodeService::new(opts, Some(client))
+        .with_authorizer(authorizer)
         .routes(UblkHealth(csi::health::PeerSetHealth::new(segment.clone())));
     csi::server::serve(endpoint, routes, shutdown).await?;
     Ok(())
@@ -303,6 +318,9 @@ impl Node for NodeService {
         mount_group(&access)?;
         validate::check_secrets("secrets", &r.secrets)?;
         validate::check_map("volume_context", &r.volume_context)?;
+        if let Some(a) = &self.authorizer {
+            a.authorize(&r.secrets).await?;
+        }
         let _guard = self.inflight.begin(&[&r.volume_id])?;
         self.volume_size(&name).await?;
         let staging = PathBuf::from(&r.staging_target_path);

@@ -196,20 +196,120 @@ pub(crate) fn decode_lock(object: &str, bytes: &[u8]) -> Result<LockState, Block
     })
 }
 
+/// The settings every connection of `c` makes, whoever's credentials it uses.
+fn base_options(c: &Connect) -> Vec<(&'static str, String)> {
+    let secs = c.timeout.as_secs().max(1).to_string();
+    let mut options = vec![
+        ("rados_osd_op_timeout", secs.clone()),
+        ("rados_mon_op_timeout", secs.clone()),
+        ("client_mount_timeout", secs),
+    ];
+    if !c.monitors.is_empty() {
+        options.push(("mon_host", c.monitors.join(",")));
+    }
+    options
+}
+
+/// Why [`check_credentials`] did not accept a cephx identity. Messages name the client, never
+/// the key.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialError {
+    /// The monitors refused to authenticate the client with this key (wrong key, unknown
+    /// client).
+    #[error("the cluster refused to authenticate client.{client} with the key given")]
+    Refused { client: String },
+    /// Authenticated, but its capabilities do not let it use the pool and namespace.
+    #[error("client.{client} may not use pool {pool:?} namespace {namespace:?}")]
+    Denied {
+        client: String,
+        pool: String,
+        namespace: String,
+    },
+    /// The pool does not exist.
+    #[error("pool {pool:?} does not exist")]
+    NoPool { pool: String },
+    /// The cluster could not be asked (unreachable, timed out, a bad conf).
+    #[error("checking the credentials of client.{client}: {source}")]
+    Cluster {
+        client: String,
+        #[source]
+        source: BlockerError,
+    },
+}
+
+/// Object read to prove access to a namespace. It never exists: ENOENT is the answer that says
+/// "allowed", while a client without read capability on the namespace gets EPERM.
+const ACCESS_PROBE: &str = "archip-credential-probe";
+
+/// Checks, against the cluster, that cephx `client` with `key` authenticates and may read
+/// `pool`/`namespace`: what the CSI controller asks of the credentials in a request's secrets
+/// before acting for it. `c` says where the cluster is (its keyring settings are ignored); the
+/// key goes to librados in memory and is dropped when this returns. Blocking (a connection).
+pub fn check_credentials(
+    c: &Connect,
+    client: &str,
+    key: &str,
+    pool: &str,
+    namespace: &str,
+) -> Result<(), CredentialError> {
+    let cluster_error = |rc: i32, what: &str| CredentialError::Cluster {
+        client: client.to_owned(),
+        source: fail(what, rc),
+    };
+    let denied = |rc: i32| matches!(-rc, libc::EPERM | libc::EACCES);
+    let mut options = base_options(c);
+    options.push(("key", key.to_owned()));
+    // A conf's keyring would otherwise be read as well; the key set above is the only secret
+    // this connection may use.
+    options.push(("keyring", String::new()));
+    let conf = c.conf.as_ref().map(|p| p.display().to_string());
+    let connected = blocking(|| Cluster::connect(client, conf.as_deref(), &options));
+    drop(options);
+    let cluster = match connected {
+        Ok(cluster) => Arc::new(cluster),
+        Err(rc) if denied(rc) => {
+            return Err(CredentialError::Refused {
+                client: client.to_owned(),
+            });
+        }
+        Err(rc) => return Err(cluster_error(rc, "connecting")),
+    };
+    let io = match Io::open(cluster.clone(), pool, namespace) {
+        Err(rc) if rc == -libc::ENOENT => {
+            blocking(|| cluster.wait_for_latest_map()).map_err(|rc| cluster_error(rc, pool))?;
+            Io::open(cluster, pool, namespace)
+        }
+        other => other,
+    };
+    let io = io.map_err(|rc| match -rc {
+        libc::ENOENT => CredentialError::NoPool {
+            pool: pool.to_owned(),
+        },
+        _ if denied(rc) => CredentialError::Denied {
+            client: client.to_owned(),
+            pool: pool.to_owned(),
+            namespace: namespace.to_owned(),
+        },
+        _ => cluster_error(rc, pool),
+    })?;
+    match blocking(|| io.probe(ACCESS_PROBE)) {
+        Ok(()) => Ok(()),
+        Err(rc) if rc == -libc::ENOENT => Ok(()),
+        Err(rc) if denied(rc) => Err(CredentialError::Denied {
+            client: client.to_owned(),
+            pool: pool.to_owned(),
+            namespace: namespace.to_owned(),
+        }),
+        Err(rc) => Err(cluster_error(rc, ACCESS_PROBE)),
+    }
+}
+
 impl RadosBlocker {
     /// Connect and open `pool`/`namespace`. Fails with [`BlockerError::NotFound`] naming the
     /// pool if it does not exist: a blocker never creates pools.
     pub fn connect(c: &Connect, pool: &str, namespace: &str) -> Result<Self, BlockerError> {
         let what = format!("rados pool {pool}");
-        let secs = c.timeout.as_secs().max(1).to_string();
-        let mut options: Vec<(&str, String)> = vec![
-            ("rados_osd_op_timeout", secs.clone()),
-            ("rados_mon_op_timeout", secs.clone()),
-            ("client_mount_timeout", secs),
-        ];
-        if !c.monitors.is_empty() {
-            options.push(("mon_host", c.monitors.join(",")));
-        }
+        let mut options = base_options(c);
         if let Some(k) = &c.keyring {
             options.push(("keyring", k.display().to_string()));
         }

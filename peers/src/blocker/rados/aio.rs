@@ -239,6 +239,15 @@ impl Io {
         Ok(Io { raw, cluster })
     }
 
+    /// Stats `oid` synchronously, for its error code only (0, or a negative errno).
+    pub(super) fn probe(&self, oid: &str) -> Result<(), i32> {
+        let oid = cstring(oid)?;
+        let (mut size, mut mtime) = (0u64, 0 as libc::time_t);
+        // SAFETY: valid ioctx, NUL-terminated name and out-pointers alive for the call.
+        let rc = unsafe { rados::rados_stat(self.raw, oid.as_ptr(), &mut size, &mut mtime) };
+        if rc < 0 { Err(rc) } else { Ok(()) }
+    }
+
     /// Bytes the pool holds (all namespaces).
     pub(super) fn pool_used(&self) -> Result<u64, i32> {
         let mut st = PoolStat::default();
