@@ -154,6 +154,9 @@ enum Bench {
         /// 4 KiB random writes per side.
         #[arg(long, default_value_t = 40_000)]
         random_ios: u64,
+        /// Interleaved repeats of the I/O scenarios (medians are reported).
+        #[arg(long, default_value_t = 3)]
+        repeats: u32,
         /// Snapshot + clone rounds (the median is reported).
         #[arg(long, default_value_t = 10)]
         rounds: u32,
@@ -229,10 +232,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 backend,
                 size_mib,
                 random_ios,
+                repeats,
                 rounds,
                 clones,
                 keep,
-            } => bench_rados(&backend, size_mib, random_ios, rounds, clones, keep),
+            } => bench_rados(
+                &backend,
+                size_mib,
+                random_ios,
+                [repeats, rounds, clones],
+                keep,
+            ),
             Bench::Csi { dir } => cli::csi::bench(dir),
             Bench::Nbd { count, rounds } => cli::nbd::bench(count, rounds),
         },
@@ -244,14 +254,14 @@ fn bench_rados(
     backend: &str,
     size_mib: u64,
     random_ios: u64,
-    rounds: u32,
-    clones: u32,
+    [repeats, rounds, clones]: [u32; 3],
     keep: bool,
 ) -> anyhow::Result<()> {
     let backend = peers::backend::BackendConfig::parse(backend)?;
     let opts = peers::bench_rados::Options {
         size: size_mib.max(4) * 1024 * 1024,
         random_ios,
+        repeats,
         rounds,
         clones,
         cleanup: !keep,
@@ -262,7 +272,7 @@ fn bench_rados(
 }
 
 #[cfg(not(feature = "rados"))]
-fn bench_rados(_: &str, _: u64, _: u64, _: u32, _: u32, _: bool) -> anyhow::Result<()> {
+fn bench_rados(_: &str, _: u64, _: u64, _: [u32; 3], _: bool) -> anyhow::Result<()> {
     anyhow::bail!(
         "`archip bench rados` needs a build with the cargo feature \"rados\" \
          (cargo build --release --features rados)"

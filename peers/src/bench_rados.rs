@@ -46,6 +46,8 @@ pub struct Options {
     /// Outstanding 4 MiB sequential writes. 16 is `rbd bench`'s default; the segment holds 32
     /// buffers of 4 MiB, and a request in flight can hold one at more than one hop.
     pub seq_depth: usize,
+    /// Interleaved repeats of the I/O scenarios on each side (medians are reported).
+    pub repeats: u32,
     /// Snapshot + clone rounds (the median is reported).
     pub rounds: u32,
     /// Clones of one snapshot in the mass-clone scenario.
@@ -62,6 +64,7 @@ impl Options {
             random_ios: 40_000,
             random_depth: 32,
             seq_depth: 16,
+            repeats: 3,
             rounds: 10,
             clones: 100,
             cleanup: true,
@@ -105,6 +108,12 @@ fn ms(d: Duration) -> f64 {
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort_unstable();
     v.get(v.len() / 2).copied().unwrap_or_default()
+}
+
+fn median_f(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_unstable_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 fn quantile_ms(v: &mut [Duration], q: f64) -> f64 {
@@ -376,6 +385,7 @@ async fn ours_cleanup(c: &VolumeClient, vol: &str, rounds: u32, clones: u32) {
         let _ = c.delete(&format!("{vol}-s{i}")).await;
     }
     let _ = c.delete(&format!("{vol}-base")).await;
+    let _ = c.close(vol).await;
     let _ = c.delete(vol).await;
     if let Err(e) = c.gc().await {
         tracing::warn!(error = %e, "gc after the bench failed; its objects stay in the namespace");
@@ -414,7 +424,7 @@ async fn run_async(
     )
     .await?;
     c.flush(vol).await.map_err(step("flush"))?;
-    let ours_seq = size as f64 / MIB as f64 / t.as_secs_f64();
+    let ours_fill = size as f64 / MIB as f64 / t.as_secs_f64();
 
     tools.rbd(&[
         "create",
@@ -430,7 +440,7 @@ async fn run_async(
         &rbd,
         stack,
         block,
-        ours_seq,
+        ours_fill,
         seq_offsets,
         rand_offsets,
     )
@@ -453,7 +463,7 @@ async fn rbd_and_rest(
     rbd: &Rbd<'_>,
     stack: Arc<Target>,
     block: u64,
-    ours_seq: f64,
+    ours_fill: f64,
     seq_offsets: Arc<Vec<u64>>,
     rand_offsets: Arc<Vec<u64>>,
 ) -> Result<Value> {
@@ -465,8 +475,8 @@ async fn rbd_and_rest(
         .ok()
         .and_then(|(out, _)| serde_json::from_str::<Value>(&out).ok())
         .and_then(|v| v.get("features").cloned());
-    let rbd_seq_ops = tools.bench(img, "seq", 4 * MIB, opts.seq_depth, size)?;
-    let rbd_seq = rbd_seq_ops * 4.0;
+    // The first pass writes every block (and creates every object) on all three sides.
+    let rbd_fill = tools.bench(img, "seq", 4 * MIB, opts.seq_depth, size)? * 4.0;
 
     // Our blocker alone, on plain objects of the volume's block size.
     let objects: Vec<ObjectName> = (0..size.div_ceil(block))
@@ -474,31 +484,69 @@ async fn rbd_and_rest(
         .collect::<std::result::Result<_, _>>()
         .map_err(step("object name"))?;
     let raw_target = Arc::new(Target::Raw(raw.clone(), objects.clone(), block));
+    let seq_mb_s = |t: Duration| size as f64 / MIB as f64 / t.as_secs_f64();
     let (t, _) = drive(
         raw_target.clone(),
-        seq_offsets,
+        seq_offsets.clone(),
         (4 * MIB) as usize,
         opts.seq_depth,
     )
     .await?;
-    let raw_seq = size as f64 / MIB as f64 / t.as_secs_f64();
+    let raw_fill = seq_mb_s(t);
 
-    // (a) 4 KiB random writes on the filled volume / image / objects.
-    let (t, mut lat) = drive(stack, rand_offsets.clone(), 4096, opts.random_depth).await?;
-    c.flush(vol).await.map_err(step("flush"))?;
-    let ours_iops = rand_offsets.len() as f64 / t.as_secs_f64();
-    let rbd_iops = tools.bench(img, "rand", 4096, opts.random_depth, opts.random_ios * 4096)?;
-    let (t, mut raw_lat) = drive(raw_target, rand_offsets.clone(), 4096, opts.random_depth).await?;
-    let raw_iops = rand_offsets.len() as f64 / t.as_secs_f64();
+    // Then, interleaved so that a burst of load elsewhere on the machine does not land on one
+    // side only: (b) 4 MiB sequential overwrites and (a) 4 KiB random writes at depth, on the
+    // filled volume / image / objects.
+    let (mut seq, mut rand) = ([vec![], vec![], vec![]], [vec![], vec![], vec![]]);
+    let (mut lat, mut raw_lat) = (Vec::new(), Vec::new());
+    for _ in 0..opts.repeats.max(1) {
+        let (t, _) = drive(
+            stack.clone(),
+            seq_offsets.clone(),
+            (4 * MIB) as usize,
+            opts.seq_depth,
+        )
+        .await?;
+        c.flush(vol).await.map_err(step("flush"))?;
+        seq[0].push(seq_mb_s(t));
+        seq[1].push(tools.bench(img, "seq", 4 * MIB, opts.seq_depth, size)? * 4.0);
+        let (t, _) = drive(
+            raw_target.clone(),
+            seq_offsets.clone(),
+            (4 * MIB) as usize,
+            opts.seq_depth,
+        )
+        .await?;
+        seq[2].push(seq_mb_s(t));
+
+        let ios = rand_offsets.len() as f64;
+        let (t, l) = drive(stack.clone(), rand_offsets.clone(), 4096, opts.random_depth).await?;
+        c.flush(vol).await.map_err(step("flush"))?;
+        rand[0].push(ios / t.as_secs_f64());
+        lat.extend(l);
+        rand[1].push(tools.bench(img, "rand", 4096, opts.random_depth, opts.random_ios * 4096)?);
+        let (t, l) = drive(
+            raw_target.clone(),
+            rand_offsets.clone(),
+            4096,
+            opts.random_depth,
+        )
+        .await?;
+        rand[2].push(ios / t.as_secs_f64());
+        raw_lat.extend(l);
+    }
     for o in &objects {
         let _ = raw.delete(o).await;
     }
+    let [ours_seq, rbd_seq, raw_seq] = seq.each_ref().map(|v| median_f(v));
+    let [ours_iops, rbd_iops, raw_iops] = rand.each_ref().map(|v| median_f(v));
+    let runs = |v: &[f64]| v.iter().map(|x| round2(*x)).collect::<Vec<_>>();
 
-    // What one rbd process costs before it does anything: connect, open the image, read its
-    // header (median of a read-only `rbd info`).
+    // What one rbd process costs before it does anything: start, connect, authenticate, read
+    // the pool's image directory (median of `rbd ls`, which opens no image).
     let mut floor = Vec::new();
     for _ in 0..opts.rounds.max(1) {
-        floor.push(tools.rbd(&["info", &tools.spec(img)])?);
+        floor.push(tools.rbd(&["ls", &tools.pool])?);
     }
     let floor = median(floor);
 
@@ -563,15 +611,19 @@ async fn rbd_and_rest(
         "block_size": block,
         "seq_write_4m": {
             "depth": opts.seq_depth,
+            "repeats": opts.repeats,
             "ours_mb_s": round2(ours_seq),
             "rbd_mb_s": round2(rbd_seq),
             "ratio": round2(ours_seq / rbd_seq),
             "target": 0.9,
             "breakdown_our_blocker_alone_mb_s": round2(raw_seq),
+            "runs_ours_rbd_blocker": [runs(&seq[0]), runs(&seq[1]), runs(&seq[2])],
+            "first_fill_mb_s_ours_rbd_blocker": [round2(ours_fill), round2(rbd_fill), round2(raw_fill)],
         },
         "random_write_4k": {
             "depth": opts.random_depth,
             "ios": opts.random_ios,
+            "repeats": opts.repeats,
             "ours_iops": ours_iops.round(),
             "rbd_iops": rbd_iops.round(),
             "ratio": round2(ours_iops / rbd_iops),
@@ -581,6 +633,7 @@ async fn rbd_and_rest(
             "breakdown_our_blocker_alone_iops": raw_iops.round(),
             "breakdown_our_blocker_alone_latency_ms_p50": round2(quantile_ms(&mut raw_lat, 0.5)),
             "breakdown_our_blocker_alone_latency_ms_p99": round2(quantile_ms(&mut raw_lat, 0.99)),
+            "runs_ours_rbd_blocker": [runs(&rand[0]), runs(&rand[1]), runs(&rand[2])],
         },
         "snapshot_clone_ms": {
             "rounds": opts.rounds,
@@ -595,7 +648,7 @@ async fn rbd_and_rest(
             "target": 0.5,
             "rbd_process_floor_ms": round2(ms(floor)),
             "rbd_p50_without_3_process_floors": round2(ms(r_total_in_process)),
-            "ratio_vs_rbd_without_floors": round2(ms(o_total) / ms(r_total_in_process).max(1e-3)),
+            "ratio_vs_rbd_without_floors": ratio_or_null(o_total, r_total_in_process),
         },
         "clones_of_one_snapshot": {
             "clones": opts.clones,
@@ -605,9 +658,18 @@ async fn rbd_and_rest(
             "rbd_per_clone_ms": round2(per(r_many)),
             "ratio": round2(ms(o_many) / ms(r_many)),
             "rbd_per_clone_ms_without_process_floor": round2(per(r_many_in_process)),
-            "ratio_vs_rbd_without_floors": round2(ms(o_many) / ms(r_many_in_process).max(1e-3)),
+            "ratio_vs_rbd_without_floors": ratio_or_null(o_many, r_many_in_process),
         },
     }))
+}
+
+/// `a / b`, or null when the floor estimate left nothing of `b` to compare with.
+fn ratio_or_null(a: Duration, b: Duration) -> Value {
+    if b.is_zero() {
+        Value::Null
+    } else {
+        json!(round2(a.as_secs_f64() / b.as_secs_f64()))
+    }
 }
 
 fn opts_namespace(b: &BackendConfig) -> String {
