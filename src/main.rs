@@ -141,6 +141,32 @@ enum Bench {
         #[arg(long)]
         rounds: Option<u32>,
     },
+    /// Our stack on RADOS vs RBD on the same cluster: 4 KiB random and 4 MiB sequential
+    /// writes, snapshot + clone latency, 100 clones of one snapshot (needs the `rados` feature).
+    Rados {
+        /// The cluster and pool: rados:pool=P,conf=PATH[,id=ID,keyring=PATH]. The bench uses
+        /// a namespace of its own below the given one; RBD images go to the same pool.
+        #[arg(long)]
+        backend: String,
+        /// Size of the volume and of the RBD image, in MiB (both written end to end).
+        #[arg(long, default_value_t = 1024)]
+        size_mib: u64,
+        /// 4 KiB random writes per side.
+        #[arg(long, default_value_t = 40_000)]
+        random_ios: u64,
+        /// Interleaved repeats of the I/O scenarios (medians are reported).
+        #[arg(long, default_value_t = 3)]
+        repeats: u32,
+        /// Snapshot + clone rounds (the median is reported).
+        #[arg(long, default_value_t = 10)]
+        rounds: u32,
+        /// Clones of one snapshot in the mass-clone scenario.
+        #[arg(long, default_value_t = 100)]
+        clones: u32,
+        /// Leave the RBD images, volumes and objects in place afterwards.
+        #[arg(long)]
+        keep: bool,
+    },
     /// CreateVolume-from-snapshot latency over gRPC (1 GiB and 1 TiB), 100 concurrent clones.
     Csi {
         /// Parent of the scratch directory (the filesystem to measure).
@@ -202,10 +228,55 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", peers::bench::run(&opts)?);
                 Ok(())
             }
+            Bench::Rados {
+                backend,
+                size_mib,
+                random_ios,
+                repeats,
+                rounds,
+                clones,
+                keep,
+            } => bench_rados(
+                &backend,
+                size_mib,
+                random_ios,
+                [repeats, rounds, clones],
+                keep,
+            ),
             Bench::Csi { dir } => cli::csi::bench(dir),
             Bench::Nbd { count, rounds } => cli::nbd::bench(count, rounds),
         },
     }
+}
+
+#[cfg(feature = "rados")]
+fn bench_rados(
+    backend: &str,
+    size_mib: u64,
+    random_ios: u64,
+    [repeats, rounds, clones]: [u32; 3],
+    keep: bool,
+) -> anyhow::Result<()> {
+    let backend = peers::backend::BackendConfig::parse(backend)?;
+    let opts = peers::bench_rados::Options {
+        size: size_mib.max(4) * 1024 * 1024,
+        random_ios,
+        repeats,
+        rounds,
+        clones,
+        cleanup: !keep,
+        ..peers::bench_rados::Options::new(backend)
+    };
+    println!("{}", peers::bench_rados::run(&opts)?);
+    Ok(())
+}
+
+#[cfg(not(feature = "rados"))]
+fn bench_rados(_: &str, _: u64, _: u64, _: [u32; 3], _: bool) -> anyhow::Result<()> {
+    anyhow::bail!(
+        "`archip bench rados` needs a build with the cargo feature \"rados\" \
+         (cargo build --release --features rados)"
+    )
 }
 
 fn main() -> ExitCode {

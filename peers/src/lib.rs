@@ -18,6 +18,8 @@
 
 pub mod backend;
 pub mod bench;
+#[cfg(feature = "rados")]
+pub mod bench_rados;
 pub(crate) mod block_range;
 pub mod blocker;
 pub mod client;
