@@ -47,6 +47,12 @@ pub struct Instance {
     /// the one holding a volume's lock. Default: /run/archip/peersets.
     #[arg(long, global = true, env = "ARCHIP_PEERSET_DIR", value_name = "DIR")]
     pub peerset_dir: Option<PathBuf>,
+    /// Where volumes live: `file:/DIR`, or (built with the `rados` feature)
+    /// `rados:pool=P,namespace=N,conf=/etc/ceph/ceph.conf|mon=HOST[;HOST],id=ID,keyring=PATH|key-env=VAR`.
+    /// Never the key itself: a keyring readable only by us, or a variable of our own environment.
+    /// Default: the file backend in the data directory.
+    #[arg(long, global = true, env = "ARCHIP_BACKEND", value_name = "BACKEND")]
+    pub backend: Option<peers::backend::BackendConfig>,
     /// How long a port spins before it yields (nanoseconds). Default: 2000.
     #[arg(long, global = true, env = "ARCHIP_XSEG_BUSY_NS", value_name = "NS")]
     pub xseg_busy_ns: Option<u64>,

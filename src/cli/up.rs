@@ -57,6 +57,7 @@ fn csi_routes(
 ) -> anyhow::Result<tonic::service::Routes> {
     let mut controller_config = csi::ControllerConfig::new(&config.node, config.data_dir.clone());
     controller_config.peerset_registry = config.registry.clone();
+    controller_config.backend = config.backend.clone();
     let controller = csi::ControllerPlugin::open_with(set.segment(), controller_config)
         .context("opening the CSI controller")?;
     let client = Arc::new(VolumeClient::connect(set.segment()).context("connecting to vlmc")?);
@@ -100,6 +101,9 @@ pub(crate) fn config(inst: &Instance, workers: Option<usize>) -> anyhow::Result<
         config.segment_mode = mode;
     }
     config.registry = Some(inst.peerset_dir());
+    if let Some(backend) = &inst.backend {
+        config.backend = backend.clone();
+    }
     if let Some(w) = workers {
         config.workers = w.max(1);
     }
