@@ -91,13 +91,13 @@ if wants cli; then BINTEST=$(test_binary archipelago csi_binary); fi
 echo "=== ublk suite: built in $(secs "$t")s" >&2
 
 # ------------------------------------------------------------------ the rados part's cluster
-RADOS_WORK='' RADOS_OWN='' RADOS_CLIENT='' RADOS_POOL='' RADOS_PORTS=''
+RADOS_WORK='' RADOS_OWN='' RADOS_CLIENT='' RADOS_POOL='' RADOS_PORTS='' RADOS_ADMIN=()
 rados_cleanup() {
   [ -n "$RADOS_WORK" ] || return 0
   if [ -n "$RADOS_OWN" ]; then
     "$ROOT/e2e/ceph/stop-ceph.sh" "$RADOS_OWN" --purge >&2 || true
   elif [ -n "$RADOS_CLIENT" ]; then
-    ceph auth rm "$RADOS_CLIENT" >/dev/null 2>&1 || true
+    ceph "${RADOS_ADMIN[@]}" auth rm "$RADOS_CLIENT" >/dev/null 2>&1 || true
   fi
   rm -rf "$RADOS_WORK"
 }
@@ -116,22 +116,21 @@ rados_setup() {
   fi
   export CEPH_CONF=$ARCHIP_CEPH_CONF
   RADOS_POOL=${ARCHIP_CEPH_POOL:-archip}
-  local admin=(--keyring "${ARCHIP_CEPH_KEYRING:-}")
-  [ -n "${ARCHIP_CEPH_KEYRING:-}" ] || admin=()
+  [ -z "${ARCHIP_CEPH_KEYRING:-}" ] || RADOS_ADMIN=(--keyring "$ARCHIP_CEPH_KEYRING")
   RADOS_CLIENT=client.archip-vm-$$
   # One namespace per suite run (vm-SUITE-PID): the user may touch only those.
   local caps="profile rbd pool=$RADOS_POOL namespace=vm-*"
-  ceph "${admin[@]}" auth get-or-create "$RADOS_CLIENT" mon 'profile rbd' osd "$caps" \
+  ceph "${RADOS_ADMIN[@]}" auth get-or-create "$RADOS_CLIENT" mon 'profile rbd' osd "$caps" \
     -o "$RADOS_WORK/ceph.keyring" >/dev/null
   chmod 600 "$RADOS_WORK/ceph.keyring"
   # What the guest's librados connects to: the monitors' and the OSDs' public ports.
-  RADOS_PORTS=$( { ceph "${admin[@]}" mon dump -f json; echo; ceph "${admin[@]}" osd dump -f json; } | python3 -c '
+  RADOS_PORTS=$( { ceph "${RADOS_ADMIN[@]}" mon dump -f json; echo; ceph "${RADOS_ADMIN[@]}" osd dump -f json; } | python3 -c '
 import json, sys
-ports = set()
-for line in sys.stdin:
-    if not line.strip():
-        continue
-    d = json.loads(line)
+ports, text, i, docs = set(), sys.stdin.read(), 0, []
+while text[i:].strip():
+    d, i = json.JSONDecoder().raw_decode(text, len(text) - len(text[i:].lstrip()))
+    docs.append(d)
+for d in docs:
     addrs = [m["public_addrs"] for m in d.get("mons", [])] + [o["public_addrs"] for o in d.get("osds", [])]
     for a in addrs:
         for v in a["addrvec"]:
@@ -149,7 +148,7 @@ print(" ".join(str(p) for p in sorted(ports)))')
     echo "log file = /tmp/ceph-client.log"
     echo "admin socket ="
   } >"$RADOS_WORK/ceph.conf"
-  echo "=== ublk suite: rados: cluster $(ceph "${admin[@]}" fsid), pool $RADOS_POOL, user $RADOS_CLIENT, relayed ports $RADOS_PORTS" >&2
+  echo "=== ublk suite: rados: cluster $(ceph "${RADOS_ADMIN[@]}" fsid), pool $RADOS_POOL, user $RADOS_CLIENT, relayed ports $RADOS_PORTS" >&2
 }
 if wants rados; then
   trap rados_cleanup EXIT
