@@ -17,6 +17,11 @@
 #   --env K=V      export K=V for COMMAND (repeatable)
 #   --share DIR    host DIR over virtio-9p, read-write, at /mnt/host
 #   --disk FILE    FILE as a raw virtio-blk disk, /dev/vda
+#   --net          a virtio NIC on qemu user-mode networking (slirp): guest eth0
+#                  10.0.2.15/24, gateway 10.0.2.2 = the host's loopback (a
+#                  guest connection to 10.0.2.2:P reaches the host's 127.0.0.1:P
+#                  as an ordinary local client). Nothing listens on the host for
+#                  the guest (no hostfwd), so this opens no port to the outside.
 #   --mem M        guest RAM, qemu -m syntax (default 1G)
 #   --cpus N       vCPUs (default 1: under TCG a 2nd vCPU makes QD1 ublk I/O
 #                  10-30x slower because of cross-vCPU wakeups)
@@ -34,7 +39,7 @@
 # /sys, /dev (devtmpfs), /dev/pts, tmpfs /run and /tmp, clock set from the
 # host. COMMAND runs as root in /root under `sh`, stdin = /dev/null. Loaded
 # modules (with their dependencies, resolved from the .ko files): ublk_drv
-# (/dev/ublk-control), loop, crc32c, ext4, xfs, virtio_blk, 9p; more via
+# (/dev/ublk-control), loop, crc32c, ext4, xfs, virtio_blk, 9p, virtio_net; more via
 # ARCHIP_VM_EXTRA_MODS="a b". Built-in tools copied from the host with their
 # libraries when present (in /usr/local/sbin, ahead of busybox on PATH):
 #   mkfs.ext4 e2fsck fsck.ext4 tune2fs dumpe2fs mkfs.xfs xfs_repair xfs_db
@@ -72,7 +77,7 @@ die() { echo "$PROG: $*" >&2; exit 126; }
 log() { echo "$PROG: $*" >&2; }
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 
-MEM=1G CPUS=1 TIMEOUT=300 ACCEL=tcg VERBOSE=0 SHARE='' DISK='' TOOLS=1 PREPARE=0
+MEM=1G CPUS=1 TIMEOUT=300 ACCEL=tcg VERBOSE=0 SHARE='' DISK='' NET=0 TOOLS=1 PREPARE=0
 SUITE=${ARCHIP_VM_SUITE:-}
 BINS=() FILES=() ENVS=()
 need_arg() { [ $# -ge 2 ] || die "option $1 needs an argument (see --help)"; }
@@ -89,6 +94,7 @@ while [ $# -gt 0 ]; do
            ENVS+=("$2"); shift 2 ;;
     --share) need_arg "$@"; SHARE=$(cd "$2" && pwd) || die "--share $2: no such dir"; shift 2 ;;
     --disk) need_arg "$@"; [ -f "$2" ] || die "--disk $2: no such file"; DISK=$2; shift 2 ;;
+    --net) NET=1; shift ;;
     --no-tools) TOOLS=0; shift ;;
     --verbose) VERBOSE=1; shift ;;
     --prepare) PREPARE=1; shift ;;
@@ -109,7 +115,7 @@ SUITE=${SUITE:-bookworm-backports}
 KDIR=$CACHE/kernel-$SUITE          # vmlinuz, config, version, modules/*.ko, modules/order
 BASE=$CACHE/base-$SUITE.cpio       # busybox + /init + modules (newc, uncompressed)
 # modules wanted in the guest; dependencies are added from each .ko's depends=
-WANT_MODS="${ARCHIP_VM_MODS:-virtio_blk netfs 9pnet 9pnet_virtio 9p ublk_drv loop crc32c_generic crc32c_intel ext4 xfs} ${ARCHIP_VM_EXTRA_MODS:-}"
+WANT_MODS="${ARCHIP_VM_MODS:-virtio_blk netfs 9pnet 9pnet_virtio 9p ublk_drv loop crc32c_generic crc32c_intel ext4 xfs virtio_net} ${ARCHIP_VM_EXTRA_MODS:-}"
 GUEST_TOOLS="mkfs.ext4 e2fsck fsck.ext4 tune2fs dumpe2fs mkfs.xfs xfs_repair xfs_db blkid lsblk losetup wipefs fstrim blkdiscard fio"
 # Bump when the layout of the cached kernel dir or base image changes.
 FORMAT=2
@@ -327,6 +333,11 @@ for m in $(cat /lib/modules/order); do
 done
 i=0; while [ ! -e /dev/ublk-control ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
 [ -e /dev/ublk-control ] || echo "archipvm: WARNING: /dev/ublk-control missing" >&2
+ip link set lo up
+if [ -n "$ARCHIPVM_NET" ]; then
+  { ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2; } \
+    || echo "archipvm: configuring eth0 failed" >&2
+fi
 if [ -n "$ARCHIPVM_SHARE" ]; then
   mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=none hostshare /mnt/host \
     || echo "archipvm: mounting the 9p share failed" >&2
@@ -414,6 +425,7 @@ MARKER="ARCHIPVM-EXIT-$$-$RANDOM$RANDOM:"
 {
   echo "ARCHIPVM_MARKER='$MARKER'"
   echo "ARCHIPVM_SHARE='${SHARE:+1}'"
+  [ "$NET" = 0 ] || echo "ARCHIPVM_NET=1"
   echo "ARCHIPVM_EPOCH='$(date +%s)'"
 } >"$O/archipvm/config"
 {
@@ -436,6 +448,8 @@ if [ "$ACCEL" = kvm ]; then QARGS+=(-accel kvm -cpu host); else QARGS+=(-accel t
 # shellcheck disable=SC2054
 [ -z "$SHARE" ] || QARGS+=(-fsdev "local,id=fs0,path=$SHARE,security_model=none"
                            -device virtio-9p-pci,fsdev=fs0,mount_tag=hostshare)
+# shellcheck disable=SC2054
+[ "$NET" = 0 ] || QARGS+=(-netdev user,id=net0,ipv6=off -device virtio-net-pci,netdev=net0)
 [ -z "$DISK" ] || QARGS+=(-drive "file=$DISK,format=raw,if=virtio,cache=unsafe")
 # shellcheck disable=SC2206
 [ -z "${ARCHIP_VM_QEMU_ARGS:-}" ] || QARGS+=($ARCHIP_VM_QEMU_ARGS)
