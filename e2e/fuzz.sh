@@ -78,7 +78,11 @@ crashes=("$artifacts"/*)
 if [[ ${#failed[@]} -gt 0 || ${#crashes[@]} -gt 0 ]]; then
   echo "fuzz: failing targets: ${failed[*]:-none}"
   for c in "${crashes[@]}"; do
-    echo "fuzz: crashing input: $c"
+    # In base64 too, so that a finding in CI (whose scratch files are gone) can be reproduced:
+    #   base64 -d > crash <<< '...'; cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run <target> crash
+    echo "fuzz: crashing input: $c ($(stat -c %s "$c") bytes), base64:"
+    head -c 65536 "$c" | base64 -w 0
+    echo
   done
   trap - EXIT
   rm -rf "$work/tmp" "$work/corpus"

@@ -8,7 +8,8 @@
 # that the full-pool test fills both come from the mgr's statistics), waits
 # until the cluster reports its size, runs the peers crate's unit tests and
 # its RADOS-only tests against it (the blocker, tests/rados.rs; two nodes on
-# one pool with fencing, tests/rados_nodes.rs), and stops and removes the
+# one pool with fencing, tests/rados_nodes.rs; forwarding to a holder by
+# watch/notify, tests/rados_forward.rs) and CSI on RADOS, and stops and removes the
 # cluster whatever the outcome. The backend-parameterized suites (model,
 # crash, dedup, GC, locks, QoS, shared, names) run on RADOS through
 # suite-on-rados.sh.
@@ -38,3 +39,6 @@ done
 
 cd "$ROOT"
 cargo test -p peers --features rados --lib --test rados --test rados_nodes --test rados_forward
+# CSI on RADOS: secrets, records in the pool, a second controller (csi/tests/rados.rs), and the
+# node plugin's secret checks before staging (node/tests/rados_stage.rs).
+cargo test -p csi -p node --features csi/rados,node/rados --test rados --test rados_stage
