@@ -104,7 +104,7 @@ Argument: dict "root" $ "perNode" bool.
       value: /var/lib/archipelago/data
     - name: ARCHIP_PEERSET_DIR
       value: /run/archip/peersets
-    {{- include "archip.backendEnv" $ | indent 4 }}
+    {{- with include "archip.backendEnv" $ }}{{ . | indent 4 }}{{- end }}
     - name: RUST_LOG
       value: {{ $v.logLevel | quote }}
   securityContext:
