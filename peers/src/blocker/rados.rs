@@ -189,7 +189,14 @@ pub(crate) fn decode_lock(object: &str, bytes: &[u8]) -> Result<LockState, Block
         "" => None,
         h => Some(LockOwner::new(h).map_err(|_| corrupt("bad holder"))?),
     };
-    let address = field("address")?.to_owned();
+    let address = field("address")?;
+    // A librados client address (`v2:10.0.0.1:0/3456`, `[::1]:0/7`) is printable ASCII with no
+    // blanks; anything else did not come from `rados_getaddrs`, and a carriage return would not
+    // even survive the line-based format.
+    if !address.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(corrupt("bad address"));
+    }
+    let address = address.to_owned();
     Ok(LockState {
         info: LockInfo { holder, generation },
         address,
@@ -971,6 +978,22 @@ impl Blocker for RadosBlocker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lock_address_with_blanks_or_control_characters_is_corrupt() {
+        // Found by the lock_object fuzz target: a trailing CR decoded, then lost its last CR
+        // on the way back through `lines()`.
+        for address in ["gene\r\r\r", "a b", "x\ty", "\u{e9}"] {
+            let text = format!("{LOCK_MAGIC}\ngeneration=4\nholder=node-a\naddress={address}");
+            assert!(
+                matches!(
+                    decode_lock("l", text.as_bytes()),
+                    Err(BlockerError::Corrupt { .. })
+                ),
+                "{address:?}"
+            );
+        }
+    }
 
     #[test]
     fn lock_state_round_trips() {
