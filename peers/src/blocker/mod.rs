@@ -128,17 +128,6 @@ impl ObjectName {
     pub fn as_str(&self) -> &str {
         &self.0
     }
-
-    /// The value of `key` in a detail written as `key=value,key=value` (RADOS:
-    /// `fsid=...,pool=...,namespace=...`), if present.
-    pub fn detail(&self, key: &str) -> Option<&str> {
-        let (_, detail) = self.0.split_once(':')?;
-        detail
-            .split(',')
-            .filter_map(|pair| pair.split_once('='))
-            .find(|(k, _)| *k == key)
-            .map(|(_, v)| v)
-    }
 }
 
 /// Why `name` is not a valid object name, if it is not.
@@ -226,17 +215,6 @@ impl LockOwner {
 
     pub fn as_str(&self) -> &str {
         &self.0
-    }
-
-    /// The value of `key` in a detail written as `key=value,key=value` (RADOS:
-    /// `fsid=...,pool=...,namespace=...`), if present.
-    pub fn detail(&self, key: &str) -> Option<&str> {
-        let (_, detail) = self.0.split_once(':')?;
-        detail
-            .split(',')
-            .filter_map(|pair| pair.split_once('='))
-            .find(|(k, _)| *k == key)
-            .map(|(_, v)| v)
     }
 }
 
