@@ -13,7 +13,8 @@
 //!   of running peer sets;
 //! - [`client`]: `VolumeClient`, the one API of the CLI, CSI and the frontends; [`wire`]: the
 //!   payloads the peers exchange; [`failure`]: what a failed request carries back;
-//! - [`fence`]: fencing a lost node's locks; `block_range`: cutting ranges at block bounds;
+//! - [`fence`]: fencing a lost node's locks; [`forward`]: an operation for a volume's lock
+//!   holder; `block_range`: cutting ranges at block bounds;
 //! - [`bench`]: `archip bench volume`; `testing` (feature `testing`): test fixtures.
 
 pub mod backend;
@@ -26,6 +27,7 @@ pub mod client;
 pub mod failure;
 pub mod fence;
 pub mod flock;
+pub mod forward;
 pub mod fs_stats;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]

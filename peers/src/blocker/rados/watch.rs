@@ -29,7 +29,6 @@
 //! checked for name lengths and member counts, and then goes through the same vlmc/mapper
 //! validation as any local client's call.
 
-use std::collections::HashSet;
 use std::ffi::{CString, c_void};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -43,13 +42,11 @@ use super::aio::{Io, WriteOp};
 use super::{RadosBlocker, blocking, fail};
 use crate::blocker::BlockerError;
 use crate::client::{ClientError, VolumeClient};
+pub use crate::forward::ForwardOp;
 use crate::registry::check_owner;
-use crate::wire::MAX_GROUP_MEMBERS;
 
 /// Largest request accepted from a notifier (a full group snapshot fits several times over).
 pub const MAX_REQUEST: usize = 64 * 1024;
-/// Longest volume or snapshot name a request may carry (the xseg target limit).
-const MAX_NAME: usize = xseg::protocol::MAX_NAME;
 /// How long a caller waits for the holder's answer unless told otherwise. Long enough for a
 /// drain under load; a holder that does not answer within it is treated as lost.
 pub const DEFAULT_NOTIFY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -58,98 +55,6 @@ const WIRE_VERSION: u32 = 1;
 /// The object a node's peer set watches.
 pub fn node_object(node: &str) -> String {
     format!("archip.node.{node}")
-}
-
-/// An operation for the holder of a volume.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
-pub enum ForwardOp {
-    Snapshot {
-        volume: String,
-        snapshot: String,
-    },
-    Resize {
-        volume: String,
-        size: u64,
-    },
-    Clone {
-        source: String,
-        name: String,
-        size: Option<u64>,
-    },
-    GroupSnapshot {
-        members: Vec<(String, String)>,
-    },
-}
-
-impl ForwardOp {
-    /// The volumes whose lock decides who must perform this.
-    fn volumes(&self) -> Vec<&str> {
-        match self {
-            ForwardOp::Snapshot { volume, .. } | ForwardOp::Resize { volume, .. } => vec![volume],
-            ForwardOp::Clone { source, .. } => vec![source],
-            ForwardOp::GroupSnapshot { members } => members.iter().map(|(v, _)| &**v).collect(),
-        }
-    }
-
-    fn names(&self) -> Vec<&str> {
-        match self {
-            ForwardOp::Snapshot { volume, snapshot } => vec![volume, snapshot],
-            ForwardOp::Resize { volume, .. } => vec![volume],
-            ForwardOp::Clone { source, name, .. } => vec![source, name],
-            ForwardOp::GroupSnapshot { members } => {
-                members.iter().flat_map(|(v, s)| [&**v, &**s]).collect()
-            }
-        }
-    }
-
-    /// The checks a request passes before anything is done with it.
-    pub fn validate(&self) -> Result<(), String> {
-        for n in self.names() {
-            if n.is_empty() || n.len() > MAX_NAME {
-                return Err(format!("a name of {} bytes (1 to {MAX_NAME})", n.len()));
-            }
-        }
-        match self {
-            ForwardOp::GroupSnapshot { members } => {
-                if members.is_empty() || members.len() > MAX_GROUP_MEMBERS {
-                    return Err(format!(
-                        "a group of {} members (1 to {MAX_GROUP_MEMBERS})",
-                        members.len()
-                    ));
-                }
-                let mut seen = HashSet::new();
-                if !members.iter().all(|(v, _)| seen.insert(v)) {
-                    return Err("a volume named twice in a group".into());
-                }
-            }
-            ForwardOp::Resize { size: 0, .. } | ForwardOp::Clone { size: Some(0), .. } => {
-                return Err("size 0".into());
-            }
-            _ => {}
-        }
-        Ok(())
-    }
-
-    /// Performs the operation through `client` (a peer set's vlmc); returns the size of the
-    /// volume or snapshot it made or changed (0 for a group).
-    pub async fn perform(&self, client: &VolumeClient) -> Result<u64, ClientError> {
-        match self {
-            ForwardOp::Snapshot { volume, snapshot } => {
-                client.snapshot(volume, snapshot).await.map(|i| i.size)
-            }
-            ForwardOp::Resize { volume, size } => {
-                client.resize(volume, *size).await.map(|i| i.size)
-            }
-            ForwardOp::Clone { source, name, size } => client
-                .clone_volume(source, name, *size)
-                .await
-                .map(|i| i.size),
-            ForwardOp::GroupSnapshot { members } => {
-                client.snapshot_group(members).await.map(|()| 0)
-            }
-        }
-    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -789,6 +694,7 @@ async fn answer(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::forward::MAX_NAME;
 
     #[test]
     fn requests_are_checked() {
