@@ -28,18 +28,24 @@
 //! the lock holders are looked up first, and members held by different owners are refused
 //! rather than cut at different moments.
 //!
+//! On RADOS the holder may run on another machine, where no segment reaches: when the registry
+//! knows no peer set of the holder on this host, the operation goes to the holder's peer set
+//! as a RADOS notify on its node object ([`peers::blocker::rados::watch`]), which performs it
+//! through its own vlmc (the same drain barrier) and answers in the ack. A holder that does
+//! not answer is FAILED_PRECONDITION naming it and saying to fence it, never a hang.
+//!
 //! One client per holder is kept (a client holds a port and a receiver thread on that
 //! segment); it is dropped when the registry entry changes (the holder restarted), when the
 //! segment disappears, or when a call through it finds the peers gone.
 
 use std::collections::{BTreeMap, HashMap};
-use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use peers::backend::{BackendConfig, Store};
-use peers::client::{ClientError, LockState, VolumeClient};
+use peers::client::{ClientError, LockState, VolumeClient, VolumeInfo};
+use peers::forward::ForwardOp;
 use peers::peerset::Ports;
 use peers::registry::{PeerSetEntry, Registry};
 use xseg::Segment;
@@ -67,6 +73,10 @@ pub(crate) struct Delegation {
     /// This controller's own segment, never a forwarding target.
     own_segment: PathBuf,
     remotes: Mutex<HashMap<String, Arc<Remote>>>,
+    /// Sends operations to holders on other machines (RADOS backends only); connected on
+    /// first use and kept.
+    #[cfg(feature = "rados")]
+    notifier: tokio::sync::Mutex<Option<Arc<peers::blocker::rados::watch::Notifier>>>,
 }
 
 /// Why no holder's peer set can take an operation.
@@ -84,7 +94,39 @@ impl Delegation {
             backend,
             own_segment: own_segment.to_owned(),
             remotes: Mutex::new(HashMap::new()),
+            #[cfg(feature = "rados")]
+            notifier: tokio::sync::Mutex::new(None),
         }
+    }
+
+    /// The notifier of a RADOS backend (`None` for any other), connecting it on first use.
+    #[cfg(feature = "rados")]
+    async fn notifier(
+        &self,
+    ) -> Option<Result<Arc<peers::blocker::rados::watch::Notifier>, String>> {
+        if !matches!(self.backend, BackendConfig::Rados(_)) {
+            return None;
+        }
+        let mut slot = self.notifier.lock().await;
+        if let Some(n) = slot.as_ref() {
+            return Some(Ok(n.clone()));
+        }
+        let backend = self.backend.clone();
+        // Connecting is a blocking librados call (monitor round trips).
+        let made = tokio::task::spawn_blocking(move || {
+            let blocker = backend
+                .open_rados(Store::Objects)
+                .map_err(|e| e.to_string())?;
+            peers::blocker::rados::watch::Notifier::new(&blocker)
+                .map(Arc::new)
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("connecting the notifier: {e}")));
+        if let Ok(n) = &made {
+            *slot = Some(n.clone());
+        }
+        Some(made)
     }
 
     fn remotes(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Remote>>> {
@@ -220,48 +262,71 @@ fn peers_gone(e: &ClientError) -> bool {
 }
 
 impl Core {
-    /// Runs `call` against this controller's peer set; if the volume is locked by another
-    /// node, runs it again on that node's peer set (see the [module](self)). `op` names the
-    /// RPC for the log, `what` the action for error messages.
-    pub(crate) async fn on_holder<T, F, Fut>(
+    /// Performs `op` through this controller's peer set; if its volume is locked by another
+    /// node, has that node's peer set perform it (see the [module](self)) and returns what
+    /// was made or changed. `rpc` names the RPC for the log, `what` the action for error
+    /// messages. Not for groups: [`Core::snapshot_group`].
+    pub(crate) async fn on_holder(
         &self,
-        op: &'static str,
-        volume: &str,
+        rpc: &'static str,
         what: &str,
-        call: F,
-    ) -> CsiResult<T>
-    where
-        F: Fn(Arc<VolumeClient>) -> Fut,
-        Fut: Future<Output = Result<T, ClientError>>,
-    {
-        let holder = match call(self.client.clone()).await {
+        op: ForwardOp,
+    ) -> CsiResult<VolumeInfo> {
+        debug_assert!(op.made().is_some(), "groups go through snapshot_group");
+        let holder = match op.perform_info(&self.client).await {
+            Ok(info) => return self.made(what, &op, info).await,
             Err(ClientError::Locked { holder, .. }) if !holder.is_empty() => holder,
-            r => return r.map_err(|e| client_error(what, e)),
+            Err(e) => return Err(client_error(what, e)),
         };
-        let remote = self
-            .delegation
-            .client(&holder)
-            .await
-            .map_err(|Unreachable(why)| held_elsewhere(what, volume, &holder, &why))?;
-        tracing::info!(volume, op, holder = %holder, "forwarding to the lock holder's peer set");
-        call(remote).await.map_err(|e| {
-            if peers_gone(&e) {
-                self.delegation.forget(&holder);
+        let volume = op.volumes().join(", ");
+        match self.delegation.client(&holder).await {
+            Ok(remote) => {
+                tracing::info!(volume, rpc, holder = %holder, "forwarding to the lock holder's peer set");
+                let info = op.perform_info(&remote).await.map_err(|e| {
+                    if peers_gone(&e) {
+                        self.delegation.forget(&holder);
+                    }
+                    client_error(what, e)
+                })?;
+                self.made(what, &op, info).await
             }
-            client_error(what, e)
-        })
+            Err(Unreachable(why)) => {
+                self.notify_holder(rpc, what, &volume, &holder, &op, why)
+                    .await?;
+                self.made(what, &op, None).await
+            }
+        }
     }
 
-    /// The peer set that can cut all of `volumes` under one barrier: this controller's if
-    /// none is locked by another node, else the one holder's. Members locked by different
-    /// nodes cannot be cut together.
-    pub(crate) async fn group_target(
+    /// What a performed `op` made: the answer of the peer set that performed it, or, when
+    /// it ran elsewhere and only its outcome is known, read back from the shared backend.
+    async fn made(
         &self,
-        op: &'static str,
-        volumes: &[String],
-    ) -> CsiResult<(Arc<VolumeClient>, Option<String>)> {
+        what: &str,
+        op: &ForwardOp,
+        answered: Option<VolumeInfo>,
+    ) -> CsiResult<VolumeInfo> {
+        if let Some(info) = answered {
+            return Ok(info);
+        }
+        let name = op.made().unwrap_or_default();
+        self.client
+            .info(name)
+            .await
+            .map_err(|e| client_error(&format!("{what}: reading back {name}"), e))
+    }
+
+    /// Cuts the member snapshots `(volume, snapshot)` under one barrier on one peer set:
+    /// this controller's if no member is locked by another node, else the one holder's.
+    /// Members locked by different nodes cannot be cut together.
+    pub(crate) async fn snapshot_group(
+        &self,
+        rpc: &'static str,
+        members: &[(String, String)],
+    ) -> CsiResult<()> {
+        let what = "group snapshot";
         let mut held: BTreeMap<String, Vec<&str>> = BTreeMap::new();
-        for v in volumes {
+        for (v, _) in members {
             match self.client.lock_info(v).await {
                 Ok(LockState {
                     holder: Some(h), ..
@@ -284,33 +349,67 @@ impl Core {
                 who.join("; ")
             )));
         }
-        let Some((holder, members)) = held.into_iter().next().filter(|(h, _)| h != own) else {
-            return Ok((self.client.clone(), None));
+        let Some((holder, held_members)) = held.into_iter().next().filter(|(h, _)| h != own) else {
+            return (self.client.snapshot_group(members).await).map_err(|e| client_error(what, e));
         };
-        let what = "group snapshot";
-        let client = self
-            .delegation
-            .client(&holder)
-            .await
-            .map_err(|Unreachable(why)| held_elsewhere(what, &members.join(", "), &holder, &why))?;
-        tracing::info!(volumes = ?volumes, op, holder = %holder, "forwarding to the lock holder's peer set");
-        Ok((client, Some(holder)))
+        let volumes = held_members.join(", ");
+        match self.delegation.client(&holder).await {
+            Ok(remote) => {
+                tracing::info!(volumes, rpc, holder = %holder, "forwarding to the lock holder's peer set");
+                remote.snapshot_group(members).await.map_err(|e| {
+                    if peers_gone(&e) {
+                        self.delegation.forget(&holder);
+                    }
+                    client_error(what, e)
+                })
+            }
+            Err(Unreachable(why)) => {
+                let op = ForwardOp::GroupSnapshot {
+                    members: members.to_vec(),
+                };
+                self.notify_holder(rpc, what, &volumes, &holder, &op, why)
+                    .await
+            }
+        }
     }
 
-    /// Reports a failed call through a holder's client, forgetting the client if its peers
-    /// are gone.
-    pub(crate) fn holder_failed(
+    /// Sends `op` to `holder`'s peer set on another machine (RADOS), or, where there is no
+    /// such path, refuses with what the caller can do (`why` the host-local path failed).
+    #[cfg_attr(not(feature = "rados"), allow(unused_variables))]
+    async fn notify_holder(
         &self,
-        holder: Option<&str>,
+        rpc: &'static str,
         what: &str,
-        e: ClientError,
-    ) -> CsiError {
-        if let Some(h) = holder
-            && peers_gone(&e)
-        {
-            self.delegation.forget(h);
+        volume: &str,
+        holder: &str,
+        op: &ForwardOp,
+        why: String,
+    ) -> CsiResult<()> {
+        #[cfg(feature = "rados")]
+        if let Some(notifier) = self.delegation.notifier().await {
+            use peers::blocker::rados::watch::ForwardError;
+            let notifier = notifier.map_err(|e| {
+                CsiError::Unavailable(format!(
+                    "{what}: volume {volume} is in use by node {holder:?}; reaching it over RADOS: {e}"
+                ))
+            })?;
+            tracing::info!(volume, rpc, holder = %holder, "forwarding to the lock holder over RADOS notify");
+            return match notifier.forward(holder, op).await {
+                Ok(_) => Ok(()),
+                Err(ForwardError::Refused { source, .. }) => Err(client_error(what, source)),
+                Err(ForwardError::Invalid(m)) => {
+                    Err(CsiError::InvalidArgument(format!("{what}: {m}")))
+                }
+                Err(e @ ForwardError::Unanswered { .. }) => {
+                    Err(held_elsewhere(what, volume, holder, &e.to_string()))
+                }
+                Err(ForwardError::Local(e)) => Err(client_error(what, e)),
+                Err(e @ (ForwardError::BadReply { .. } | ForwardError::Rados(_))) => {
+                    Err(CsiError::Unavailable(format!("{what}: {e}")))
+                }
+            };
         }
-        client_error(what, e)
+        Err(held_elsewhere(what, volume, holder, &why))
     }
 }
 

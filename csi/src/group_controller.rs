@@ -74,14 +74,8 @@ fn now_secs() -> u64 {
 /// none is locked. Members locked by different nodes are refused
 /// (FAILED_PRECONDITION) rather than cut at different moments.
 async fn cut_members(core: &Core, members: &[(String, String)]) -> CsiResult<()> {
-    let volumes: Vec<String> = members.iter().map(|(v, _)| v.clone()).collect();
-    let (client, holder) = core
-        .group_target("CreateVolumeGroupSnapshot", &volumes)
-        .await?;
-    client
-        .snapshot_group(members)
+    core.snapshot_group("CreateVolumeGroupSnapshot", members)
         .await
-        .map_err(|e| core.holder_failed(holder.as_deref(), "group snapshot", e))
 }
 
 impl GroupControllerService {

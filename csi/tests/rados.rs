@@ -21,13 +21,16 @@ use std::time::{Duration, Instant};
 
 use csi::health::PeerSetHealth;
 use csi::pb::controller_client::ControllerClient;
+use csi::pb::group_controller_client::GroupControllerClient;
 use csi::pb::volume_capability::access_mode::Mode;
 use csi::pb::volume_capability::{AccessMode, AccessType, MountVolume};
+use csi::pb::volume_content_source::VolumeSource;
 use csi::pb::volume_content_source::{SnapshotSource, Type};
 use csi::pb::{
-    CapacityRange, CreateSnapshotRequest, CreateVolumeRequest, DeleteSnapshotRequest,
-    DeleteVolumeRequest, GetCapacityRequest, ListVolumesRequest, VolumeCapability,
-    VolumeContentSource,
+    CapacityRange, ControllerExpandVolumeRequest, CreateSnapshotRequest,
+    CreateVolumeGroupSnapshotRequest, CreateVolumeRequest, DeleteSnapshotRequest,
+    DeleteVolumeGroupSnapshotRequest, DeleteVolumeRequest, GetCapacityRequest, ListVolumesRequest,
+    VolumeCapability, VolumeContentSource,
 };
 use csi::server::UnixEndpoint;
 use csi::{ControllerConfig, ControllerPlugin};
@@ -271,6 +274,15 @@ fn namespace_dump(pool: &str, namespace: &str) -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
+/// The first `len` bytes of volume or snapshot `name`, read through `client`.
+async fn read_back(client: &VolumeClient, name: &str, len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    client.open(name).await.expect("open");
+    client.read(name, 0, &mut buf).await.expect("read");
+    client.close(name).await.expect("close");
+    buf
+}
+
 /// The code and message of a refusal.
 fn code<T>(r: Result<tonic::Response<T>, tonic::Status>) -> (Code, String) {
     match r {
@@ -484,6 +496,111 @@ async fn csi_on_rados_with_secrets() {
         again.volume_id, vol.volume_id,
         "the same volume, from A's record"
     );
+
+    // A volume in use on node A, operated on through B's controller: B's peer set shares no
+    // segment or registry with A (each driver has its own registry directory), so only the
+    // RADOS notify reaches A, whose vlmc drains the volume and whose mapper holds the lock.
+    // Without forwarding, each of these is FAILED_PRECONDITION ("in use by node node-a").
+    a.volumes.open(name).await.expect("A opens the volume");
+    let live: Vec<u8> = (0..64 * 1024).map(|i| (i % 241) as u8 ^ 0x5a).collect();
+    a.volumes.write(name, 0, &live).await.expect("A writes");
+    let held = a.volumes.lock_info(name).await.expect("lock info");
+    assert_eq!(held.holder.as_deref(), Some("node-a"), "A holds {name}");
+    let live_snap = cb
+        .create_snapshot(CreateSnapshotRequest {
+            source_volume_id: vol.volume_id.clone(),
+            name: "live-snap".into(),
+            secrets: allowed.secrets(),
+            ..Default::default()
+        })
+        .await
+        .expect("CreateSnapshot on B of a volume A holds")
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert!(live_snap.ready_to_use);
+    let seen = read_back(&b.volumes, &live_snap.snapshot_id, live.len()).await;
+    assert!(
+        seen == live,
+        "the snapshot cut by A holds A's acknowledged write"
+    );
+    let grown = cb
+        .controller_expand_volume(ControllerExpandVolumeRequest {
+            volume_id: vol.volume_id.clone(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: (128 * MI) as i64,
+                limit_bytes: 0,
+            }),
+            secrets: allowed.secrets(),
+            ..Default::default()
+        })
+        .await
+        .expect("ControllerExpandVolume on B of a volume A holds")
+        .into_inner();
+    assert_eq!(grown.capacity_bytes, (128 * MI) as i64);
+    assert_eq!(
+        a.volumes.info(name).await.expect("info").size,
+        128 * MI,
+        "A's own peer set sees the new size"
+    );
+    let mut from_volume = create("live-clone", &params, allowed.secrets());
+    from_volume.capacity_range = Some(CapacityRange {
+        required_bytes: (128 * MI) as i64,
+        limit_bytes: 0,
+    });
+    from_volume.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(Type::Volume(VolumeSource {
+            volume_id: vol.volume_id.clone(),
+        })),
+    });
+    let live_clone = cb
+        .create_volume(from_volume)
+        .await
+        .expect("a clone on B of a volume A holds")
+        .into_inner()
+        .volume
+        .unwrap();
+    let seen = read_back(&b.volumes, &live_clone.volume_id, live.len()).await;
+    assert!(seen == live, "the clone holds A's write");
+    let mut group = GroupControllerClient::new(b.channel.clone());
+    let cut = group
+        .create_volume_group_snapshot(CreateVolumeGroupSnapshotRequest {
+            name: "live-group".into(),
+            source_volume_ids: vec![vol.volume_id.clone()],
+            secrets: allowed.secrets(),
+            ..Default::default()
+        })
+        .await
+        .expect("a group snapshot on B of a volume A holds")
+        .into_inner()
+        .group_snapshot
+        .unwrap();
+    assert_eq!(cut.snapshots.len(), 1);
+    a.volumes.close(name).await.expect("A closes the volume");
+    group
+        .delete_volume_group_snapshot(DeleteVolumeGroupSnapshotRequest {
+            group_snapshot_id: cut.group_snapshot_id.clone(),
+            snapshot_ids: cut
+                .snapshots
+                .iter()
+                .map(|s| s.snapshot_id.clone())
+                .collect(),
+            secrets: allowed.secrets(),
+        })
+        .await
+        .expect("DeleteVolumeGroupSnapshot");
+    cb.delete_volume(DeleteVolumeRequest {
+        volume_id: live_clone.volume_id.clone(),
+        secrets: allowed.secrets(),
+    })
+    .await
+    .expect("delete the live clone");
+    cb.delete_snapshot(DeleteSnapshotRequest {
+        snapshot_id: live_snap.snapshot_id.clone(),
+        secrets: allowed.secrets(),
+    })
+    .await
+    .expect("delete the live snapshot");
 
     // Deleting needs the secrets too, and then works from B.
     let (c, _) = code(

@@ -2,6 +2,7 @@
 //! DeleteSnapshot, ListSnapshots and GetSnapshot.
 
 use peers::client::VolumeKind;
+use peers::forward::ForwardOp;
 
 use super::listing::{check_max_entries, page, parse_token};
 use crate::core::Core;
@@ -69,14 +70,12 @@ impl Core {
                 .await?;
         }
         // A volume in use is locked by its node: that node's peer set cuts the snapshot.
-        let target = id.as_str();
+        let op = ForwardOp::Snapshot {
+            volume: source.to_owned(),
+            snapshot: id.clone(),
+        };
         let made = self
-            .on_holder(
-                "CreateSnapshot",
-                source,
-                &format!("snapshotting {source}"),
-                |c| async move { c.snapshot(source, target).await },
-            )
+            .on_holder("CreateSnapshot", &format!("snapshotting {source}"), op)
             .await;
         let info = match made {
             Ok(info) => info,

@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use peers::client::{LockState, VolumeInfo, VolumeKind};
+use peers::forward::ForwardOp;
 
 use super::MAX_BLOCKS;
 use super::topology::{TOPOLOGY_KEY, check_requirements};
@@ -326,11 +327,12 @@ impl Core {
                 .map_err(|e| client_error(&what, e)),
             // A live source volume may be locked by a node: its peer set clones it.
             Some(Source::Snapshot(src) | Source::Volume(src)) => {
-                let target = id.as_str();
-                self.on_holder("CreateVolume", src, &what, |c| async move {
-                    c.clone_volume(src, target, Some(size)).await
-                })
-                .await
+                let op = ForwardOp::Clone {
+                    source: src.clone(),
+                    name: id.clone(),
+                    size: Some(size),
+                };
+                self.on_holder("CreateVolume", &what, op).await
             }
         };
         let info = match made {
@@ -471,14 +473,12 @@ impl Core {
             info
         } else {
             // A volume in use is locked by its node: that node's peer set grows it.
-            let name = info.name.as_str();
-            self.on_holder(
-                "ControllerExpandVolume",
-                id,
-                &format!("expanding {id}"),
-                |c| async move { c.resize(name, size).await },
-            )
-            .await?
+            let op = ForwardOp::Resize {
+                volume: info.name.clone(),
+                size,
+            };
+            self.on_holder("ControllerExpandVolume", &format!("expanding {id}"), op)
+                .await?
         };
         // A block volume is ready once the device grows; a filesystem has
         // to be grown on the node. Without a capability, ask the node unless
