@@ -132,6 +132,21 @@ enum Bench {
         #[arg(long)]
         dir: Option<std::path::PathBuf>,
     },
+    /// What one 4 KiB I/O costs through the volume path (CPU time, context switches, xseg
+    /// hops and futex waits per I/O) vs pread/pwrite on the same files; instructions per I/O
+    /// come from e2e/bench-cost.sh (callgrind).
+    Cost {
+        /// I/Os per scenario.
+        #[arg(long, default_value_t = 20_000)]
+        ios: u64,
+        /// Only this scenario (repeatable): volume-read-qd1, volume-write-qd1, pread-qd1,
+        /// pwrite-qd1, and the same with qd32.
+        #[arg(long, value_parser = parse_scenario)]
+        only: Vec<peers::bench_cost::Scenario>,
+        /// Scratch directory (on the filesystem to measure; removed afterwards).
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
+    },
     /// qemu-img bench on our NBD export of a clone vs qemu-nbd on a qcow2 overlay.
     Nbd {
         /// Requests per qemu-img bench run.
@@ -226,6 +241,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     opts.dir = dir;
                 }
                 println!("{}", peers::bench::run(&opts)?);
+                Ok(())
+            }
+            Bench::Cost { ios, only, dir } => {
+                let mut opts = peers::bench_cost::Options {
+                    ios,
+                    only,
+                    ..Default::default()
+                };
+                if let Some(dir) = dir {
+                    opts.dir = dir;
+                }
+                println!("{}", peers::bench_cost::run(&opts)?);
                 Ok(())
             }
             Bench::Rados {
@@ -346,4 +373,14 @@ mod tests {
         let map = cmd.find_subcommand("map").unwrap();
         assert_eq!(map.get_positionals().count(), 1);
     }
+}
+
+fn parse_scenario(name: &str) -> Result<peers::bench_cost::Scenario, String> {
+    peers::bench_cost::Scenario::parse(name).ok_or_else(|| {
+        let all: Vec<String> = peers::bench_cost::Scenario::all()
+            .iter()
+            .map(|s| s.name())
+            .collect();
+        format!("unknown scenario {name:?} (one of {})", all.join(", "))
+    })
 }

@@ -19,6 +19,7 @@
 
 pub mod backend;
 pub mod bench;
+pub mod bench_cost;
 #[cfg(feature = "rados")]
 pub mod bench_rados;
 pub(crate) mod block_range;
