@@ -5,9 +5,10 @@
 //! run to run, so a change to the data path is judged by what it does per I/O: CPU time,
 //! context switches (each voluntary one is a thread that went to sleep waiting for another:
 //! a hand-off), xseg hops (requests accepted by any port: client -> vlmc -> blocker is two)
-//! and xseg futex waits (a port owner that found no work, slept on its futex and had to be woken). Machine
-//! instructions come from `e2e/bench-cost.sh`, which runs one scenario of this bench under
-//! `valgrind --tool=callgrind` at two I/O counts and divides the difference (start-up cancels).
+//! and xseg futex waits (a port owner that found no work, slept on its futex and had to be
+//! woken). Machine instructions come from `e2e/bench-cost.sh`, which runs one scenario of this
+//! bench under `valgrind --tool=callgrind` at two I/O counts and divides the difference
+//! (start-up cancels).
 //!
 //! Every scenario runs on a volume whose blocks are all owned and whose mappings vlmc already
 //! caches: the fast path, the one a run-to-completion design should make nearly free.
