@@ -17,6 +17,9 @@
 set -euo pipefail
 
 secs=${ARCHIP_FUZZ_SECS:-30}
+seed=${ARCHIP_FUZZ_SEED:-1}
+[[ $seed == random ]] && seed=$(( (RANDOM << 15 | RANDOM) + 1 ))
+[[ $seed =~ ^[1-9][0-9]*$ ]] || { echo "fuzz: ARCHIP_FUZZ_SEED must be a positive number or 'random'" >&2; exit 2; }
 root=$(cd "$(dirname "$0")/.." && pwd)
 fuzz="$root/fuzz"
 export RUSTC_BOOTSTRAP=1
@@ -57,17 +60,17 @@ cargo fuzz build "${features[@]}"
 failed=()
 for t in "${targets[@]}"; do
   mkdir -p "$work/corpus/$t" "$work/tmp"
-  echo "fuzz: $t for ${secs}s"
+  echo "fuzz: $t for ${secs}s, seed $seed"
   log="$work/$t.log"
   # -timeout: one input may take at most this long (a hang is a finding);
   # -rss_limit_mb / -malloc_limit_mb: a length field must not make us allocate gigabytes.
   if TMPDIR="$work/tmp" cargo fuzz run "${features[@]}" "$t" "$work/corpus/$t" "corpus/$t" -- \
-      -max_total_time="$secs" -timeout=25 -rss_limit_mb=2048 -malloc_limit_mb=1024 \
+      -seed="$seed" -max_total_time="$secs" -timeout=25 -rss_limit_mb=2048 -malloc_limit_mb=1024 \
       -artifact_prefix="$artifacts/$t-" -print_final_stats=1 >"$log" 2>&1; then
     grep -E '^stat::number_of_executed_units|^Done [0-9]+ runs' "$log" | tail -1 | sed "s/^/fuzz: $t: /" || true
   else
     failed+=("$t")
-    echo "fuzz: $t FAILED; last lines of its log ($log):"
+    echo "fuzz: $t FAILED (seed $seed: ARCHIP_FUZZ_SEED=$seed e2e/fuzz.sh $t); last lines of its log ($log):"
     tail -40 "$log"
   fi
   rm -rf /dev/shm/xseg-nbdfuzz-* 2>/dev/null || true
