@@ -1,14 +1,14 @@
 # The Archipelago CSI image: `archip` (controller, node and the ublk device servers it spawns)
 # and the tools the node plugin runs (mkfs, mount, modprobe).
 #
-#   docker build -t archip .                                  file backend
-#   docker build --build-arg FEATURES=... -t archip .          with extra cargo features (the
-#                                                             RADOS blocker has no feature yet)
+#   docker build -t archip .                                  file and RADOS backends
+#   docker build --build-arg FEATURES= -t archip .             file backend only (no librados)
 #
 # The builder runs e2e/k8s/build-release.sh, the same script CI can run; e2e/k8s/validate.sh
 # checks offline that every path named here exists.
 
-ARG FEATURES=""
+# One image for both chart layouts: backend.type=file and backend.type=rados.
+ARG FEATURES="rados"
 
 FROM rust:1.85-bookworm AS builder
 ARG FEATURES
