@@ -344,6 +344,16 @@ fn main() -> ExitCode {
     }
 }
 
+fn parse_scenario(name: &str) -> Result<peers::bench_cost::Scenario, String> {
+    peers::bench_cost::Scenario::parse(name).ok_or_else(|| {
+        let all: Vec<String> = peers::bench_cost::Scenario::all()
+            .iter()
+            .map(|s| s.name())
+            .collect();
+        format!("unknown scenario {name:?} (one of {})", all.join(", "))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -373,14 +383,4 @@ mod tests {
         let map = cmd.find_subcommand("map").unwrap();
         assert_eq!(map.get_positionals().count(), 1);
     }
-}
-
-fn parse_scenario(name: &str) -> Result<peers::bench_cost::Scenario, String> {
-    peers::bench_cost::Scenario::parse(name).ok_or_else(|| {
-        let all: Vec<String> = peers::bench_cost::Scenario::all()
-            .iter()
-            .map(|s| s.name())
-            .collect();
-        format!("unknown scenario {name:?} (one of {})", all.join(", "))
-    })
 }
