@@ -27,7 +27,11 @@
 #   rados   (not in the default list) suites/archip-rados-guest.sh: `archip` built with
 #           --features rados, `archip up --backend rados:...` against a real Ceph cluster on
 #           the host: create, map -> /dev/ublkbN, mkfs.ext4, mount, files, snapshot, clone, map
-#           the clone, files verify, unmap, delete, gc. The cluster: the one described by
+#           the clone, files verify, unmap, delete, gc; then, in the same boot, node's
+#           rados_stage test binary (built with --features rados): CSI NodeStage of a RADOS
+#           volume with the guest user's node-stage secrets (a wrong key refused), ext4 made
+#           and mounted on a ublk device, published, written, unstaged, re-staged with the
+#           data intact. The cluster: the one described by
 #           ARCHIP_CEPH_CONF/ARCHIP_CEPH_KEYRING/ARCHIP_CEPH_POOL if set (e.g. after
 #           `eval "$(e2e/ceph/start-ceph.sh DIR)"`), else a throw-away one started here with
 #           e2e/ceph/start-ceph.sh (monitor port ARCHIP_VM_CEPH_PORT, default 40889) and purged
@@ -62,10 +66,10 @@ PARTS=${PARTS//tests/device node}
 FILTER=()
 [ -z "${ARCHIP_UBLK_FILTER:-}" ] || FILTER=("$ARCHIP_UBLK_FILTER")
 wants() { case " $PARTS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
-# The test binary of `cargo test --release -p $1 --test $2`.
+# The test binary of `cargo test --release -p $1 --test $2 [$3...]` ($3...: e.g. --features X).
 test_binary() {
   local exe
-  exe=$(cd "$ROOT" && cargo test --release -q -p "$1" --test "$2" --no-run --message-format=json 2>/dev/null |
+  exe=$(cd "$ROOT" && cargo test --release -q -p "$1" --test "$2" "${@:3}" --no-run --message-format=json 2>/dev/null |
     grep "\"name\":\"$2\"" | grep '"kind":\["test"\]' | grep -o '"executable":"[^"]*"' | sed 's/"executable":"\(.*\)"/\1/' | tail -n 1)
   [ -x "$exe" ] || { echo "ublk-suite: no $2 test binary" >&2; exit 1; }
   echo "$exe"
@@ -73,7 +77,7 @@ test_binary() {
 
 t=$(now)
 echo "=== ublk suite: building (release)" >&2
-if wants guest || wants node; then
+if wants guest || wants node || wants rados; then
   (cd "$ROOT" && cargo build --release -q -p node --bin archip-ublk-test)
 fi
 if wants rados; then
@@ -84,10 +88,11 @@ fi
 if wants cli || wants full; then
   (cd "$ROOT" && cargo build --release -q -p archipelago --bin archip)
 fi
-TESTBIN='' CSIBIN='' BINTEST=''
+TESTBIN='' CSIBIN='' BINTEST='' STAGEBIN=''
 if wants device; then TESTBIN=$(test_binary node ublk_device); fi
 if wants node; then CSIBIN=$(test_binary node csi_node); fi
 if wants cli; then BINTEST=$(test_binary archipelago csi_binary); fi
+if wants rados; then STAGEBIN=$(test_binary node rados_stage --features rados); fi
 echo "=== ublk suite: built in $(secs "$t")s" >&2
 
 # ------------------------------------------------------------------ the rados part's cluster
@@ -191,10 +196,14 @@ for suite in "$@"; do
       ns=vm-$suite-$$
       "$HERE/run-in-vm.sh" "${EXTRA[@]}" --suite "$suite" --cpus 2 --mem 2G --timeout 900 --net \
         --bin "$TARGET/release/archip-rados" --bin "$(command -v socat)" \
+        --bin "$TARGET/release/archip-ublk-test" --bin "$STAGEBIN" \
         --file "$RADOS_WORK/ceph.conf:/root/ceph.conf" --file "$RADOS_WORK/ceph.keyring:/root/ceph.keyring" \
         --env "ARCHIP_BACKEND=rados:pool=$RADOS_POOL,namespace=$ns,conf=/root/ceph.conf,id=${RADOS_CLIENT#client.},keyring=/root/ceph.keyring" \
         --env "ARCHIP_VM_RELAY_PORTS=$RADOS_PORTS" \
-        --file "$HERE/suites/archip-rados-guest.sh" -- sh /root/archip-rados-guest.sh || rc=$?
+        --env "ARCHIP_STAGE_USER=${RADOS_CLIENT#client.}" --env ARCHIP_STAGE_KEY_FILE=/root/ceph.keyring \
+        --env ARCHIP_STAGE_REQUIRED=1 --env ARCHIP_UBLK_SERVER=/usr/local/bin/archip-ublk-test \
+        --file "$HERE/suites/archip-rados-guest.sh" \
+        -- sh -c "sh /root/archip-rados-guest.sh && $(basename "$STAGEBIN") --test-threads=1 --nocapture node_stage_maps" || rc=$?
       left=$(rados -p "$RADOS_POOL" -N "$ns" ls 2>/dev/null | wc -l)
       echo "=== ublk suite: rados: $left objects left in namespace $ns after the guest's gc" >&2
       if [ -z "$RADOS_OWN" ]; then   # a cluster we only joined: leave nothing behind
