@@ -159,10 +159,10 @@ enum Bench {
     /// Our stack on RADOS vs RBD on the same cluster: 4 KiB random and 4 MiB sequential
     /// writes, snapshot + clone latency, 100 clones of one snapshot (needs the `rados` feature).
     Rados {
-        /// The cluster and pool: rados:pool=P,conf=PATH[,id=ID,keyring=PATH]. The bench uses
-        /// a namespace of its own below the given one; RBD images go to the same pool.
-        #[arg(long)]
-        backend: String,
+        // The cluster and pool come from the global `--backend rados:pool=P,conf=PATH,...`
+        // (a second `--backend` of this subcommand's own clashed with it and made clap panic).
+        // The bench uses a namespace of its own below the given one; RBD images go to the
+        // same pool.
         /// Size of the volume and of the RBD image, in MiB (both written end to end).
         #[arg(long, default_value_t = 1024)]
         size_mib: u64,
@@ -256,7 +256,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(())
             }
             Bench::Rados {
-                backend,
                 size_mib,
                 random_ios,
                 repeats,
@@ -264,7 +263,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 clones,
                 keep,
             } => bench_rados(
-                &backend,
+                ctx.instance.backend.as_ref(),
                 size_mib,
                 random_ios,
                 [repeats, rounds, clones],
@@ -278,13 +277,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 #[cfg(feature = "rados")]
 fn bench_rados(
-    backend: &str,
+    backend: Option<&peers::backend::BackendConfig>,
     size_mib: u64,
     random_ios: u64,
     [repeats, rounds, clones]: [u32; 3],
     keep: bool,
 ) -> anyhow::Result<()> {
-    let backend = peers::backend::BackendConfig::parse(backend)?;
+    let Some(backend) = backend.filter(|b| matches!(b, peers::backend::BackendConfig::Rados(_)))
+    else {
+        anyhow::bail!(
+            "`archip bench rados` needs --backend rados:pool=P,conf=PATH[,id=ID,keyring=PATH]"
+        );
+    };
+    let backend = backend.clone();
     let opts = peers::bench_rados::Options {
         size: size_mib.max(4) * 1024 * 1024,
         random_ios,
@@ -299,7 +304,13 @@ fn bench_rados(
 }
 
 #[cfg(not(feature = "rados"))]
-fn bench_rados(_: &str, _: u64, _: u64, _: [u32; 3], _: bool) -> anyhow::Result<()> {
+fn bench_rados(
+    _: Option<&peers::backend::BackendConfig>,
+    _: u64,
+    _: u64,
+    _: [u32; 3],
+    _: bool,
+) -> anyhow::Result<()> {
     anyhow::bail!(
         "`archip bench rados` needs a build with the cargo feature \"rados\" \
          (cargo build --release --features rados)"
