@@ -5,7 +5,7 @@
 #
 # Starts a single-node cluster in DIR (default /tmp/archip-bench-rados) with
 # start-ceph.sh, builds archip in release with the `rados` feature, runs
-#     archip bench rados --backend rados:pool=..,conf=..,keyring=.. BENCH-ARGS...
+#     archip --backend rados:pool=..,conf=..,keyring=.. bench rados BENCH-ARGS...
 # against it, and prints the bench's JSON on stdout (also saved as
 # DIR.json, outside DIR, so it survives the purge). The cluster is stopped and
 # removed whatever the outcome. Build and cluster progress go to stderr.
