@@ -60,7 +60,7 @@ fn ms(d: Duration) -> f64 {
 }
 
 /// Deterministic offsets: 4 KiB aligned within `size`.
-fn offsets(n: u64, size: u64, seed: u64) -> Vec<u64> {
+pub(crate) fn offsets(n: u64, size: u64, seed: u64) -> Vec<u64> {
     let mut x = seed | 1;
     (0..n)
         .map(|_| {

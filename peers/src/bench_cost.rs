@@ -143,19 +143,6 @@ fn xseg_counts(seg: &xseg::Segment) -> (f64, f64) {
     (hops as f64, wakeups as f64)
 }
 
-/// Deterministic 4 KiB-aligned offsets within the volume.
-fn offsets(n: u64, seed: u64) -> Vec<u64> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x % (VOLUME / (4 * KIB))) * 4 * KIB
-        })
-        .collect()
-}
-
 /// What one scenario cost, per I/O.
 #[derive(Debug, Clone, Copy)]
 struct Cost {
@@ -321,7 +308,7 @@ pub fn run(opts: &Options) -> Result<String, PeerSetError> {
     } else {
         opts.only.clone()
     };
-    let offs = offsets(opts.ios, 0x9e37_79b9_7f4a_7c15);
+    let offs = crate::bench::offsets(opts.ios, VOLUME, 0x9e37_79b9_7f4a_7c15);
     let mut results: Vec<(Scenario, Cost)> = Vec::new();
     for s in scenarios {
         // A short warm-up, unmeasured: page cache, allocator and runtime in their steady state.
