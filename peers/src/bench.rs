@@ -144,7 +144,8 @@ fn dir_bytes(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-fn data_objects(dir: &Path) -> Vec<PathBuf> {
+/// The data objects (`ob.*`) under `dir`, sorted by name.
+pub(crate) fn data_objects(dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
         .expect("objects dir")
         .flatten()

@@ -275,17 +275,7 @@ pub fn run(opts: &Options) -> Result<String, PeerSetError> {
     })
     .map_err(|e| setup_error("filling the volume", e))?;
     let objects = opts.dir.join("data").join("objects");
-    let mut names: Vec<PathBuf> = std::fs::read_dir(&objects)
-        .map_err(|e| setup_error("objects", e))?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("ob."))
-        })
-        .collect();
-    names.sort();
+    let names = crate::bench::data_objects(&objects);
     if names.len() as u64 != VOLUME / BLOCK {
         return Err(setup_error(
             "objects",
