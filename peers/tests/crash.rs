@@ -43,7 +43,7 @@ use std::time::{Duration, Instant};
 use crash_support::image::Image;
 use crash_support::procs::{self, NODE, PeerProcs};
 use crash_support::workload::{
-    BLOCK, Counters, CutWrite, Exists, Map, PAGE_ENTRIES, Pool, Shared, VOLUME_BLOCKS, Worker,
+    self, BLOCK, Counters, CutWrite, Exists, Map, PAGE_ENTRIES, Pool, Shared, VOLUME_BLOCKS, Worker,
 };
 use peers::blocker::LockOwner;
 use peers::client::{
@@ -198,6 +198,10 @@ struct Stats {
     iteration: u64,
     bytes_checked: u64,
     counters: Counters,
+    /// The backend, read directly to describe where a bad byte's block lives.
+    audit: Option<Arc<dyn peers::blocker::Blocker>>,
+    /// The peers' logs (see `procs::log_dir`).
+    logs: Option<PathBuf>,
 }
 
 /// Everything needed to replay or debug a finding.
@@ -216,6 +220,34 @@ fn fail(ctx: &Context, workers: &[Worker], finding: &str) -> ! {
         text.push_str(&format!("  worker {} recent operations:\n", w.id));
         for h in &w.history {
             text.push_str(&format!("    {h}\n"));
+        }
+    }
+    // The maps the finding names, and everything the workers did to them and their sources.
+    let named: Vec<String> = finding
+        .split(|c: char| c.is_whitespace() || c == ':' || c == ',')
+        .filter(|w| workload::is_map_name(w))
+        .map(str::to_string)
+        .collect();
+    if !named.is_empty() {
+        for w in workers {
+            let lines = w.lineage(&named);
+            if lines.iter().any(|l| !l.starts_with("--")) {
+                text.push_str(&format!(
+                    "  worker {} on {named:?} and their lineage:\n",
+                    w.id
+                ));
+                let mut last_mark: Option<&String> = None;
+                for l in &lines {
+                    if l.starts_with("--") {
+                        last_mark = Some(l);
+                        continue;
+                    }
+                    if let Some(m) = last_mark.take() {
+                        text.push_str(&format!("    {m}\n"));
+                    }
+                    text.push_str(&format!("      {l}\n"));
+                }
+            }
         }
     }
     panic!("{text}");
@@ -276,6 +308,8 @@ async fn run(seed: u64, length: Length) {
     let pool = Arc::new(Pool::new(seed));
     let mut stats = Stats {
         seed,
+        audit: Some(cluster.backend.open()),
+        logs: cluster.dir.as_ref().map(|d| procs::log_dir(d.path())),
         ..Stats::default()
     };
     let mut workers: Vec<Worker> = (0..WORKERS).map(Worker::new).collect();
@@ -330,6 +364,9 @@ async fn run(seed: u64, length: Length) {
             ),
         };
 
+        for w in &mut workers {
+            w.mark(format!("-- iteration {iteration}: {}", ctx.kill));
+        }
         // The workload, and the kill in the middle of it.
         let shared = Arc::new(Shared {
             client: cluster.client(),
@@ -423,7 +460,15 @@ async fn run(seed: u64, length: Length) {
             dry_run: false,
         });
         match step(&ctx, "gc after the restart", gc).await {
-            Ok(r) => stats.gc_deleted_after_restart += r.deleted_objects,
+            Ok(r) => {
+                stats.gc_deleted_after_restart += r.deleted_objects;
+                for w in &mut workers {
+                    w.mark(format!(
+                        "-- iteration {iteration}: gc after the restart deleted {}",
+                        r.deleted_objects
+                    ));
+                }
+            }
             Err(e) => fail(&ctx, &workers, &format!("gc after restart: {e}")),
         }
         let checked = step(
@@ -651,9 +696,16 @@ async fn check_maps(
         c.read(&m.name, 0, &mut buf)
             .await
             .map_err(|e| format!("read {} {when}: {e}", m.name))?;
-        m.image
-            .check(0, &buf, false)
-            .map_err(|e| format!("{} {when}: {e}", m.name))?;
+        if let Err(e) = m.image.check(0, &buf, false) {
+            let mut text = format!("{} {when}: {e}", m.name);
+            if let Some(audit) = &stats.audit {
+                text.push_str(&describe_block(audit, &m.name, e.offset).await);
+            }
+            if let Some(logs) = &stats.logs {
+                text.push_str(&log_excerpt(logs, &m.name));
+            }
+            return Err(text);
+        }
         stats.bytes_checked += m.image.census()[0];
         if let Some(before) = before.and_then(|b| b.get(&m.name)) {
             let (acked, survived) = Image::acked_survival(before, &buf);
@@ -662,6 +714,68 @@ async fn check_maps(
         }
     }
     Ok(())
+}
+
+/// Where the block holding `offset` of `name` lives, read from storage (not through the
+/// peers): its map entry and its object's size and age.
+async fn describe_block(
+    audit: &Arc<dyn peers::blocker::Blocker>,
+    name: &str,
+    offset: u64,
+) -> String {
+    let reader = Mapper::new(
+        audit.clone(),
+        LockOwner::new("crash-audit").expect("valid owner"),
+    );
+    let block = offset / BLOCK;
+    let mut out = format!("\n  block {block} of {name} in storage: ");
+    match reader.map_read(name, block * BLOCK, BLOCK).await {
+        Err(e) => out.push_str(&format!("map read failed: {e}")),
+        Ok(extents) => {
+            for e in extents {
+                out.push_str(&format!("{e:?}"));
+                if let Some(obj) = e.object() {
+                    match audit.info(obj).await {
+                        Ok(Some(i)) => out.push_str(&format!(
+                            " (object of {} bytes, modified {:?} ago)",
+                            i.size,
+                            i.modified.elapsed().unwrap_or_default()
+                        )),
+                        Ok(None) => out.push_str(" (object absent)"),
+                        Err(e) => out.push_str(&format!(" (object info failed: {e})")),
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The last lines of each peer log that name `volume`.
+fn log_excerpt(dir: &std::path::Path, volume: &str) -> String {
+    const LINES: usize = 40;
+    let mut out = String::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    let needle = format!("volume={volume} ");
+    for e in entries.flatten() {
+        let Ok(text) = std::fs::read_to_string(e.path()) else {
+            continue;
+        };
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains(&needle) || l.contains("peer started"))
+            .collect();
+        out.push_str(&format!(
+            "\n  {} (last {LINES} lines about {volume}):",
+            e.file_name().to_string_lossy()
+        ));
+        for l in &lines[lines.len().saturating_sub(LINES)..] {
+            out.push_str(&format!("\n    {l}"));
+        }
+    }
+    out
 }
 
 fn report(seed: u64, iterations: u64, s: &Stats, total: Duration) {

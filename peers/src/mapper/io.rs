@@ -224,7 +224,8 @@ impl Mapper {
             }
             (todo, pages, map.header.uuid, map.owned_entry())
         };
-        for (_, whole, state, old, new) in &todo {
+        for (piece, whole, state, old, new) in &todo {
+            tracing::debug!(volume = %name, block = piece.block, ?state, whole, old = ?old.as_ref().map(|o| o.as_str()), new = new.as_str(), "making a block owned");
             match (state, whole) {
                 // Even a whole-block write truncates: if the write never happens (the writer
                 // dies after MAPW), the block must read as zeros, not as the stale object.
@@ -327,6 +328,7 @@ impl Mapper {
                 }
                 (pages, map.header.uuid, doomed)
             };
+            tracing::debug!(volume = %vname, offset, length, zeroed = outcome.zeroed_blocks, partial = partial.len(), "discarding");
             let r = self.persist_pages(&vol, uuid, pages, &fence).await;
             vol.observe(r)?;
             // Only now that no entry names them: an owned object is referenced by this map

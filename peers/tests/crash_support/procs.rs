@@ -80,9 +80,39 @@ pub fn run_child_role() {
             }
         }
     }
+    log_to_file(&data, &role);
     let r = run_peer(&role, &config);
     eprintln!("crash test peer {role} stopped: {r:?}");
     std::process::exit(if r.is_ok() { 0 } else { 1 });
+}
+
+/// Where each peer incarnation's log goes: `peer-logs/<role>.log` in the data directory (kept
+/// when the test fails), at `RUST_LOG` or else debug for the peers, so that a finding can be
+/// traced to the map changes behind it.
+pub fn log_dir(data: &Path) -> PathBuf {
+    data.join("peer-logs")
+}
+
+fn log_to_file(data: &Path, role: &str) {
+    let dir = log_dir(data);
+    if std::fs::create_dir_all(&dir).is_err() {
+        return;
+    }
+    let Ok(file) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("{role}.log")))
+    else {
+        return;
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,peers=debug"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_writer(std::sync::Mutex::new(file))
+        .try_init();
+    tracing::info!(pid = std::process::id(), "peer started");
 }
 
 /// The peer processes of one data directory and backend, over the segment they are given. Every child is
@@ -280,6 +310,18 @@ pub fn diagnose(procs: &PeerProcs, segment: Option<&xseg::Segment>) -> String {
         let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
             continue;
         };
+        // Descriptors of unlinked files: a peer still reading or writing an object another
+        // process deleted sees data that vanishes when it restarts.
+        if let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
+            for fd in fds.flatten() {
+                if let Ok(target) = std::fs::read_link(fd.path()) {
+                    let target = target.to_string_lossy();
+                    if target.ends_with(" (deleted)") && !target.starts_with("/memfd:") {
+                        out.push_str(&format!("      open but deleted: {target}\n"));
+                    }
+                }
+            }
+        }
         for t in tasks.flatten() {
             let dir = t.path();
             let read = |f: &str| {

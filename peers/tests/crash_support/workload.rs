@@ -24,6 +24,9 @@ pub const PAGE_ENTRIES: u32 = 16;
 const MAX_MAPS: usize = 4;
 /// Operations remembered per worker, printed when a check fails.
 const HISTORY: usize = 24;
+/// Operations (and iteration marks) kept for the lineage of a map a check fails on: enough to
+/// reach back to the write a lost byte came from.
+const LOG: usize = 20_000;
 
 /// Whether a map is known to exist. An operation that failed because a peer died may or may
 /// not have happened; the check after the restart asks the catalogue.
@@ -132,6 +135,8 @@ pub struct Worker {
     pub maps: Vec<Map>,
     next_name: u64,
     pub history: VecDeque<String>,
+    /// The longer record behind `history`, with iteration marks.
+    pub log: VecDeque<String>,
     pub counters: Counters,
 }
 
@@ -143,6 +148,13 @@ fn class(e: &ClientError) -> String {
     s.split(['(', ' ', '{']).next().unwrap_or("?").to_string()
 }
 
+/// Whether `w` looks like a map name the workers make (`w<id>-<kind><n>` or `w<id>-base`).
+pub fn is_map_name(w: &str) -> bool {
+    w.starts_with('w')
+        && w.contains('-')
+        && w.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+}
+
 impl Worker {
     pub fn new(id: usize) -> Worker {
         Worker {
@@ -150,6 +162,7 @@ impl Worker {
             maps: Vec::new(),
             next_name: 0,
             history: VecDeque::new(),
+            log: VecDeque::new(),
             counters: Counters::default(),
         }
     }
@@ -162,7 +175,45 @@ impl Worker {
         if self.history.len() == HISTORY {
             self.history.pop_front();
         }
-        self.history.push_back(s);
+        self.history.push_back(s.clone());
+        self.mark(s);
+    }
+
+    /// Adds a line to the long log only (iteration boundaries, kills, restarts).
+    pub fn mark(&mut self, s: String) {
+        if self.log.len() == LOG {
+            self.log.pop_front();
+        }
+        self.log.push_back(s);
+    }
+
+    /// The long log's lines that concern `names` or any map they were made from or into,
+    /// with the iteration marks between them.
+    pub fn lineage(&self, names: &[String]) -> Vec<String> {
+        let mut names: Vec<String> = names.to_vec();
+        // Two rounds of "a -> b" links reach a clone's snapshot's volume.
+        for _ in 0..2 {
+            for line in &self.log {
+                let words: Vec<&str> = line.split_whitespace().collect();
+                for pair in words.windows(3) {
+                    if pair[1] == "->" {
+                        let (a, b) = (pair[0].to_string(), pair[2].to_string());
+                        if names.contains(&a) && !names.contains(&b) && is_map_name(&b) {
+                            names.push(b);
+                        } else if names.contains(&b) && !names.contains(&a) && is_map_name(&a) {
+                            names.push(a);
+                        }
+                    }
+                }
+            }
+        }
+        self.log
+            .iter()
+            .filter(|l| {
+                l.starts_with("--") || l.split_whitespace().any(|w| names.iter().any(|n| n == w))
+            })
+            .cloned()
+            .collect()
     }
 
     /// Turns an error into an expected failure (a peer was killed) or a finding.
