@@ -4,7 +4,10 @@
 //! Cache coherence. The cache may only lag the mapper in the safe direction (a block cached as
 //! read-only or missing that is really owned costs one extra MAPW). Three rules keep it so:
 //! - MAPW replies are authoritative and installed, unless a discard of the volume started
-//!   since the MAPW was sent (a per-volume generation counter tells);
+//!   since the MAPW was sent (a per-volume generation counter tells); a MAPW that *fails*
+//!   drops its blocks from the cache, since the mapper may have moved them before failing (a
+//!   mapper killed between persisting a copy-on-write and replying): a block left cached as
+//!   the old read-only object would go on reading it after GC deleted it, as zeros;
 //! - MAPR replies only fill empty slots, under the same generation check, so a slow MAPR can
 //!   never overwrite a newer MAPW result;
 //! - everything that can move blocks behind the cache's back (snapshot, clone of a volume,
@@ -79,6 +82,17 @@ impl Vol {
         c.blocks.clear();
         c.generation += 1;
         *lock(&self.meta) = None;
+    }
+
+    /// Drops the cached mappings of `blocks`, and any map reply already on its way, because
+    /// the mapper may have changed them: a discard, or a MAPW that failed after it had moved
+    /// the blocks.
+    pub(super) fn forget(&self, blocks: impl IntoIterator<Item = u64>) {
+        let mut c = lock(&self.cache);
+        c.generation += 1;
+        for b in blocks {
+            c.blocks.remove(&b);
+        }
     }
 
     pub(super) fn begin_write(self: &Arc<Self>) -> WriteTicket {

@@ -101,9 +101,25 @@ impl Inner {
             req.set_size(end - start);
             Ok(())
         };
-        let rep = self.call_again(self.config.mapper_port, call, fill).await?;
-        let reply = MapReply::decode(rep.data()?)?;
-        let fresh = vol.install(&reply, start, bs, (!shared).then_some(generation), write)?;
+        let answered = async {
+            let rep = self.call_again(self.config.mapper_port, call, fill).await?;
+            let reply = MapReply::decode(rep.data()?)?;
+            vol.install(&reply, start, bs, (!shared).then_some(generation), write)
+        }
+        .await;
+        let fresh = match answered {
+            Ok(fresh) => fresh,
+            Err(f) => {
+                if write {
+                    // A MAPW that failed may still have changed the map: a mapper that
+                    // persisted the copy-on-write and died before its reply. The cached
+                    // read-only objects of these blocks may then be garbage (GC deletes them),
+                    // so they must not answer reads any more.
+                    vol.forget(pieces[first].block..=pieces[last].block);
+                }
+                return Err(f);
+            }
+        };
         for (slot, p) in out.iter_mut().zip(pieces) {
             if slot.is_none() {
                 *slot = fresh.get(&p.block).cloned();
@@ -304,13 +320,7 @@ impl Inner {
             .iter()
             .map(|p| p.block)
             .collect();
-        let forget = || {
-            let mut c = lock(&vol.cache);
-            c.generation += 1;
-            for b in &blocks {
-                c.blocks.remove(b);
-            }
-        };
+        let forget = || vol.forget(blocks.iter().copied());
         forget();
         let blocks_n = blocks.len() as u64;
         let op = req.op();

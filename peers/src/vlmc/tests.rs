@@ -179,6 +179,20 @@ struct Harness {
 
 impl Harness {
     fn start(tag: &str, xseg: xseg::Config, timeout: Duration, stub: Option<MapperStub>) -> Self {
+        match stub {
+            Some(stub) => Self::start_with(tag, xseg, timeout, Some(move |_| stub)),
+            None => Self::start_with(tag, xseg, timeout, None::<fn(_) -> MapperStub>),
+        }
+    }
+
+    /// With `make`'s peer on the mapper port (it gets the blocker stub's objects), or else the
+    /// real mapper.
+    fn start_with<P: Peer>(
+        tag: &str,
+        xseg: xseg::Config,
+        timeout: Duration,
+        make: Option<impl FnOnce(Arc<Mutex<Objects>>) -> P + Send + 'static>,
+    ) -> Self {
         let dir = ScratchDir::new(tag);
         let path = dir.path().join("segment");
         let seg = Segment::create(&path, &xseg).expect("segment");
@@ -188,10 +202,11 @@ impl Harness {
         let blocker_tx = port.sender().clone();
         let o = objects.clone();
         loops.push(run(port, move |_, _| BlockerStub(o)));
-        let mapper = match stub {
-            Some(stub) => {
+        let mapper = match make {
+            Some(make) => {
                 let port = seg.bind(Ports::MAPPER, "mapper").expect("mapper port");
-                loops.push(run(port, move |_, _| stub));
+                let o = objects.clone();
+                loops.push(run(port, move |_, _| make(o)));
                 None
             }
             None => {
@@ -433,6 +448,112 @@ async fn a_write_mapped_to_no_writable_object_fails_and_stores_nothing() {
             assert!(buf.iter().all(|&b| b == 0));
         }
     }
+}
+
+/// A mapper of one volume whose blocks start SHARED (read-only `shared.<block>`) and whose
+/// MAPW does the copy-on-write (into `owned.<block>`, in the blocker stub's objects) and then
+/// fails, like a mapper killed after persisting the change and before replying.
+struct DyingMapper {
+    objects: Arc<Mutex<Objects>>,
+    size: u64,
+    block_size: u64,
+    owned: std::collections::HashSet<u64>,
+}
+
+impl Peer for DyingMapper {
+    fn request(&mut self, mut req: Request, tx: &Sender) {
+        let bs = self.block_size;
+        match req.op() {
+            Op::Info => {
+                let info = VolumeInfo {
+                    name: target_of(&req),
+                    kind: VolumeKind::Volume,
+                    uuid: uuid::Uuid::nil(),
+                    size: self.size,
+                    block_size: bs as u32,
+                    epoch: 2,
+                    parent: None,
+                    created: 0,
+                };
+                wire::reply_with(&mut req, |buf| info.encode(buf));
+            }
+            Op::MapRead => {
+                let (mut pos, end) = (req.offset(), req.offset() + req.size());
+                let mut extents = Vec::new();
+                while pos < end {
+                    let len = (bs - pos % bs).min(end - pos);
+                    let b = pos / bs;
+                    let (object, flags) = if self.owned.contains(&b) {
+                        (format!("owned.{b}"), 0)
+                    } else {
+                        (format!("shared.{b}"), extent::READONLY)
+                    };
+                    extents.push(Extent {
+                        object,
+                        offset: pos % bs,
+                        len,
+                        flags,
+                    });
+                    pos += len;
+                }
+                let reply = MapReply { extents };
+                wire::reply_with(&mut req, |buf| reply.encode(buf));
+            }
+            Op::MapWrite => {
+                let (start, end) = (req.offset() / bs, (req.offset() + req.size()).div_ceil(bs));
+                let mut o = lock(&self.objects);
+                for b in start..end {
+                    if self.owned.insert(b) {
+                        let old = o.data.get(&format!("shared.{b}")).cloned();
+                        o.data.insert(format!("owned.{b}"), old.unwrap_or_default());
+                    }
+                }
+                wire::fail(
+                    &mut req,
+                    Status::PeerGone,
+                    "mapper died after the change",
+                    None,
+                );
+            }
+            op => wire::fail(&mut req, Status::NotFound, &format!("{op:?}"), None),
+        }
+        tx.respond(req);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_map_write_does_not_leave_reads_on_the_object_it_replaced() {
+    let bs = 4 * KIB;
+    let h = Harness::start_with(
+        "vlmc-dying-mapw",
+        crate::testing::test_config(),
+        Duration::from_secs(30),
+        Some(move |objects| DyingMapper {
+            objects,
+            size: 1 << 20,
+            block_size: bs,
+            owned: Default::default(),
+        }),
+    );
+    let old: Vec<u8> = (0..bs).map(|i| (i % 251) as u8 + 1).collect();
+    lock(&h.objects).data.insert("shared.0".into(), old.clone());
+    let c = h.client();
+    let mut buf = vec![0u8; bs as usize];
+    c.read("vol", 0, &mut buf).await.unwrap();
+    assert_eq!(
+        buf, old,
+        "block 0 reads the shared object (and vlmc caches that)"
+    );
+    let err = c.write("vol", 512, &[9u8; 512]).await;
+    assert!(err.is_err(), "the MAPW failed, so did the write: {err:?}");
+    // The mapper had moved block 0 to its own copy; nothing refers to the shared object now,
+    // and GC takes it.
+    lock(&h.objects).data.remove("shared.0");
+    c.read("vol", 0, &mut buf).await.unwrap();
+    assert_eq!(
+        buf, old,
+        "after the failed MAPW, block 0 must be read where the mapper now has it"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
