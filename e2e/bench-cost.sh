@@ -13,6 +13,7 @@
 # under callgrind threads run one at a time, so a spinning wait would count instructions that
 # depend on scheduling, not on the data path. Prints one JSON object with the ratio per pair.
 # Installs valgrind with apt-get when run as root, else prints the line to run.
+# ARCHIP_BENCH_BIN=/path/to/archip measures that binary instead of building this tree's.
 set -euo pipefail
 
 case "${1:-}" in -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;; esac
@@ -28,8 +29,14 @@ if ! command -v valgrind >/dev/null; then
     exit 1
   fi
 fi
-(cd "$ROOT" && cargo build --release -q -p archipelago --bin archip)
-BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/archip
+# ARCHIP_BENCH_BIN: an archip binary to measure instead of building this tree's (to compare two
+# builds, e.g. before and after a change, with the same script).
+if [[ -n ${ARCHIP_BENCH_BIN:-} ]]; then
+  BIN=$ARCHIP_BENCH_BIN
+else
+  (cd "$ROOT" && cargo build --release -q -p archipelago --bin archip)
+  BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/archip
+fi
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/archip-bench-cost.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 

@@ -92,6 +92,8 @@ pub struct FileBlocker {
     fds: Mutex<FdCache>,
     dirty: Mutex<Dirty>,
     tmp_counter: AtomicU64,
+    /// Whether buffered `RWF_NOWAIT` writes may work here; cleared at the first EOPNOTSUPP.
+    nowait_writes: std::sync::atomic::AtomicBool,
     /// Objects whose next `sync_data` fails with EIO: fault injection for tests.
     #[cfg(test)]
     fail_sync: Mutex<HashSet<ObjectName>>,
@@ -179,6 +181,7 @@ impl FileBlocker {
                 ..Dirty::default()
             }),
             tmp_counter: AtomicU64::new(0),
+            nowait_writes: std::sync::atomic::AtomicBool::new(true),
             #[cfg(test)]
             fail_sync: Mutex::new(HashSet::new()),
         };
@@ -305,6 +308,70 @@ impl FileBlocker {
         }
         buf[done..].fill(0);
         Ok(())
+    }
+
+    /// `read_sync` without waiting: only through a cached descriptor, and only while every
+    /// byte comes from the page cache (`preadv2` with `RWF_NOWAIT` fails with EAGAIN rather
+    /// than wait for the disk). `None` when it would have to wait.
+    fn read_nowait(
+        &self,
+        name: &ObjectName,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Option<Result<(), BlockerError>> {
+        if let Err(e) = check_range(name, offset, buf.len()) {
+            return Some(Err(e));
+        }
+        let file = lock(&self.fds).files.get(name).cloned()?;
+        let mut done = 0;
+        while done < buf.len() {
+            match nowait(
+                &file,
+                NowaitOp::Read(&mut buf[done..]),
+                offset + done as u64,
+            ) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if would_wait(&e) => return None,
+                Err(e) => return Some(Err(BlockerError::io(name, e))),
+            }
+        }
+        buf[done..].fill(0);
+        Some(Ok(()))
+    }
+
+    /// `write_sync` without waiting, where the filesystem takes `RWF_NOWAIT` buffered writes
+    /// (XFS and btrfs do; ext4 refuses them, and is then not asked again).
+    fn write_nowait(
+        &self,
+        name: &ObjectName,
+        offset: u64,
+        data: &[u8],
+    ) -> Option<Result<(), BlockerError>> {
+        if !self.nowait_writes.load(Ordering::Relaxed) {
+            return None;
+        }
+        if let Err(e) = check_range(name, offset, data.len()) {
+            return Some(Err(e));
+        }
+        let file = lock(&self.fds).files.get(name).cloned()?;
+        let mut done = 0;
+        while done < data.len() {
+            match nowait(&file, NowaitOp::Write(&data[done..]), offset + done as u64) {
+                Ok(0) => return None,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                    self.nowait_writes.store(false, Ordering::Relaxed);
+                    return None;
+                }
+                Err(e) if would_wait(&e) => return None,
+                Err(e) => return Some(Err(BlockerError::io(name, e))),
+            }
+        }
+        self.mark_dirty(name);
+        Some(Ok(()))
     }
 
     fn write_sync(&self, name: &ObjectName, offset: u64, data: &[u8]) -> Result<(), BlockerError> {
@@ -869,6 +936,24 @@ impl Blocker for FileBlocker {
         run(move || self.write_sync(object, offset, data))
     }
 
+    fn read_now(
+        &self,
+        object: &ObjectName,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Option<Result<(), BlockerError>> {
+        self.read_nowait(object, offset, buf)
+    }
+
+    fn write_now(
+        &self,
+        object: &ObjectName,
+        offset: u64,
+        data: &[u8],
+    ) -> Option<Result<(), BlockerError>> {
+        self.write_nowait(object, offset, data)
+    }
+
     fn flush(&self) -> BlockerFuture<'_, ()> {
         run(move || self.flush_sync())
     }
@@ -955,6 +1040,49 @@ impl Blocker for FileBlocker {
     }
 }
 
+enum NowaitOp<'a> {
+    Read(&'a mut [u8]),
+    Write(&'a [u8]),
+}
+
+/// One `preadv2`/`pwritev2` with `RWF_NOWAIT` at `offset`.
+fn nowait(file: &File, op: NowaitOp<'_>, offset: u64) -> io::Result<usize> {
+    let offset =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let (base, len, write) = match op {
+        NowaitOp::Read(b) => (b.as_mut_ptr().cast::<libc::c_void>(), b.len(), false),
+        NowaitOp::Write(b) => (b.as_ptr().cast_mut().cast::<libc::c_void>(), b.len(), true),
+    };
+    let iov = libc::iovec {
+        iov_base: base,
+        iov_len: len,
+    };
+    let fd = file.as_raw_fd();
+    // SAFETY: `iov` describes one live buffer of `len` bytes that outlives the call (borrowed
+    // by `op`); a read writes into it (a `&mut` borrow), a write only reads it. `fd` is open
+    // for the duration: `file` is borrowed.
+    let n = unsafe {
+        if write {
+            libc::pwritev2(fd, &iov, 1, offset, libc::RWF_NOWAIT)
+        } else {
+            libc::preadv2(fd, &iov, 1, offset, libc::RWF_NOWAIT)
+        }
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// The kernel would have had to wait (or cannot tell without waiting): take the slow path.
+fn would_wait(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EAGAIN | libc::EOPNOTSUPP | libc::ENOSYS)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -970,6 +1098,48 @@ mod tests {
             Arc::new(FileBlocker::open(sub).unwrap())
         })
         .await;
+    }
+
+    /// The no-wait path answers only what it can without blocking (a cached descriptor), reads
+    /// what the slow path wrote and reads past the end as zeros, refuses bad ranges like the
+    /// slow path, and a write it takes is flushed like any other.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reads_and_writes_now_agree_with_the_slow_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = FileBlocker::open(dir.path()).unwrap();
+        let cold = ObjectName::new("ob.cold").unwrap();
+        let mut buf = [1u8; 16];
+        assert!(
+            b.read_now(&cold, 0, &mut buf).is_none(),
+            "no descriptor: not now"
+        );
+        assert!(
+            b.write_now(&cold, 0, b"x").is_none(),
+            "no descriptor: not now"
+        );
+        let hot = ObjectName::new("ob.hot").unwrap();
+        b.write(&hot, 0, b"0123456789").await.unwrap();
+        b.flush().await.unwrap();
+        let mut buf = [1u8; 16];
+        match b.read_now(&hot, 4, &mut buf) {
+            Some(Ok(())) => assert_eq!(&buf, b"456789\0\0\0\0\0\0\0\0\0\0"),
+            // Only if the page cache dropped the page meanwhile.
+            None => {}
+            Some(Err(e)) => panic!("{e}"),
+        }
+        assert!(matches!(
+            b.read_now(&hot, u64::MAX - 4, &mut buf),
+            Some(Err(BlockerError::InvalidRange { .. }))
+        ));
+        match b.write_now(&hot, 2, b"ab") {
+            Some(Ok(())) => assert!(lock(&b.dirty).names.contains(&hot), "flushed next time"),
+            // ext4 and others refuse RWF_NOWAIT buffered writes; the slow path does it.
+            None => b.write(&hot, 2, b"ab").await.unwrap(),
+            Some(Err(e)) => panic!("{e}"),
+        }
+        let mut all = [0u8; 10];
+        b.read(&hot, 0, &mut all).await.unwrap();
+        assert_eq!(&all, b"01ab456789");
     }
 
     /// Issue 13: a failed fsync dropped the dirty names, and the next flush succeeded without

@@ -368,6 +368,30 @@ pub trait Blocker: Send + Sync + fmt::Debug {
         data: &'a [u8],
     ) -> BlockerFuture<'a, ()>;
 
+    /// [`Blocker::read`], done on the calling thread now if that cannot block (the file
+    /// blocker: a cached descriptor and the range in the page cache), else `None` and nothing
+    /// was done. The blocker peer tries this first, so an I/O the page cache can answer runs to
+    /// completion on the peer's thread, with no task spawned and no thread woken for it.
+    fn read_now(
+        &self,
+        _object: &ObjectName,
+        _offset: u64,
+        _buf: &mut [u8],
+    ) -> Option<Result<(), BlockerError>> {
+        None
+    }
+
+    /// [`Blocker::write`] on the calling thread if that cannot block, else `None`; on `None`
+    /// part of `data` may have been written, so the caller writes all of it the usual way.
+    fn write_now(
+        &self,
+        _object: &ObjectName,
+        _offset: u64,
+        _data: &[u8],
+    ) -> Option<Result<(), BlockerError>> {
+        None
+    }
+
     /// Make every write completed before this call durable.
     fn flush(&self) -> BlockerFuture<'_, ()>;
 

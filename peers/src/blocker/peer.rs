@@ -1,6 +1,9 @@
 //! The blocker peer: object I/O over xseg, served by any [`Blocker`].
 //!
-//! Each request runs as its own tokio task, so a slow object (a reflink copy, an fsync) never
+//! A read or write the backend can serve without waiting (the file blocker: the page cache
+//! holds the range) runs to completion on the peer's thread, answered before the next request
+//! is taken: the fast path costs no task and no wake-up of another thread. Every other request
+//! runs as its own tokio task, so a slow object (a disk read, a reflink copy, an fsync) never
 //! holds up the others; replies go back through a clone of the port's [`Sender`]. Reads land
 //! directly in the request's segment buffer and writes come straight from it: the bytes a
 //! frontend put in the segment are the bytes the backend sees, with no copy in between.
@@ -35,6 +38,15 @@ impl BlockerPeer {
 
 impl Peer for BlockerPeer {
     fn request(&mut self, mut req: Request, tx: &Sender) {
+        // Run to completion when the backend can answer without waiting (a read from the page
+        // cache): no task, no wake-up of another thread, the reply goes out from here.
+        if let Some(done) = serve_now(self.blocker.as_ref(), &mut req) {
+            if let Err(f) = done {
+                f.apply(&mut req);
+            }
+            tx.respond(req);
+            return;
+        }
         let blocker = self.blocker.clone();
         let tx = tx.clone();
         self.rt.spawn(async move {
@@ -81,43 +93,94 @@ fn length(req: &Request) -> Result<usize, Failure> {
     usize::try_from(req.size()).map_err(|_| Failure::new(Status::Invalid, "size too large"))
 }
 
+/// A read's object, offset and the part of the segment buffer it fills.
+fn read_args(req: &mut Request) -> Result<(ObjectName, u64, &mut [u8]), Failure> {
+    let name = object(req)?;
+    let (offset, len) = (req.offset(), length(req)?);
+    let buf = req
+        .buffer_mut()
+        .map_err(|s| Failure::new(s, "bad buffer"))?;
+    let buf = buf.get_mut(..len).ok_or_else(|| {
+        Failure::new(
+            Status::Invalid,
+            format!("read of {len} bytes exceeds the buffer"),
+        )
+    })?;
+    Ok((name, offset, buf))
+}
+
+/// A write's object, offset and data (in the segment buffer).
+fn write_args(req: &Request) -> Result<(ObjectName, u64, &[u8]), Failure> {
+    let name = object(req)?;
+    let (offset, len) = (req.offset(), length(req)?);
+    let data = req.data().map_err(|s| Failure::new(s, "bad buffer"))?;
+    let data = data.get(..len).ok_or_else(|| {
+        Failure::new(
+            Status::Invalid,
+            format!("write of {len} bytes carries only {} bytes", data.len()),
+        )
+    })?;
+    Ok((name, offset, data))
+}
+
+fn read_done(req: &mut Request) -> Result<(), Failure> {
+    let len = req.size();
+    req.set_data_len(len)
+        .map_err(|e| Failure::new(Status::Invalid, e.to_string()))?;
+    req.complete(len);
+    Ok(())
+}
+
+/// A read or write served on this thread if the backend can do it without waiting; `None`
+/// (nothing answered) otherwise. Bad requests are answered here too: failing them cannot wait.
+fn serve_now(blocker: &dyn Blocker, req: &mut Request) -> Option<Result<(), Failure>> {
+    match req.op() {
+        Op::Read => {
+            let (name, offset, buf) = match read_args(req) {
+                Ok(a) => a,
+                Err(f) => return Some(Err(f)),
+            };
+            match blocker.read_now(&name, offset, buf)? {
+                Ok(()) => Some(read_done(req)),
+                Err(e) => Some(Err(Failure::from(e))),
+            }
+        }
+        Op::Write => {
+            let (name, offset, data) = match write_args(req) {
+                Ok(a) => a,
+                Err(f) => return Some(Err(f)),
+            };
+            let len = data.len() as u64;
+            match blocker.write_now(&name, offset, data)? {
+                Ok(()) => {
+                    req.complete(len);
+                    Some(Ok(()))
+                }
+                Err(e) => Some(Err(Failure::from(e))),
+            }
+        }
+        _ => None,
+    }
+}
+
 async fn serve(blocker: &dyn Blocker, req: &mut Request) -> Result<(), Failure> {
     match req.op() {
         Op::Read => {
-            let name = object(req)?;
-            let (offset, len) = (req.offset(), length(req)?);
-            let buf = req
-                .buffer_mut()
-                .map_err(|s| Failure::new(s, "bad buffer"))?;
-            let buf = buf.get_mut(..len).ok_or_else(|| {
-                Failure::new(
-                    Status::Invalid,
-                    format!("read of {len} bytes exceeds the buffer"),
-                )
-            })?;
+            let (name, offset, buf) = read_args(req)?;
             blocker
                 .read(&name, offset, buf)
                 .await
                 .map_err(Failure::from)?;
-            req.set_data_len(len as u64)
-                .map_err(|e| Failure::new(Status::Invalid, e.to_string()))?;
-            req.complete(len as u64);
+            read_done(req)?;
         }
         Op::Write => {
-            let name = object(req)?;
-            let (offset, len) = (req.offset(), length(req)?);
-            let data = req.data().map_err(|s| Failure::new(s, "bad buffer"))?;
-            let data = data.get(..len).ok_or_else(|| {
-                Failure::new(
-                    Status::Invalid,
-                    format!("write of {len} bytes carries only {} bytes", data.len()),
-                )
-            })?;
+            let (name, offset, data) = write_args(req)?;
+            let len = data.len() as u64;
             blocker
                 .write(&name, offset, data)
                 .await
                 .map_err(Failure::from)?;
-            req.complete(len as u64);
+            req.complete(len);
         }
         // The target is ignored: a flush covers every object (vlmc forwards a volume's FLUSH
         // unchanged).
