@@ -81,6 +81,27 @@ impl Throttle {
         wait
     }
 
+    /// Admits an I/O of `bytes` at `now` only if it need not wait and the limits are not due
+    /// for a refresh; otherwise changes nothing and says no, so that the caller can take the
+    /// path that waits (vlmc's fast path, which never waits).
+    pub fn admit_now(&mut self, now: Instant, bytes: u64) -> bool {
+        match self.refreshed {
+            Some(t) if now.saturating_duration_since(t) < REFRESH => {}
+            _ => return false,
+        }
+        if self.limits.iops == 0 && self.limits.bytes_per_sec == 0 {
+            return true;
+        }
+        let (iops_tat, bytes_tat) = (self.iops_tat, self.bytes_tat);
+        if self.admit(now, bytes).is_zero() {
+            return true;
+        }
+        self.iops_tat = iops_tat;
+        self.bytes_tat = bytes_tat;
+        self.delayed -= 1;
+        false
+    }
+
     /// I/Os delayed so far.
     pub fn delayed(&self) -> u64 {
         self.delayed
@@ -160,5 +181,26 @@ mod tests {
         assert!(t.claim_refresh(now));
         assert!(!t.claim_refresh(now + Duration::from_secs(1)));
         assert!(t.claim_refresh(now + REFRESH));
+    }
+
+    #[test]
+    fn admit_now_declines_a_due_refresh_or_a_wait_and_then_changes_nothing() {
+        let mut t = Throttle::default();
+        let now = Instant::now();
+        // Never refreshed: the limits are unknown, so the caller must ask first.
+        assert!(!t.admit_now(now, 4096));
+        t.set_limits(limits(2, 0), now);
+        // A burst of one second at 2 IOPS: two I/Os pass at once.
+        assert!(t.admit_now(now, 4096));
+        assert!(t.admit_now(now, 4096));
+        // The next would wait: declined, not counted, and the budget is untouched, so the
+        // slow path's admit sees the same wait a first try would have.
+        assert!(!t.admit_now(now, 4096));
+        assert_eq!(t.delayed(), 0);
+        assert_eq!(t.admit(now, 4096), Duration::from_millis(500));
+        // Limits older than REFRESH: declined even when unlimited.
+        t.set_limits(limits(0, 0), now);
+        assert!(t.admit_now(now + Duration::from_secs(1), 1 << 20));
+        assert!(!t.admit_now(now + REFRESH, 4096));
     }
 }

@@ -60,8 +60,9 @@ pub(super) struct Meta {
 /// What vlmc knows about one volume.
 #[derive(Default)]
 pub(super) struct Vol {
-    /// I/O holds it shared; barrier operations exclusively.
-    pub(super) gate: RwLock<()>,
+    /// I/O holds it shared; barrier operations exclusively. In an `Arc` so that a fast-path
+    /// I/O can hold it from its forward to its reply without a task around it.
+    pub(super) gate: Arc<RwLock<()>>,
     pub(super) meta: Mutex<Option<Meta>>,
     pub(super) cache: Mutex<Cache>,
     writes: Mutex<Writes>,
@@ -139,6 +140,15 @@ impl Drop for WriteTicket {
 }
 
 impl Vol {
+    /// The cached mapping of `block`, as [`Vol::cached`] answers for one block.
+    pub(super) fn cached_one(&self, block: u64, write: bool) -> Option<Mapping> {
+        lock(&self.cache)
+            .blocks
+            .get(&block)
+            .filter(|m| !write || matches!(m, Mapping::Object { writable: true, .. }))
+            .cloned()
+    }
+
     /// The cached mapping of each block, `None` where the cache cannot answer: a miss, or a
     /// read-only block for a write.
     pub(super) fn cached(

@@ -43,12 +43,13 @@
 //! its "never cache" mode lives in it).
 
 mod cache;
+mod fast;
 mod plan;
 #[cfg(test)]
 mod tests;
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -60,6 +61,7 @@ use xseg::{AsyncClient, Op, Peer, Request, Sender, Status};
 use crate::failure::Failure;
 use crate::wire::{self, CONTROL_BUF, QosReport};
 use cache::{Vol, lock};
+use fast::Waiter;
 
 /// Where vlmc sends what it does not serve itself.
 #[derive(Clone, Debug)]
@@ -113,9 +115,11 @@ struct Inner {
     port: Sender,
     /// A dynamic port for vlmc's own calls (MAPR/MAPW, INFO, sub-requests).
     client: AsyncClient,
-    forwarded: Mutex<HashMap<u32, oneshot::Sender<Request>>>,
+    forwarded: Mutex<HashMap<u32, Waiter>>,
     volumes: Mutex<Volumes>,
     config: VlmcConfig,
+    /// I/Os served on the run-to-completion path (`fast.rs`), for tests and benchmarks.
+    fast_ios: AtomicU64,
 }
 
 /// The per-volume table, with a use clock for least-recently-used eviction.
@@ -177,6 +181,7 @@ impl Vlmc {
                 forwarded: Mutex::new(HashMap::new()),
                 volumes: Mutex::new(Volumes::default()),
                 config,
+                fast_ios: AtomicU64::new(0),
             }),
             rt,
         }
@@ -185,6 +190,10 @@ impl Vlmc {
 
 impl Peer for Vlmc {
     fn request(&mut self, req: Request, _tx: &Sender) {
+        let req = match self.inner.try_fast(req) {
+            Ok(()) => return,
+            Err(req) => req,
+        };
         let inner = self.inner.clone();
         self.rt.spawn(async move { inner.handle(req).await });
     }
@@ -192,10 +201,11 @@ impl Peer for Vlmc {
     fn reply(&mut self, rep: Request, _tx: &Sender) {
         let waiter = lock(&self.inner.forwarded).remove(&rep.index());
         match waiter {
-            Some(w) => {
+            Some(Waiter::Task(w)) => {
                 // A task that is gone drops the request, which fails or frees it.
                 let _ = w.send(rep);
             }
+            Some(Waiter::Fast(fast)) => self.inner.finish_fast(rep, fast),
             None => drop(rep),
         }
     }
@@ -298,7 +308,7 @@ impl Inner {
     async fn forward(&self, req: Request, port: u32) -> Outcome {
         let index = req.index();
         let (w, r) = oneshot::channel();
-        lock(&self.forwarded).insert(index, w);
+        lock(&self.forwarded).insert(index, Waiter::Task(w));
         let mut req = req;
         let mut retry = xseg::SendRetry::new();
         loop {

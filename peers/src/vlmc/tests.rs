@@ -631,3 +631,73 @@ fn eviction_spares_volumes_in_use_and_volumes_opened_shared() {
     assert!(v.map.contains_key(&second) && !v.map.contains_key(&last));
     drop(busy);
 }
+
+/// The fast path holds the drain gate from its forward to its reply: a snapshot asked for
+/// while a fast-path write is at the blocker waits for it, and the first write after the
+/// snapshot does not reuse the mapping cached before it (it would land in the object the
+/// snapshot now shares).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_snapshot_waits_for_a_fast_path_write_and_freezes_its_data() {
+    let bs = 4 * KIB;
+    let h = Harness::start(
+        "vlmc-fast-snap",
+        crate::testing::test_config(),
+        Duration::from_secs(30),
+        None,
+    );
+    let c = Arc::new(h.client());
+    c.create("fast", 1 << 20, Some(bs)).await.unwrap();
+    let fill = |n: u8| vec![n; bs as usize];
+    // Whole blocks, so that no copy-on-write needs the data (it is in the stub, not the
+    // mapper's blocker).
+    c.write("fast", 0, &fill(1)).await.unwrap();
+    let before = h.vlmc.fast_ios.load(std::sync::atomic::Ordering::Relaxed);
+    c.write("fast", 0, &fill(2)).await.unwrap();
+    let mut buf = vec![0u8; bs as usize];
+    c.read("fast", 0, &mut buf).await.unwrap();
+    assert_eq!(buf, fill(2));
+    let after = h.vlmc.fast_ios.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(
+        after - before,
+        2,
+        "a write and a read of a cached owned block take the fast path"
+    );
+
+    lock(&h.objects).hold = 1;
+    let held = {
+        let c = c.clone();
+        let data = fill(3);
+        tokio::spawn(async move { c.write("fast", 0, &data).await })
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while lock(&h.objects).held.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the write never reached the blocker"
+        );
+        tokio::task::yield_now().await;
+    }
+    let mut snapshot = {
+        let c = c.clone();
+        tokio::spawn(async move { c.snapshot("fast", "fast-snap").await })
+    };
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut snapshot)
+            .await
+            .is_err(),
+        "the snapshot finished while a write to the volume was still at the blocker"
+    );
+    h.release_held();
+    held.await.unwrap().unwrap();
+    snapshot.await.unwrap().unwrap();
+
+    c.write("fast", 0, &fill(4)).await.unwrap();
+    c.read("fast-snap", 0, &mut buf).await.unwrap();
+    assert_eq!(buf, fill(3), "the snapshot holds the write it waited for");
+    c.read("fast", 0, &mut buf).await.unwrap();
+    assert_eq!(
+        buf,
+        fill(4),
+        "the volume holds the write after the snapshot"
+    );
+}
