@@ -171,7 +171,7 @@ impl Inner {
 
     /// The blocker's reply to a fast-path I/O: restored to what the client sent, counted and
     /// answered. The guards drop after the answer is queued.
-    pub(super) fn finish_fast(&self, mut rep: Request, fast: Box<FastIo>) {
+    pub(super) fn finish_fast(&self, mut rep: Request, fast: &FastIo) {
         let _ = rep.set_target(fast.name.as_bytes());
         rep.set_offset(fast.offset);
         let status = rep.status();

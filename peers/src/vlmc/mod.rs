@@ -205,7 +205,7 @@ impl Peer for Vlmc {
                 // A task that is gone drops the request, which fails or frees it.
                 let _ = w.send(rep);
             }
-            Some(Waiter::Fast(fast)) => self.inner.finish_fast(rep, fast),
+            Some(Waiter::Fast(fast)) => self.inner.finish_fast(rep, &fast),
             None => drop(rep),
         }
     }
