@@ -546,12 +546,9 @@ impl Port {
                 std::thread::yield_now();
             }
         }
-        if self.last_reap.elapsed() >= REAP_INTERVAL {
-            self.last_reap = Instant::now();
-            self.tx.seg.reap();
-        }
+        self.reap_if_due();
         let port = self.tx.seg.port(self.tx.no);
-        port.sleeping.store(1, std::sync::atomic::Ordering::SeqCst);
+        port.sleeping.store(1, SeqCst);
         if self.has_work() {
             port.sleeping.store(0, Relaxed);
             return true;
@@ -563,6 +560,48 @@ impl Port {
         }
         port.sleeping.store(0, Relaxed);
         self.has_work()
+    }
+
+    /// Gets the port ready for a sleep that the caller carries out itself (an io_uring
+    /// FUTEX_WAIT, so that one thread can wait for xseg replies and for other events at
+    /// once): marks the port as sleeping, so that a producer clears and wakes
+    /// [`Port::sleep_word`], unless work is already there. True when the caller may sleep,
+    /// waiting while the word holds 1; false when there is work (the port is then not marked).
+    /// After the wait ends, however it ends, call [`Port::end_sleep`]. Also runs the periodic
+    /// dead-peer check, as [`Port::wait`] does.
+    pub fn begin_sleep(&mut self) -> bool {
+        self.reap_if_due();
+        let port = self.tx.seg.port(self.tx.no);
+        port.sleeping.store(1, SeqCst);
+        if self.has_work() {
+            port.sleeping.store(0, Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// The futex word a producer clears and wakes when it queues work for a sleeping port. It
+    /// lives in the segment's shared mapping, which stays mapped for as long as this port.
+    pub fn sleep_word(&self) -> &AtomicU32 {
+        &self.tx.seg.port(self.tx.no).sleeping
+    }
+
+    /// Ends a sleep begun with [`Port::begin_sleep`]; true when a request or reply may be
+    /// there.
+    pub fn end_sleep(&mut self) -> bool {
+        let port = self.tx.seg.port(self.tx.no);
+        port.sleeping.store(0, Relaxed);
+        port.stats.wakeups.fetch_add(1, Relaxed);
+        self.has_work()
+    }
+
+    /// Runs the dead-peer check if [`REAP_INTERVAL`] has passed since the last one: requests
+    /// held by a peer that died come back failed, so that their senders stop waiting.
+    pub fn reap_if_due(&mut self) {
+        if self.last_reap.elapsed() >= REAP_INTERVAL {
+            self.last_reap = Instant::now();
+            self.tx.seg.reap();
+        }
     }
 
     /// Sends `req` to `dst` and waits for its reply (one request in flight on this port).

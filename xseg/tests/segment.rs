@@ -286,3 +286,47 @@ fn handed_on_requests_release_their_mapping() {
         "server mapping leaked"
     );
 }
+
+/// A sleep carried out by the caller (the ublk queue's io_uring FUTEX_WAIT): the port is marked
+/// sleeping only when nothing is there, and a reply clears the word (which is what wakes a
+/// FUTEX_WAIT on it); a reply already there refuses the sleep.
+#[test]
+fn a_reply_ends_a_sleep_begun_outside_the_port() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let s = Scratch::new("ext-sleep", &small_config());
+    let mut server = s.seg.bind(1, "server").unwrap();
+    let mut client = s.seg.bind_dynamic("client").unwrap();
+    assert!(client.begin_sleep(), "nothing there: the sleep may begin");
+    assert_eq!(
+        client.sleep_word().load(SeqCst),
+        1,
+        "marked sleeping: the value to wait on"
+    );
+    let req = client.alloc(Op::Read, b"vol", 0).unwrap();
+    client.submit(req, 1).map_err(|(e, _)| e).unwrap();
+    let mut got = server.accept().expect("the request arrived");
+    got.complete(0);
+    server.respond(got);
+    assert_eq!(
+        client.sleep_word().load(SeqCst),
+        0,
+        "the reply cleared the word (and woke it)"
+    );
+    assert!(client.end_sleep(), "the reply is there after the wake");
+    let rep = client.receive().expect("the reply arrived");
+    client.free(rep);
+
+    let req = client.alloc(Op::Read, b"vol", 0).unwrap();
+    client.submit(req, 1).map_err(|(e, _)| e).unwrap();
+    let mut got = server.accept().expect("the request arrived");
+    got.complete(0);
+    server.respond(got);
+    assert!(!client.begin_sleep(), "a reply is waiting: no sleep");
+    assert_eq!(
+        client.sleep_word().load(SeqCst),
+        0,
+        "and the port is not marked"
+    );
+    let rep = client.receive().expect("the reply arrived");
+    client.free(rep);
+}

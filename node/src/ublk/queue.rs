@@ -5,11 +5,15 @@
 //! WRITE_ZEROES; target = volume, offset and size in bytes) and is completed when vlmc replies.
 //! Many requests are in flight at once: nothing blocks the queue thread but io_uring itself.
 //!
-//! Replies arrive on the xseg port, which the queue's io_uring cannot watch, so a small
-//! receiver thread per queue takes them off the port and hands them over through a mailbox,
-//! ringing an eventfd that the queue keeps an io_uring READ armed on. The eventfd is rung only
-//! when the mailbox goes from empty to non-empty, so a busy queue costs one wake-up per batch
-//! of replies, not per reply.
+//! Replies arrive on the xseg port. Where the kernel has io_uring FUTEX_WAIT (Linux >= 6.7)
+//! the queue thread takes them off the port itself: before it sleeps it marks the port
+//! sleeping and arms a FUTEX_WAIT on the port's futex word in the same io_uring that brings
+//! the kernel's block requests, so one thread waits for both and a reply costs one wake-up of
+//! this thread, and every reply there is is handled in that one wake-up. On older kernels
+//! (or with `ARCHIP_UBLK_REPLY_THREAD=1`, to compare) a small receiver thread per queue takes
+//! them off the port and hands them over through a mailbox, ringing an eventfd that the queue
+//! keeps an io_uring READ armed on; the eventfd is rung only when the mailbox goes from empty
+//! to non-empty, so a busy queue costs one wake-up per batch of replies, not per reply.
 //!
 //! Data copies. With `UBLK_F_USER_COPY` (Linux ≥ 6.5) WRITE data is `pread` from `/dev/ublkcN`
 //! straight into the xseg request's segment buffer and READ data is `pwrite` from it: one copy
@@ -40,6 +44,7 @@ use crate::io_stats::{IoStats, bump};
 /// the queue depth (at most 4096).
 const EVENT_TAG: u16 = u16::MAX;
 const TIMER_TAG: u16 = u16::MAX - 1;
+const REAP_TAG: u16 = u16::MAX - 2;
 /// How often deferred requests are retried.
 const RETRY_INTERVAL: Duration = Duration::from_millis(10);
 
@@ -153,11 +158,44 @@ fn errno(s: Status) -> i32 {
     }
 }
 
+/// How the queue thread learns of vlmc's replies (see the module documentation).
+enum Replies {
+    /// It takes them off its own port, woken by an io_uring FUTEX_WAIT on the port's word.
+    Own {
+        port: Port,
+        /// A REAP_TAG timeout is armed.
+        reap_armed: bool,
+    },
+    /// A receiver thread takes them and rings the eventfd.
+    Thread(Arc<Mailbox>),
+}
+
+/// Whether this kernel's io_uring can wait on a futex (IORING_OP_FUTEX_WAIT, Linux >= 6.7),
+/// and the operator has not asked for the receiver thread.
+fn futex_wait_supported() -> bool {
+    if std::env::var_os("ARCHIP_UBLK_REPLY_THREAD").is_some_and(|v| v == "1") {
+        return false;
+    }
+    let mut probe = io_uring::Probe::new();
+    io_uring::IoUring::new(2)
+        .and_then(|ring| ring.submitter().register_probe(&mut probe))
+        .is_ok()
+        && probe.is_supported(opcode::FutexWait::CODE)
+}
+
+/// FUTEX2_SIZE_U32: the word is 32 bits; not FUTEX2_PRIVATE, since the producer that wakes it
+/// may be another process mapping the same segment.
+const FUTEX2_SIZE_U32: u32 = 0x02;
+/// FUTEX_BITSET_MATCH_ANY: woken by a plain FUTEX_WAKE, which is what xseg's producers send.
+const FUTEX_MATCH_ANY: u64 = 0xffff_ffff;
+
 struct QueueState<'a> {
     qid: u16,
     cfg: &'a QueueConfig,
     sender: Sender,
-    mailbox: Arc<Mailbox>,
+    replies: Replies,
+    /// Replies taken off the port in one round (kept to reuse its allocation).
+    taken: Vec<Request>,
     /// Per-tag buffers when the kernel copies into our memory (no user copy).
     bufs: Option<Vec<IoBuf<u8>>>,
     /// `/dev/ublkcN`, for user copy.
@@ -170,20 +208,73 @@ struct QueueState<'a> {
     timer_armed: bool,
     /// io_uring reads these after the SQE is pushed, so they live on the heap, not the stack.
     timespec: Box<types::Timespec>,
+    reap_timespec: Box<types::Timespec>,
     event_buf: Box<u64>,
 }
 
 impl QueueState<'_> {
+    /// Handles every reply there is, then arms what wakes the queue for the next ones.
     fn arm_event(&mut self, q: &UblkQueue) {
-        let sqe = opcode::Read::new(
-            types::Fd(self.mailbox.efd.as_raw_fd()),
-            (&mut *self.event_buf as *mut u64).cast(),
-            8,
-        )
-        .build()
-        .user_data(UblkIOCtx::build_user_data(EVENT_TAG, 0, 0, true));
+        let efd = match &self.replies {
+            Replies::Thread(mb) => mb.efd.as_raw_fd(),
+            Replies::Own { .. } => return self.drain_and_sleep(q),
+        };
+        let sqe = opcode::Read::new(types::Fd(efd), (&mut *self.event_buf as *mut u64).cast(), 8)
+            .build()
+            .user_data(UblkIOCtx::build_user_data(EVENT_TAG, 0, 0, true));
         if let Err(e) = q.ublk_submit_sqe_sync(sqe) {
             tracing::error!(error = %e, qid = self.qid, "arming the reply eventfd");
+        }
+    }
+
+    /// Own replies: takes every reply off the port and completes it, until the port may sleep;
+    /// then arms a FUTEX_WAIT on its word (and, while requests are in flight, the dead-peer
+    /// check's timer, since nothing else may wake the queue if vlmc died).
+    fn drain_and_sleep(&mut self, q: &UblkQueue) {
+        loop {
+            let Replies::Own { port, .. } = &mut self.replies else {
+                return;
+            };
+            let mut taken = std::mem::take(&mut self.taken);
+            while let Some(rep) = port.receive() {
+                taken.push(rep);
+            }
+            if taken.is_empty() {
+                if !port.begin_sleep() {
+                    self.taken = taken;
+                    continue;
+                }
+                let word = port.sleep_word().as_ptr().cast_const();
+                self.taken = taken;
+                let sqe = opcode::FutexWait::new(word, 1, FUTEX_MATCH_ANY, FUTEX2_SIZE_U32)
+                    .build()
+                    .user_data(UblkIOCtx::build_user_data(EVENT_TAG, 0, 0, true));
+                if let Err(e) = q.ublk_submit_sqe_sync(sqe) {
+                    tracing::error!(error = %e, qid = self.qid, "arming the reply futex wait");
+                }
+                self.arm_reap(q);
+                return;
+            }
+            for rep in taken.drain(..) {
+                self.finish(q, rep);
+            }
+            self.taken = taken;
+        }
+    }
+
+    fn arm_reap(&mut self, q: &UblkQueue) {
+        let Replies::Own { reap_armed, .. } = &mut self.replies else {
+            return;
+        };
+        if *reap_armed || self.inflight.is_empty() {
+            return;
+        }
+        let sqe = opcode::Timeout::new(&*self.reap_timespec as *const types::Timespec)
+            .build()
+            .user_data(UblkIOCtx::build_user_data(REAP_TAG, 0, 0, true));
+        match q.ublk_submit_sqe_sync(sqe) {
+            Ok(()) => *reap_armed = true,
+            Err(e) => tracing::error!(error = %e, qid = self.qid, "arming the dead-peer check"),
         }
     }
 
@@ -207,13 +298,31 @@ impl QueueState<'_> {
         }
         match tag {
             EVENT_TAG => {
-                for rep in self.mailbox.take() {
-                    self.finish(q, rep);
+                match &mut self.replies {
+                    Replies::Thread(mb) => {
+                        for rep in mb.take() {
+                            self.finish(q, rep);
+                        }
+                    }
+                    Replies::Own { port, .. } => {
+                        // Woken, or the word had changed already (EAGAIN): either way the
+                        // sleep is over; `arm_event` takes what came.
+                        port.end_sleep();
+                    }
                 }
                 // Keep listening while anything can still reply or the queue still runs.
                 if !q.is_stopping() || !self.inflight.is_empty() || !self.deferred.is_empty() {
                     self.arm_event(q);
                 }
+            }
+            REAP_TAG => {
+                if let Replies::Own { port, reap_armed } = &mut self.replies {
+                    *reap_armed = false;
+                    // Requests a dead vlmc held come back failed to this port, which wakes
+                    // the futex wait.
+                    port.reap_if_due();
+                }
+                self.arm_reap(q);
             }
             TIMER_TAG => {
                 self.timer_armed = false;
@@ -454,31 +563,49 @@ impl QueueState<'_> {
 pub(crate) fn serve_queue(qid: u16, dev: &UblkDev, port: Port, cfg: &QueueConfig) {
     set_io_flusher();
     let user_copy = dev.dev_info.flags & u64::from(sys::UBLK_F_USER_COPY) != 0;
-    let mailbox = match Mailbox::new() {
-        Ok(m) => Arc::new(m),
-        Err(e) => {
-            tracing::error!(error = %e, qid, "eventfd");
-            return;
-        }
-    };
     let sender = port.sender().clone();
     let waker = sender.clone();
-    let receiver = {
+    let (replies, receiver) = if futex_wait_supported() {
+        let replies = Replies::Own {
+            port,
+            reap_armed: false,
+        };
+        (replies, None)
+    } else {
+        let mailbox = match Mailbox::new() {
+            Ok(m) => Arc::new(m),
+            Err(e) => {
+                tracing::error!(error = %e, qid, "eventfd");
+                return;
+            }
+        };
         let mb = mailbox.clone();
-        std::thread::Builder::new()
+        let receiver = std::thread::Builder::new()
             .name(format!("ublk-rx-{}-{qid}", dev.dev_info.dev_id))
-            .spawn(move || receive_loop(port, mb))
-    };
-    let receiver = match receiver {
-        Ok(t) => t,
-        Err(e) => {
-            tracing::error!(error = %e, qid, "starting the reply thread");
-            return;
+            .spawn(move || receive_loop(port, mb));
+        match receiver {
+            Ok(t) => (Replies::Thread(mailbox.clone()), Some((t, mailbox))),
+            Err(e) => {
+                tracing::error!(error = %e, qid, "starting the reply thread");
+                return;
+            }
         }
     };
+    tracing::info!(
+        qid,
+        replies = if receiver.is_none() { "own" } else { "thread" },
+        "queue started: replies taken by the queue thread (own, io_uring futex wait) or a receiver thread"
+    );
     let bufs = (!user_copy).then(|| dev.alloc_queue_io_bufs());
     let queue = UblkQueue::new(qid, dev)
         .and_then(|q| q.submit_fetch_commands_unified(BufDescList::Slices(bufs.as_ref())));
+    let timespec = |d: Duration| {
+        Box::new(
+            types::Timespec::new()
+                .sec(d.as_secs())
+                .nsec(d.subsec_nanos()),
+        )
+    };
     match queue {
         Ok(q) => {
             let depth = dev.dev_info.queue_depth as usize;
@@ -486,18 +613,16 @@ pub(crate) fn serve_queue(qid: u16, dev: &UblkDev, port: Port, cfg: &QueueConfig
                 qid,
                 cfg,
                 sender,
-                mailbox: mailbox.clone(),
+                replies,
+                taken: Vec::with_capacity(depth),
                 bufs,
                 cdev: dev.tgt.fds[0],
                 inflight: HashMap::with_capacity(depth),
                 since: vec![None; depth],
                 deferred: Vec::new(),
                 timer_armed: false,
-                timespec: Box::new(
-                    types::Timespec::new()
-                        .sec(RETRY_INTERVAL.as_secs())
-                        .nsec(RETRY_INTERVAL.subsec_nanos()),
-                ),
+                timespec: timespec(RETRY_INTERVAL),
+                reap_timespec: timespec(xseg::port::REAP_INTERVAL),
                 event_buf: Box::new(0),
             };
             st.arm_event(&q);
@@ -509,13 +634,19 @@ pub(crate) fn serve_queue(qid: u16, dev: &UblkDev, port: Port, cfg: &QueueConfig
                     "queue stopped with requests in flight"
                 );
             }
+            // The io_uring (and any FUTEX_WAIT still armed on the port's word) goes before
+            // the port it waits on.
+            drop(q);
+            drop(st);
         }
         Err(e) => tracing::error!(error = %e, qid, "setting up the ublk queue"),
     }
-    mailbox.stop.store(true, Release);
-    // The receiver may sleep on the port's futex: wake it so that it sees `stop` now.
-    waker.wake();
-    if receiver.join().is_err() {
-        tracing::error!(qid, "ublk reply thread panicked");
+    if let Some((receiver, mailbox)) = receiver {
+        mailbox.stop.store(true, Release);
+        // The receiver may sleep on the port's futex: wake it so that it sees `stop` now.
+        waker.wake();
+        if receiver.join().is_err() {
+            tracing::error!(qid, "ublk reply thread panicked");
+        }
     }
 }

@@ -96,10 +96,10 @@ impl Inner {
         let Some(mapping) = vol.cached_one(block, write) else {
             return Err(req);
         };
-        if !lock(&vol.throttle).admit_now(Instant::now(), len) {
+        let started = Instant::now();
+        if !lock(&vol.throttle).admit_now(started, len) {
             return Err(req);
         }
-        let started = Instant::now();
         let object = match mapping {
             Mapping::Zero => {
                 // Only reads get here: a write needs a writable object.
