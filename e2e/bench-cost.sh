@@ -5,7 +5,8 @@
 #
 # usage: bench-cost.sh [-h|--help] [IOS]
 #
-# For each scenario of `archip bench cost` (QD1 reads and writes, ours and the baseline) it
+# For each QD1 scenario of `archip bench cost` (reads and writes: volume client, xseg port
+# from a plain thread as the ublk queue does, and the pread/pwrite baseline) it
 # runs the release binary under callgrind twice, with IOS and 2*IOS I/Os (default 2000), and
 # reports (Ir(2*IOS) - Ir(IOS)) / IOS: set-up, fill and tear-down cancel out, what is left is
 # the steady-state cost of one I/O, summed over every thread of the process (client, vlmc,
@@ -56,11 +57,13 @@ per_io() {
 }
 
 declare -A ir
-for s in volume-read-qd1 pread-qd1 volume-write-qd1 pwrite-qd1; do
+for s in volume-read-qd1 port-read-qd1 pread-qd1 volume-write-qd1 port-write-qd1 pwrite-qd1; do
   ir[$s]=$(per_io "$s")
   echo "bench-cost: $s: ${ir[$s]} instructions per I/O" >&2
 done
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.1f", a / b; else print "null" }'; }
-printf '{"bench":"cost-instructions","ios":%d,"read":{"ours":%d,"pread":%d,"ratio":%s},"write":{"ours":%d,"pwrite":%d,"ratio":%s}}\n' \
-  "$IOS" "${ir[volume-read-qd1]}" "${ir[pread-qd1]}" "$(ratio "${ir[volume-read-qd1]}" "${ir[pread-qd1]}")" \
-  "${ir[volume-write-qd1]}" "${ir[pwrite-qd1]}" "$(ratio "${ir[volume-write-qd1]}" "${ir[pwrite-qd1]}")"
+printf '{"bench":"cost-instructions","ios":%d,"read":{"ours":%d,"port":%d,"pread":%d,"ratio":%s,"port_ratio":%s},"write":{"ours":%d,"port":%d,"pwrite":%d,"ratio":%s,"port_ratio":%s}}\n' \
+  "$IOS" "${ir[volume-read-qd1]}" "${ir[port-read-qd1]}" "${ir[pread-qd1]}" \
+  "$(ratio "${ir[volume-read-qd1]}" "${ir[pread-qd1]}")" "$(ratio "${ir[port-read-qd1]}" "${ir[pread-qd1]}")" \
+  "${ir[volume-write-qd1]}" "${ir[port-write-qd1]}" "${ir[pwrite-qd1]}" \
+  "$(ratio "${ir[volume-write-qd1]}" "${ir[pwrite-qd1]}")" "$(ratio "${ir[port-write-qd1]}" "${ir[pwrite-qd1]}")"

@@ -12,6 +12,11 @@
 //!
 //! Every scenario runs on a volume whose blocks are all owned and whose mappings vlmc already
 //! caches: the fast path, the one a run-to-completion design should make nearly free.
+//!
+//! Three paths: `volume-*` through [`VolumeClient`] (async, a tokio runtime and the client's
+//! receiver thread: what NBD and the CLI pay), `port-*` from one thread that owns an xseg port
+//! and waits on it itself (what the ublk queue thread does, less the kernel's side), and
+//! `pread`/`pwrite` on the object files (the baseline).
 
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
@@ -27,40 +32,48 @@ const MIB: u64 = 1024 * KIB;
 const VOLUME: u64 = 16 * MIB;
 const BLOCK: u64 = 4 * MIB;
 
+/// How a scenario's I/O reaches the data (see the module documentation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Path {
+    /// [`VolumeClient`] through the peers.
+    Volume,
+    /// An xseg port of a plain thread through the peers.
+    Port,
+    /// pread/pwrite on the object files: the baseline.
+    Direct,
+}
+
 /// One measured way of doing 4 KiB I/O.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Scenario {
-    /// Through the volume client and the peers, or pread/pwrite on the object files.
-    pub volume: bool,
+    pub path: Path,
     pub write: bool,
     pub depth: usize,
 }
 
 impl Scenario {
-    /// Every scenario, each volume one followed by its baseline.
+    /// Every scenario, the baseline after the paths through the peers.
     pub fn all() -> Vec<Scenario> {
         let mut v = Vec::new();
         for depth in [1, 32] {
             for write in [false, true] {
-                for volume in [true, false] {
-                    v.push(Scenario {
-                        volume,
-                        write,
-                        depth,
-                    });
+                for path in [Path::Volume, Path::Port, Path::Direct] {
+                    v.push(Scenario { path, write, depth });
                 }
             }
         }
         v
     }
 
-    /// `volume-read-qd1`, `pread-qd32`, ...
+    /// `volume-read-qd1`, `port-write-qd1`, `pread-qd32`, ...
     pub fn name(&self) -> String {
-        let what = match (self.volume, self.write) {
-            (true, false) => "volume-read",
-            (true, true) => "volume-write",
-            (false, false) => "pread",
-            (false, true) => "pwrite",
+        let what = match (self.path, self.write) {
+            (Path::Volume, false) => "volume-read",
+            (Path::Volume, true) => "volume-write",
+            (Path::Port, false) => "port-read",
+            (Path::Port, true) => "port-write",
+            (Path::Direct, false) => "pread",
+            (Path::Direct, true) => "pwrite",
         };
         format!("{what}-qd{}", self.depth)
     }
@@ -71,7 +84,7 @@ impl Scenario {
 
     fn baseline(&self) -> Scenario {
         Scenario {
-            volume: false,
+            path: Path::Direct,
             ..*self
         }
     }
@@ -181,10 +194,10 @@ impl Bench {
         let before = usage();
         let (h0, w0) = xseg_counts(&self.seg);
         let start = Instant::now();
-        if s.volume {
-            self.rt.block_on(self.volume_io(s, offs));
-        } else {
-            self.direct_io(s, offs);
+        match s.path {
+            Path::Volume => self.rt.block_on(self.volume_io(s, offs)),
+            Path::Port => self.port_io(s, offs),
+            Path::Direct => self.direct_io(s, offs),
         }
         let wall = start.elapsed().as_secs_f64() * 1e6;
         let after = usage();
@@ -219,6 +232,47 @@ impl Bench {
         }
         for t in tasks {
             t.await.expect("io task");
+        }
+    }
+
+    /// One thread, one dynamic port, up to `depth` requests in flight to vlmc, waiting on the
+    /// port itself: the ublk queue's way, without the kernel.
+    fn port_io(&self, s: Scenario, offs: &[u64]) {
+        let mut port = self.seg.bind_dynamic("bench-cost").expect("bench port");
+        let vlmc = crate::peerset::Ports::VLMC;
+        let op = if s.write {
+            xseg::Op::Write
+        } else {
+            xseg::Op::Read
+        };
+        let mut buf = vec![0x5au8; 4096];
+        let (mut sent, mut done, mut inflight) = (0usize, 0usize, 0usize);
+        while done < offs.len() {
+            while inflight < s.depth && sent < offs.len() {
+                let mut req = port.alloc(op, b"cost", 4096).expect("request");
+                req.set_offset(offs[sent]);
+                req.set_size(4096);
+                if s.write {
+                    req.write_data(&buf).expect("write data");
+                }
+                port.submit(req, vlmc).map_err(|(e, _)| e).expect("submit");
+                sent += 1;
+                inflight += 1;
+            }
+            match port.receive() {
+                Some(rep) => {
+                    assert_eq!(rep.status(), xseg::Status::Ok, "port I/O failed");
+                    if !s.write {
+                        buf.copy_from_slice(&rep.data().expect("read data")[..4096]);
+                    }
+                    port.free(rep);
+                    done += 1;
+                    inflight -= 1;
+                }
+                None => {
+                    port.wait(std::time::Duration::from_secs(1));
+                }
+            }
         }
     }
 
@@ -309,7 +363,7 @@ pub fn run(opts: &Options) -> Result<String, PeerSetError> {
     let mut out: Vec<String> = Vec::new();
     for (s, c) in &results {
         let mut entry = format!("\"{}\":{{\"per_io\":{}", s.name(), c.json());
-        if s.volume
+        if s.path != Path::Direct
             && let Some((_, b)) = results.iter().find(|(o, _)| *o == s.baseline())
         {
             let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
@@ -353,7 +407,7 @@ mod tests {
             assert_eq!(Scenario::parse(&s.name()), Some(s));
         }
         assert_eq!(Scenario::parse("volume-read-qd7"), None);
-        assert_eq!(Scenario::all().len(), 8);
+        assert_eq!(Scenario::all().len(), 12);
     }
 
     #[test]
@@ -362,6 +416,8 @@ mod tests {
             ios: 200,
             only: vec![
                 Scenario::parse("volume-read-qd1").unwrap(),
+                Scenario::parse("port-read-qd1").unwrap(),
+                Scenario::parse("port-write-qd32").unwrap(),
                 Scenario::parse("pread-qd1").unwrap(),
             ],
             ..Default::default()
@@ -373,6 +429,17 @@ mod tests {
         // A cached read is client -> vlmc -> blocker: at least two accepted requests.
         assert!(ours["xseg_hops"].as_f64().unwrap() >= 2.0, "{json}");
         assert_eq!(base["xseg_hops"].as_f64(), Some(0.0), "{json}");
+        // The port path is the same two hops, without the client's runtime.
+        let port = &v["port-read-qd1"]["per_io"];
+        assert!(port["xseg_hops"].as_f64().unwrap() >= 2.0, "{json}");
+        assert!(v["port-read-qd1"]["vs_pread-qd1"].is_object(), "{json}");
+        assert!(
+            v["port-write-qd32"]["per_io"]["xseg_hops"]
+                .as_f64()
+                .unwrap()
+                >= 2.0,
+            "{json}"
+        );
         assert!(v["volume-read-qd1"]["vs_pread-qd1"].is_object(), "{json}");
     }
 }
