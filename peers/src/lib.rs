@@ -17,6 +17,9 @@
 //!   holder; `block_range`: cutting ranges at block bounds;
 //! - [`bench`]: `archip bench volume`; `testing` (feature `testing`): test fixtures.
 
+/// The maps on the path of every I/O: foldhash (seeded per process) instead of SipHash.
+pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
 pub mod backend;
 pub mod bench;
 pub mod bench_cost;

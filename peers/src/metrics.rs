@@ -9,7 +9,6 @@
 //! ([`MAX_VOLUMES`]): past it, I/O is counted under [`OTHER_VOLUMES`], so a node with many
 //! short-lived volumes cannot grow the exposition (or the memory) without limit.
 
-use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -105,7 +104,7 @@ pub struct VolumeStats {
 /// Everything counted in this process.
 #[derive(Debug, Default)]
 pub struct Stats {
-    volumes: Mutex<HashMap<String, Arc<VolumeStats>>>,
+    volumes: Mutex<crate::FastMap<String, Arc<VolumeStats>>>,
     other: Arc<VolumeStats>,
     /// Partial writes to a shared block that copied the old object first (mapper).
     pub cow_copies: AtomicU64,

@@ -18,7 +18,7 @@ use crate::request::Request;
 use crate::retry::SendRetry;
 use crate::segment::Segment;
 
-type Pending = Arc<Mutex<HashMap<u32, oneshot::Sender<Request>>>>;
+type Pending = Arc<Mutex<HashMap<u32, oneshot::Sender<Request>, foldhash::fast::RandomState>>>;
 
 pub struct AsyncClient {
     tx: Sender,

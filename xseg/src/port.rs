@@ -530,20 +530,26 @@ impl Port {
     /// Waits until a request or reply may be there, or `timeout` passes. Spins for the policy's
     /// window first, then sleeps on the futex; also runs the periodic dead-peer check.
     pub fn wait(&mut self, timeout: Duration) -> bool {
-        let start = Instant::now();
+        if self.has_work() {
+            return true;
+        }
         let spin = self.policy.spin.min(timeout);
-        loop {
-            if self.has_work() {
-                return true;
-            }
-            let spent = start.elapsed();
-            if spent >= spin {
-                break;
-            }
-            if spent < self.policy.busy {
-                std::hint::spin_loop();
-            } else {
-                std::thread::yield_now();
+        // Without a spin window the clock is not read at all (it is read per I/O otherwise).
+        let start = (!spin.is_zero()).then(Instant::now);
+        if let Some(start) = start {
+            loop {
+                if self.has_work() {
+                    return true;
+                }
+                let spent = start.elapsed();
+                if spent >= spin {
+                    break;
+                }
+                if spent < self.policy.busy {
+                    std::hint::spin_loop();
+                } else {
+                    std::thread::yield_now();
+                }
             }
         }
         self.reap_if_due();
@@ -553,7 +559,8 @@ impl Port {
             port.sleeping.store(0, Relaxed);
             return true;
         }
-        let left = timeout.saturating_sub(start.elapsed()).min(REAP_INTERVAL);
+        let spent = start.map_or(Duration::ZERO, |s| s.elapsed());
+        let left = timeout.saturating_sub(spent).min(REAP_INTERVAL);
         if !left.is_zero() {
             crate::futex::wait(&port.sleeping, 1, left);
             port.stats.wakeups.fetch_add(1, Relaxed);

@@ -22,7 +22,8 @@ UB=$(RUST_LOG=info $A map bench --queues "$(nproc)" --depth 64) || fail "map"
 RX=$(RUST_LOG=info ARCHIP_UBLK_REPLY_THREAD=1 $A map bench-rx --queues "$(nproc)" --depth 64) || fail "map"
 # Which way each device's queues take their replies, as their servers logged it.
 for f in /run/archip/*.log; do
-  grep -o 'replies=[a-z"]*' "$f" | sort | uniq -c | sed "s|^|ublk-bench: $(basename "$f"): |"
+  grep 'queue started' "$f" | sed 's/\x1b\[[0-9;]*m//g' | grep -o 'replies=[a-z"]*' | sort | uniq -c |
+    sed "s|^|ublk-bench: $(basename "$f"): |"
 done
 dd if=/dev/zero of=/tmp/loop.img bs=1M count=0 seek="$SIZE_MIB" 2>/dev/null
 LO=$(losetup -f) && losetup "$LO" /tmp/loop.img || fail "losetup"

@@ -80,7 +80,7 @@ struct Dirty {
 
 /// The per-process descriptor cache of data objects.
 struct FdCache {
-    files: HashMap<ObjectName, Arc<File>>,
+    files: crate::FastMap<ObjectName, Arc<File>>,
     swept: Instant,
 }
 
@@ -170,7 +170,7 @@ impl FileBlocker {
             dir,
             identity,
             fds: Mutex::new(FdCache {
-                files: HashMap::new(),
+                files: crate::FastMap::default(),
                 swept: Instant::now(),
             }),
             // Writes of an earlier process on this directory (a blocker that crashed or was

@@ -39,7 +39,7 @@ pub(super) enum Mapping {
 
 #[derive(Default)]
 pub(super) struct Cache {
-    pub(super) blocks: HashMap<u64, Mapping>,
+    pub(super) blocks: crate::FastMap<u64, Mapping>,
     /// Bumped whenever entries are dropped for a reason other than a barrier (discard):
     /// a mapper reply sent before that must not be installed.
     pub(super) generation: u64,

@@ -48,7 +48,7 @@ mod plan;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -58,6 +58,7 @@ use tokio::sync::oneshot;
 use xseg::protocol::flags;
 use xseg::{AsyncClient, Op, Peer, Request, Sender, Status};
 
+use crate::FastMap;
 use crate::failure::Failure;
 use crate::wire::{self, CONTROL_BUF, QosReport};
 use cache::{Vol, lock};
@@ -115,7 +116,7 @@ struct Inner {
     port: Sender,
     /// A dynamic port for vlmc's own calls (MAPR/MAPW, INFO, sub-requests).
     client: AsyncClient,
-    forwarded: Mutex<HashMap<u32, Waiter>>,
+    forwarded: Mutex<FastMap<u32, Waiter>>,
     volumes: Mutex<Volumes>,
     config: VlmcConfig,
     /// I/Os served on the run-to-completion path (`fast.rs`), for tests and benchmarks.
@@ -125,7 +126,7 @@ struct Inner {
 /// The per-volume table, with a use clock for least-recently-used eviction.
 #[derive(Default)]
 struct Volumes {
-    map: HashMap<String, (Arc<Vol>, u64)>,
+    map: FastMap<String, (Arc<Vol>, u64)>,
     clock: u64,
 }
 
@@ -178,7 +179,7 @@ impl Vlmc {
             inner: Arc::new(Inner {
                 port,
                 client,
-                forwarded: Mutex::new(HashMap::new()),
+                forwarded: Mutex::new(FastMap::default()),
                 volumes: Mutex::new(Volumes::default()),
                 config,
                 fast_ios: AtomicU64::new(0),
