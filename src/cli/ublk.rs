@@ -19,11 +19,12 @@ pub const SERVE_SUBCOMMAND: &str = "__ublk-serve";
 pub struct MapArgs {
     /// Volume (or snapshot, read-only) to map.
     pub volume: String,
-    /// Hardware queues (capped by the kernel at the number of CPUs).
-    #[arg(long, default_value_t = 2)]
+    /// Hardware queues (capped by the kernel at the number of CPUs); default: one per CPU, up
+    /// to 8.
+    #[arg(long, default_value_t = node::ublk::UblkConfig::default().queues)]
     pub queues: u16,
-    /// Requests in flight per queue.
-    #[arg(long, default_value_t = 64)]
+    /// Requests in flight per queue; default: about 128 per device, 32 to 64 per queue.
+    #[arg(long, default_value_t = node::ublk::UblkConfig::default().depth)]
     pub depth: u16,
     /// Logical block size: 512 or 4096.
     #[arg(long, default_value_t = 512)]

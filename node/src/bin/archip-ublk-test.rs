@@ -93,9 +93,9 @@ enum Cmd {
     /// Map a volume to /dev/ublkbN (starts a server process); prints the device.
     Map {
         volume: String,
-        #[arg(long, default_value_t = 2)]
+        #[arg(long, default_value_t = UblkConfig::default().queues)]
         queues: u16,
-        #[arg(long, default_value_t = 64)]
+        #[arg(long, default_value_t = UblkConfig::default().depth)]
         depth: u16,
         #[arg(long, default_value_t = 512)]
         block_size: u32,

@@ -113,11 +113,28 @@ pub struct UblkConfig {
     pub shared: bool,
 }
 
+/// The default queue count and depth for a machine with `cpus` CPUs: one queue per CPU (each
+/// queue thread serves its CPU's submissions without a cross-CPU wake-up; the kernel caps the
+/// count at the number of CPUs anyway), up to 8, and a depth that keeps about 128 requests in
+/// flight per device, 32 to 64 per queue: each holds an xseg request and segment buffer, and
+/// without user copy a per-tag bounce buffer of `io_buf_bytes`, so the total is what bounds
+/// memory.
+pub fn default_shape(cpus: usize) -> (u16, u16) {
+    let queues = cpus.clamp(1, 8) as u16;
+    let depth = (128 / queues).clamp(32, 64);
+    (queues, depth)
+}
+
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 impl Default for UblkConfig {
     fn default() -> Self {
+        let (queues, depth) = default_shape(cpus());
         UblkConfig {
-            queues: 2,
-            depth: 64,
+            queues,
+            depth,
             io_buf_bytes: 512 << 10,
             logical_block_size: 512,
             discard_granularity: 4096,
@@ -199,5 +216,21 @@ mod tests {
         for c in bad {
             assert!(c.validate().is_err(), "{c:?} should be refused");
         }
+    }
+
+    #[test]
+    fn the_default_shape_follows_the_cpu_count() {
+        assert_eq!(default_shape(0), (1, 64));
+        assert_eq!(default_shape(1), (1, 64));
+        assert_eq!(default_shape(2), (2, 64));
+        assert_eq!(default_shape(4), (4, 32));
+        assert_eq!(default_shape(8), (8, 32));
+        assert_eq!(default_shape(64), (8, 32));
+        let (q, d) = default_shape(cpus());
+        assert_eq!(
+            (UblkConfig::default().queues, UblkConfig::default().depth),
+            (q, d)
+        );
+        assert!(UblkConfig::default().validate().is_ok());
     }
 }
