@@ -507,7 +507,7 @@ async fn corruption_is_detected_not_used() {
     let info = m.create("v", 2 * BSU, opts()).await.unwrap();
     write(&m, "v", 0, b"x").await;
     m.close("v").await.unwrap();
-    let page = crate::map_format::page_object(info.uuid, 0);
+    let page = crate::map_format::page_object(crate::map_format::PageOwner::new(info.uuid), 0);
     assert!(mem.corrupt(&page, 60));
     for r in [
         m.open("v").await.map(|_| ()),
@@ -883,7 +883,9 @@ async fn a_missing_inherited_page_is_corruption_not_zeros() {
             .data,
     )
     .unwrap();
-    mem.delete(&crate::map_format::page_object(s.uuid, 0))
+    // The snapshot shares the volume's page, which the clone inherits in turn.
+    assert_eq!(s.inherited.len(), 1, "{:?}", s.inherited);
+    mem.delete(&crate::map_format::page_object(s.inherited[0].1, 0))
         .await
         .unwrap();
     let fresh = Mapper::new(mem.clone(), LockOwner::new("n2").unwrap());
@@ -1011,7 +1013,7 @@ async fn verify_answers_corrupt_when_the_cache_differs_from_storage() {
         Err(MapperError::Corrupt(c)) => {
             assert_eq!(
                 c.object,
-                page_object(m.lookup(&name).unwrap().map().header.uuid, 0).to_string()
+                page_object(m.lookup(&name).unwrap().map().header.own_pages(), 0).to_string()
             );
             assert!(c.to_string().contains("differs from storage"), "{c}");
         }
