@@ -21,7 +21,8 @@ pub enum BlockState {
     /// Named by this map's uuid at its current epoch, in a page of its own (not inherited):
     /// only this map writes it.
     Owned,
-    /// Named by another uuid or an older epoch: read-only here.
+    /// Named by another uuid or an older epoch, or read through an inherited page: read-only
+    /// here.
     Shared,
     /// Content-addressed: read-only everywhere.
     Content,
