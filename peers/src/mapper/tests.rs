@@ -1466,3 +1466,50 @@ async fn a_live_snapshot_whose_volume_header_landed_despite_an_error_can_be_retr
     check_four_pages(&fresh, "v", [9, 8, 3, 4]).await;
     check_four_pages(&fresh, "s", [9, 2, 3, 4]).await;
 }
+
+#[tokio::test]
+async fn dedup_of_a_live_volumes_snapshot_never_changes_the_pages_the_volume_reads() {
+    let mem = Arc::new(MemoryBlocker::new());
+    let m = Mapper::new(mem.clone(), LockOwner::new("n").unwrap());
+    m.create("v", 64 * BSU, opts()).await.unwrap();
+    for p in 0..4u64 {
+        write(&m, "v", p * 16 * BSU, &vec![p as u8 + 1; BSU as usize]).await;
+    }
+    m.snapshot("v", "s").await.unwrap();
+    let pages = || async {
+        let mut out = Vec::new();
+        for name in names(mem.as_ref(), "pg.").await {
+            let o = ObjectName::new(name.clone()).unwrap();
+            out.push((name, mem.read_map(&o).await.unwrap().unwrap()));
+        }
+        out
+    };
+    let before = pages().await;
+    let r = m.dedup("s").await.unwrap();
+    assert_eq!(r.converted, 4, "{r:?}");
+    let after = pages().await;
+    // The snapshot's converted pages are new objects of a new map; the volume's are untouched.
+    for (name, page) in &before {
+        let now = after.iter().find(|(n, _)| n == name).expect("still there");
+        assert_eq!(&now.1, page, "{name} changed");
+    }
+    assert_eq!(after.len(), before.len() + 4);
+    check_four_pages(&m, "v", [1, 2, 3, 4]).await;
+    check_four_pages(&m, "s", [1, 2, 3, 4]).await;
+    for p in 0..4u64 {
+        assert_eq!(
+            m.block_state("v", p * 16).await.unwrap(),
+            BlockState::Shared
+        );
+        assert_eq!(
+            m.block_state("s", p * 16).await.unwrap(),
+            BlockState::Content
+        );
+    }
+    m.gc(no_grace()).await.unwrap();
+    write(&m, "v", 0, &[9; 4096]).await;
+    let fresh = Mapper::new(mem.clone(), LockOwner::new("n2").unwrap());
+    m.close_all().await.unwrap();
+    check_four_pages(&fresh, "v", [9, 2, 3, 4]).await;
+    check_four_pages(&fresh, "s", [1, 2, 3, 4]).await;
+}
