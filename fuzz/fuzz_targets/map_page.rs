@@ -5,7 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use peers::map_format::{MapEntry, MapPage};
+use peers::map_format::{MapEntry, MapPage, PageOwner};
 use uuid::Uuid;
 
 fuzz_target!(|data: &[u8]| {
@@ -25,6 +25,14 @@ fuzz_target!(|data: &[u8]| {
     let uuid = bytes
         .get(16..32)
         .map_or(Uuid::nil(), |b| Uuid::from_slice(b).unwrap());
+    // Version 2 pages carry their generation after the uuid; version 1 pages are generation 0.
+    let generation = match bytes.get(8..10) {
+        Some([2, 0]) => bytes
+            .get(32..40)
+            .map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap())),
+        _ => 0,
+    };
+    let uuid = PageOwner { uuid, generation };
     let Ok(p) = MapPage::decode(&bytes, uuid, page, page_entries) else {
         return;
     };

@@ -10,6 +10,8 @@
 //!  72  self_origin u16 (0xffff = none) | origin count u16 | name len u16 | source len u16
 //!  80  name bytes, source bytes, origin uuids (16 bytes each)
 //!      (version 2) inherited page count u32, then per page: page u32, owner uuid (16 bytes)
+//!      (version 3) page generation u64, inherited page count u32, then per page: page u32,
+//!                  owner uuid (16 bytes), owner page generation u64
 //!      crc32c u32 of everything before it
 //! ```
 //!
@@ -17,8 +19,16 @@
 //! size of the map: page `p` of the new map *is* page object `pg.<owner>.<p>` of an immutable
 //! map (a snapshot), until the new map writes a page object of its own under its own uuid,
 //! which then takes precedence. The page's entries need no translation, because a derived
-//! map's origin table extends its source's and keeps its indices. Version 1 headers (no
-//! inherited pages) are still read.
+//! map's origin table extends its source's and keeps its indices.
+//!
+//! Page generations (version 3) make a snapshot of a *live* volume cost headers only too. A
+//! writable map writes its page objects at its current page generation, and only those; a
+//! snapshot moves the volume to the next generation (with the next epoch, so that every entry
+//! it has is SHARED from then on), and the volume inherits its own pages of the generation
+//! before, exactly as a clone inherits a snapshot's. Those page objects never change again, so
+//! the snapshot inherits them as well instead of copying them. A map may therefore inherit from
+//! its own uuid, at an older generation. Version 1 and 2 headers are read as generation 0 with
+//! every inherited page at generation 0.
 
 use uuid::Uuid;
 
@@ -30,8 +40,26 @@ use super::{
 
 const MAGIC: &[u8; 8] = b"ARCHMAP1";
 const NO_ORIGIN: u16 = u16::MAX;
-/// Header layout written; 1 (no inherited pages) is still read.
-const HEADER_VERSION: u16 = 2;
+/// Header layout written; 1 (no inherited pages) and 2 (no page generations) are still read.
+const HEADER_VERSION: u16 = 3;
+
+/// Who holds a page object: a map's uuid and the page generation the map wrote it at. Page
+/// objects of a generation older than their map's current one never change again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PageOwner {
+    pub uuid: Uuid,
+    pub generation: u64,
+}
+
+impl PageOwner {
+    /// Generation 0 of `uuid`: where formats 1 and 2 keep every page.
+    pub fn new(uuid: Uuid) -> Self {
+        PageOwner {
+            uuid,
+            generation: 0,
+        }
+    }
+}
 
 /// Persisted map flags.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -40,7 +68,13 @@ pub struct MapFlags(u16);
 impl MapFlags {
     /// A snapshot: never written, never locked.
     pub const READ_ONLY: MapFlags = MapFlags(1);
-    const KNOWN: u16 = 1;
+    /// (Version 3, snapshots only.) The map has no page object of its own: every non-ZERO page
+    /// is in the inherited table, so a snapshot or clone of it is derived from the header
+    /// alone, without reading a page.
+    pub const NO_OWN_PAGES: MapFlags = MapFlags(2);
+    const KNOWN: u16 = 3;
+    /// What versions 1 and 2 knew.
+    const KNOWN_V2: u16 = 1;
 
     pub fn contains(self, other: MapFlags) -> bool {
         self.0 & other.0 == other.0
@@ -48,6 +82,14 @@ impl MapFlags {
 
     pub fn bits(self) -> u16 {
         self.0
+    }
+
+    pub fn with(self, other: MapFlags) -> MapFlags {
+        MapFlags(self.0 | other.0)
+    }
+
+    pub fn without(self, other: MapFlags) -> MapFlags {
+        MapFlags(self.0 & !other.0)
     }
 }
 
@@ -71,14 +113,31 @@ pub struct MapHeader {
     pub origins: Vec<Uuid>,
     /// The volume or snapshot this map was snapshotted or cloned from, for humans.
     pub source: Option<String>,
-    /// Pages this map reads from another (immutable) map's page object until it writes its
-    /// own: (page, owner uuid), sorted by page, at most one per page.
-    pub inherited: Vec<(u32, Uuid)>,
+    /// The generation this map writes its own page objects at (`pg.<uuid>.<generation>.<p>`).
+    /// It only grows; a snapshot of the map moves it on.
+    pub page_generation: u64,
+    /// Pages this map reads from an immutable page object (another map's, or its own of an
+    /// older generation) until it writes its own: (page, owner), sorted by page, at most one
+    /// per page.
+    pub inherited: Vec<(u32, PageOwner)>,
 }
 
 impl MapHeader {
     pub fn read_only(&self) -> bool {
         self.flags.contains(MapFlags::READ_ONLY)
+    }
+
+    /// Whether every non-ZERO page is inherited (see [`MapFlags::NO_OWN_PAGES`]).
+    pub fn no_own_pages(&self) -> bool {
+        self.flags.contains(MapFlags::NO_OWN_PAGES)
+    }
+
+    /// Where this map writes (or wrote) page objects of its own.
+    pub fn own_pages(&self) -> PageOwner {
+        PageOwner {
+            uuid: self.uuid,
+            generation: self.page_generation,
+        }
     }
 
     pub fn block_count(&self) -> u64 {
@@ -148,12 +207,18 @@ impl MapHeader {
         if !self.inherited.windows(2).all(|w| w[0].0 < w[1].0) {
             return bad("inherited pages not sorted or repeated".into());
         }
-        if let Some((p, owner)) = self
-            .inherited
-            .iter()
-            .find(|(p, owner)| *p >= self.page_count() || *owner == self.uuid)
-        {
-            return bad(format!("inherited page {p} from {owner} is invalid"));
+        // A map inherits its own pages only from older generations: those never change.
+        if let Some((p, owner)) = self.inherited.iter().find(|(p, owner)| {
+            *p >= self.page_count()
+                || (owner.uuid == self.uuid && owner.generation >= self.page_generation)
+        }) {
+            return bad(format!(
+                "inherited page {p} from {} generation {} is invalid",
+                owner.uuid, owner.generation
+            ));
+        }
+        if self.no_own_pages() && !self.read_only() {
+            return bad("only a snapshot can be without pages of its own".into());
         }
         Ok(())
     }
@@ -162,7 +227,7 @@ impl MapHeader {
         debug_assert!(self.validate().is_ok(), "{:?}", self.validate());
         let source = self.source.as_deref().unwrap_or("");
         let mut out = Vec::with_capacity(
-            88 + self.name.as_str().len() + 16 * self.origins.len() + 20 * self.inherited.len(),
+            96 + self.name.as_str().len() + 16 * self.origins.len() + 28 * self.inherited.len(),
         );
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&HEADER_VERSION.to_le_bytes());
@@ -184,10 +249,12 @@ impl MapHeader {
         for o in &self.origins {
             out.extend_from_slice(o.as_bytes());
         }
+        out.extend_from_slice(&self.page_generation.to_le_bytes());
         out.extend_from_slice(&(self.inherited.len() as u32).to_le_bytes());
         for (p, owner) in &self.inherited {
             out.extend_from_slice(&p.to_le_bytes());
-            out.extend_from_slice(owner.as_bytes());
+            out.extend_from_slice(owner.uuid.as_bytes());
+            out.extend_from_slice(&owner.generation.to_le_bytes());
         }
         append_checksum(&mut out);
         out
@@ -196,11 +263,16 @@ impl MapHeader {
     pub fn decode(bytes: &[u8]) -> Result<Self, MapFormatError> {
         let mut r = Reader::new(checked_body(bytes, MAGIC)?);
         let version = r.u16("version")?;
-        if version != FORMAT_VERSION && version != HEADER_VERSION {
+        if !(FORMAT_VERSION..=HEADER_VERSION).contains(&version) {
             return Err(MapFormatError::UnsupportedVersion(version));
         }
         let flags = r.u16("flags")?;
-        if flags & !MapFlags::KNOWN != 0 {
+        let known = if version >= 3 {
+            MapFlags::KNOWN
+        } else {
+            MapFlags::KNOWN_V2
+        };
+        if flags & !known != 0 {
             return Err(MapFormatError::Invalid(format!("unknown flags {flags:#x}")));
         }
         r.u32("reserved")?;
@@ -226,10 +298,15 @@ impl MapHeader {
             origins.push(Uuid::from_slice(r.take(16, "origins")?).expect("16 bytes"));
         }
         let mut inherited = Vec::new();
+        let page_generation = match version {
+            3.. => r.u64("page generation")?,
+            _ => 0,
+        };
         if version >= 2 {
             let count = r.u32("inherited count")? as usize;
+            let each = if version >= 3 { 28 } else { 20 };
             // Bounded by the bytes present, never by the count read.
-            if count > r.remaining() / 20 {
+            if count > r.remaining() / each {
                 return Err(MapFormatError::Invalid(
                     "inherited count past the end".into(),
                 ));
@@ -237,8 +314,12 @@ impl MapHeader {
             inherited.reserve(count);
             for _ in 0..count {
                 let p = r.u32("inherited page")?;
-                let owner = Uuid::from_slice(r.take(16, "inherited owner")?).expect("16 bytes");
-                inherited.push((p, owner));
+                let uuid = Uuid::from_slice(r.take(16, "inherited owner")?).expect("16 bytes");
+                let generation = match version {
+                    3.. => r.u64("inherited generation")?,
+                    _ => 0,
+                };
+                inherited.push((p, PageOwner { uuid, generation }));
             }
         }
         if r.remaining() != 0 {
@@ -257,6 +338,7 @@ impl MapHeader {
             self_origin: (self_origin != NO_ORIGIN).then_some(self_origin),
             origins,
             source: (!source.is_empty()).then(|| source.to_string()),
+            page_generation,
             inherited,
         };
         header.validate()?;
@@ -283,18 +365,75 @@ mod tests {
             self_origin: Some(1),
             origins: vec![Uuid::new_v4(), uuid],
             source: Some("snap-a".into()),
-            inherited: vec![(0, Uuid::new_v4()), (5, Uuid::new_v4())],
+            page_generation: 4,
+            inherited: vec![
+                (0, PageOwner::new(Uuid::new_v4())),
+                (
+                    3,
+                    PageOwner {
+                        uuid,
+                        generation: 3,
+                    },
+                ),
+                (
+                    5,
+                    PageOwner {
+                        uuid: Uuid::new_v4(),
+                        generation: 9,
+                    },
+                ),
+            ],
         }
+    }
+
+    /// `h` (at page generation 0, inheriting at generation 0 only) in the version 2 layout.
+    fn encode_v2(h: &MapHeader) -> Vec<u8> {
+        let v3 = h.encode();
+        let fixed = 80 + h.name.as_str().len() + h.source.as_deref().unwrap_or("").len();
+        let tables = fixed + 16 * h.origins.len();
+        let mut v2 = v3[..tables].to_vec();
+        v2[8..10].copy_from_slice(&2u16.to_le_bytes());
+        v2.extend_from_slice(&(h.inherited.len() as u32).to_le_bytes());
+        for (p, owner) in &h.inherited {
+            v2.extend_from_slice(&p.to_le_bytes());
+            v2.extend_from_slice(owner.uuid.as_bytes());
+        }
+        append_checksum(&mut v2);
+        v2
+    }
+
+    #[test]
+    fn version_2_headers_are_still_read_at_generation_0() {
+        let mut h = sample();
+        h.page_generation = 0;
+        h.inherited = vec![
+            (0, PageOwner::new(Uuid::new_v4())),
+            (7, PageOwner::new(Uuid::new_v4())),
+        ];
+        assert_eq!(MapHeader::decode(&encode_v2(&h)).unwrap(), h);
+        // Version 2 knew no flag but READ_ONLY.
+        let mut s = h.clone();
+        s.flags = MapFlags::READ_ONLY.with(MapFlags::NO_OWN_PAGES);
+        s.self_origin = None;
+        let mut v2 = encode_v2(&s);
+        assert!(MapHeader::decode(&v2).is_err());
+        v2[10..12].copy_from_slice(&MapFlags::READ_ONLY.bits().to_le_bytes());
+        let body = v2.len() - 4;
+        v2.truncate(body);
+        append_checksum(&mut v2);
+        s.flags = MapFlags::READ_ONLY;
+        assert_eq!(MapHeader::decode(&v2).unwrap(), s);
     }
 
     #[test]
     fn version_1_headers_are_still_read() {
         let mut h = sample();
         h.inherited.clear();
+        h.page_generation = 0;
         let mut v1 = h.encode();
-        // Version 1: the same layout without the inherited-page table.
+        // Version 1: the same layout without the page generation and inherited-page table.
         v1[8..10].copy_from_slice(&1u16.to_le_bytes());
-        let body = v1.len() - 4 - 4;
+        let body = v1.len() - 4 - 8 - 4;
         v1.truncate(body);
         append_checksum(&mut v1);
         assert_eq!(MapHeader::decode(&v1).unwrap(), h);
@@ -302,15 +441,42 @@ mod tests {
 
     #[test]
     fn bad_inherited_tables_are_refused() {
+        let other = || PageOwner::new(Uuid::new_v4());
         let mut h = sample();
-        h.inherited = vec![(5, Uuid::new_v4()), (0, Uuid::new_v4())];
+        h.inherited = vec![(5, other()), (0, other())];
         assert!(h.validate().is_err(), "unsorted");
         let mut h = sample();
-        h.inherited = vec![(64, Uuid::new_v4())];
+        h.inherited = vec![(64, other())];
         assert!(h.validate().is_err(), "past the last page");
         let mut h = sample();
-        h.inherited = vec![(1, h.uuid)];
-        assert!(h.validate().is_err(), "from itself");
+        h.inherited = vec![(1, h.own_pages())];
+        assert!(h.validate().is_err(), "from its own current generation");
+        h.inherited = vec![(
+            1,
+            PageOwner {
+                uuid: h.uuid,
+                generation: h.page_generation + 1,
+            },
+        )];
+        assert!(h.validate().is_err(), "from its own future");
+        h.inherited = vec![(
+            1,
+            PageOwner {
+                uuid: h.uuid,
+                generation: h.page_generation - 1,
+            },
+        )];
+        assert!(
+            h.validate().is_ok(),
+            "from its own past: {:?}",
+            h.validate()
+        );
+        let mut h = sample();
+        h.flags = MapFlags::NO_OWN_PAGES;
+        assert!(
+            h.validate().is_err(),
+            "a volume always has pages of its own"
+        );
     }
 
     #[test]

@@ -2,12 +2,18 @@
 //!
 //! A map is one header object plus pages:
 //! - `vol.<name>` — the [`MapHeader`]: name, uuid, size, block size, epoch, flags, the table of
-//!   origin uuids its entries name objects by, and the fencing generation of its last writer.
-//!   Its presence *is* the volume's existence: creating, snapshotting and cloning write the pages
-//!   first and the header last (atomic create), and deleting removes only the header.
-//! - `pg.<uuid>.<page>` — a [`MapPage`] of `page_entries` 8-byte entries plus the SHA-256 names of
-//!   the content objects that page refers to. A missing page means "all ZERO", so a thin volume
-//!   has almost no map. Persisting one entry rewrites one small page, never the whole map.
+//!   origin uuids its entries name objects by, the page generation and inherited pages, and the
+//!   fencing generation of its last writer. Its presence *is* the volume's existence: creating
+//!   writes the pages first and the header last (atomic create), snapshotting and cloning write
+//!   headers only (the new map inherits its source's pages), and deleting removes only the
+//!   header.
+//! - `pg.<uuid>.<generation>.<page>` (generation 0: `pg.<uuid>.<page>`, the name formats 1 and 2
+//!   use) — a [`MapPage`] of `page_entries` 8-byte entries plus the SHA-256 names of the content
+//!   objects that page refers to. A missing page means "all ZERO", so a thin volume has almost
+//!   no map. Persisting one entry rewrites one small page, never the whole map. A writable map
+//!   rewrites its pages in place only at its current *page generation*; a snapshot moves the
+//!   volume to the next generation, so the page objects it leaves behind never change again and
+//!   the snapshot shares them instead of copying them (see [`MapHeader`]).
 //!
 //! Every object is little-endian, versioned (magic + format version) and ends with a CRC-32C of
 //! everything before it; a torn or corrupted object is reported as [`CorruptMap`], never used.
@@ -23,14 +29,14 @@ mod header;
 mod page;
 
 pub use entry::MapEntry;
-pub use header::{MapFlags, MapHeader};
+pub use header::{MapFlags, MapHeader, PageOwner};
 pub use page::MapPage;
 
 use crate::blocker::{ObjectName, name_problem};
 use std::fmt;
 use uuid::Uuid;
 
-/// Current version of the header and page formats.
+/// First version of the header and page formats (still read).
 pub const FORMAT_VERSION: u16 = 1;
 /// Default block (data object) size.
 pub const DEFAULT_BLOCK_SIZE: u32 = 4 << 20;
@@ -153,8 +159,16 @@ pub fn qos_object(uuid: Uuid) -> ObjectName {
     valid(format!("{QOS_PREFIX}{}", uuid.simple()))
 }
 
-pub fn page_object(uuid: Uuid, page: u32) -> ObjectName {
-    valid(format!("{PAGE_PREFIX}{}.{page:08x}", uuid.simple()))
+/// Page `page` of map `owner.uuid` at page generation `owner.generation`. Generation 0 keeps the
+/// name of formats 1 and 2, so maps already on storage keep their pages where they are.
+pub fn page_object(owner: PageOwner, page: u32) -> ObjectName {
+    match owner.generation {
+        0 => valid(format!("{PAGE_PREFIX}{}.{page:08x}", owner.uuid.simple())),
+        g => valid(format!(
+            "{PAGE_PREFIX}{}.{g:016x}.{page:08x}",
+            owner.uuid.simple()
+        )),
+    }
 }
 
 pub fn owned_object(uuid: Uuid, epoch: u64, block: u64) -> ObjectName {
@@ -173,7 +187,7 @@ pub fn content_object(hash: &[u8; 32]) -> ObjectName {
 pub enum ObjectKind {
     Header(VolumeName),
     Page {
-        uuid: Uuid,
+        owner: PageOwner,
         page: u32,
     },
     Owned {
@@ -193,12 +207,23 @@ pub fn parse_object(name: &ObjectName) -> ObjectKind {
         VolumeName::new(rest).ok().map(ObjectKind::Header)
     } else if let Some(rest) = s.strip_prefix(PAGE_PREFIX) {
         let mut it = rest.split('.');
-        match (it.next(), it.next(), it.next()) {
-            (Some(u), Some(p), None) if p.len() == 8 => parse_uuid(u).and_then(|uuid| {
-                u32::from_str_radix(p, 16)
-                    .ok()
-                    .map(|page| ObjectKind::Page { uuid, page })
-            }),
+        let page = |u: &str, generation: u64, p: &str| {
+            let uuid = parse_uuid(u)?;
+            let page = u32::from_str_radix(p, 16).ok()?;
+            Some(ObjectKind::Page {
+                owner: PageOwner { uuid, generation },
+                page,
+            })
+        };
+        match (it.next(), it.next(), it.next(), it.next()) {
+            (Some(u), Some(p), None, None) if p.len() == 8 => page(u, 0, p),
+            // Generation 0 has only the short name: one page, one name.
+            (Some(u), Some(g), Some(p), None) if g.len() == 16 && p.len() == 8 => {
+                match u64::from_str_radix(g, 16) {
+                    Ok(generation) if generation > 0 => page(u, generation, p),
+                    _ => None,
+                }
+            }
             _ => None,
         }
     } else if let Some(rest) = s.strip_prefix(OWNED_PREFIX) {
@@ -360,7 +385,7 @@ mod tests {
         let mut page = b"ARCHPG0".to_vec();
         append_checksum(&mut page);
         assert_eq!(&page[..8], b"ARCHPG01");
-        assert!(MapPage::decode(&page, Uuid::nil(), 0, 16).is_err());
+        assert!(MapPage::decode(&page, PageOwner::new(Uuid::nil()), 0, 16).is_err());
         // The same overlap for any magic, at every short length.
         for len in 8..12 {
             let mut b = vec![7u8; len - 4];
@@ -404,9 +429,27 @@ mod tests {
             parse_object(&header_object(&v)),
             ObjectKind::Header(v.clone())
         );
+        for generation in [0, 1, u64::MAX] {
+            let owner = PageOwner {
+                uuid: u,
+                generation,
+            };
+            assert_eq!(
+                parse_object(&page_object(owner, 7)),
+                ObjectKind::Page { owner, page: 7 }
+            );
+        }
         assert_eq!(
-            parse_object(&page_object(u, 7)),
-            ObjectKind::Page { uuid: u, page: 7 }
+            page_object(
+                PageOwner {
+                    uuid: u,
+                    generation: 0
+                },
+                7
+            )
+            .as_str(),
+            format!("pg.{}.00000007", u.simple()),
+            "generation 0 keeps the name of formats 1 and 2"
         );
         assert_eq!(
             parse_object(&owned_object(u, 3, 1 << 40)),
@@ -419,7 +462,8 @@ mod tests {
         let h = [0xabu8; 32];
         assert_eq!(parse_object(&content_object(&h)), ObjectKind::Content(h));
         assert_eq!(parse_object(&lock_object(&v)), ObjectKind::Other);
-        for other in ["pg.zz.1", "ob.1.2.3", "ct.00", "misc"] {
+        let zero_long = format!("pg.{}.{:016x}.00000007", u.simple(), 0);
+        for other in ["pg.zz.1", "ob.1.2.3", "ct.00", "misc", &zero_long] {
             assert_eq!(
                 parse_object(&ObjectName::new(other).unwrap()),
                 ObjectKind::Other

@@ -1,26 +1,32 @@
-//! A map page object (`pg.<uuid>.<page>`): a fixed number of entries plus the content hashes
-//! its CONTENT entries refer to.
+//! A map page object (`pg.<uuid>.<generation>.<page>`): a fixed number of entries plus the
+//! content hashes its CONTENT entries refer to.
 //!
 //! Layout (little-endian):
 //! ```text
 //!   0  magic "ARCHPG01"   8
 //!   8  format version u16 | reserved u16 (0) | page index u32
 //!  16  map uuid           16
-//!  32  entry count u32    | content count u32
-//!  40  entries            8 × entry count
+//!  32  (version 2) page generation u64
+//!      entry count u32    | content count u32
+//!      entries            8 × entry count
 //!      content hashes     32 × content count
 //!      crc32c u32 of everything before it
 //! ```
-//! The uuid and page index are stored so that a page copied or renamed to the wrong place is
-//! caught, not silently used as another map's entries.
+//! The uuid, generation and page index are stored so that a page copied or renamed to the wrong
+//! place is caught, not silently used as another map's entries (or as another generation of the
+//! same map's, which a snapshot shares). Version 1 pages (no generation) are generation 0.
 
 use std::collections::HashMap;
 
 use uuid::Uuid;
 
-use super::{FORMAT_VERSION, MapEntry, MapFormatError, Reader, append_checksum, checked_body};
+use super::{
+    FORMAT_VERSION, MapEntry, MapFormatError, PageOwner, Reader, append_checksum, checked_body,
+};
 
 const MAGIC: &[u8; 8] = b"ARCHPG01";
+/// Page layout written; 1 (no generation, so generation 0) is still read.
+const PAGE_VERSION: u16 = 2;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MapPage {
@@ -118,13 +124,14 @@ impl MapPage {
         self.contents = contents;
     }
 
-    pub fn encode(&self, uuid: Uuid, page: u32) -> Vec<u8> {
-        let mut out = Vec::with_capacity(44 + 8 * self.entries.len() + 32 * self.contents.len());
+    pub fn encode(&self, owner: PageOwner, page: u32) -> Vec<u8> {
+        let mut out = Vec::with_capacity(52 + 8 * self.entries.len() + 32 * self.contents.len());
         out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&PAGE_VERSION.to_le_bytes());
         out.extend_from_slice(&0u16.to_le_bytes());
         out.extend_from_slice(&page.to_le_bytes());
-        out.extend_from_slice(uuid.as_bytes());
+        out.extend_from_slice(owner.uuid.as_bytes());
+        out.extend_from_slice(&owner.generation.to_le_bytes());
         out.extend_from_slice(&(self.entries.len() as u32).to_le_bytes());
         out.extend_from_slice(&(self.contents.len() as u32).to_le_bytes());
         for e in &self.entries {
@@ -141,21 +148,28 @@ impl MapPage {
     /// that need the header (origins, epochs, entries past the end) are the mapper's.
     pub fn decode(
         bytes: &[u8],
-        uuid: Uuid,
+        owner: PageOwner,
         page: u32,
         page_entries: u32,
     ) -> Result<Self, MapFormatError> {
         let mut r = Reader::new(checked_body(bytes, MAGIC)?);
         let version = r.u16("version")?;
-        if version != FORMAT_VERSION {
+        if version != FORMAT_VERSION && version != PAGE_VERSION {
             return Err(MapFormatError::UnsupportedVersion(version));
         }
         r.u16("reserved")?;
         let stored_page = r.u32("page index")?;
         let stored_uuid = Uuid::from_slice(r.take(16, "uuid")?).expect("16 bytes");
-        if stored_page != page || stored_uuid != uuid {
+        let stored_generation = match version {
+            FORMAT_VERSION => 0,
+            _ => r.u64("generation")?,
+        };
+        if stored_page != page || stored_uuid != owner.uuid || stored_generation != owner.generation
+        {
             return Err(MapFormatError::Invalid(format!(
-                "page belongs to map {stored_uuid} page {stored_page}, not {uuid} page {page}"
+                "page belongs to map {stored_uuid} generation {stored_generation} page \
+                 {stored_page}, not {} generation {} page {page}",
+                owner.uuid, owner.generation
             )));
         }
         let count = r.u32("entry count")?;
@@ -206,7 +220,10 @@ mod tests {
 
     #[test]
     fn round_trip_with_contents_and_compaction() {
-        let uuid = Uuid::new_v4();
+        let uuid = PageOwner {
+            uuid: Uuid::new_v4(),
+            generation: 3,
+        };
         let mut p = MapPage::zero(64);
         p.set(
             0,
@@ -228,12 +245,15 @@ mod tests {
             panic!()
         };
         assert_eq!(p.content(slot), &[1; 32]);
-        assert_eq!(p.encode(uuid, 5).len(), 40 + 64 * 8 + 32 + 4);
+        assert_eq!(p.encode(uuid, 5).len(), 48 + 64 * 8 + 32 + 4);
     }
 
     #[test]
     fn corruption_and_misplacement_are_detected() {
-        let uuid = Uuid::new_v4();
+        let uuid = PageOwner {
+            uuid: Uuid::new_v4(),
+            generation: 1,
+        };
         let mut p = MapPage::zero(16);
         p.set_content(4, [7; 32]);
         let bytes = p.encode(uuid, 1);
@@ -248,8 +268,21 @@ mod tests {
             "wrong page index"
         );
         assert!(
-            MapPage::decode(&bytes, Uuid::new_v4(), 1, 16).is_err(),
+            MapPage::decode(&bytes, PageOwner::new(Uuid::new_v4()), 1, 16).is_err(),
             "wrong map"
+        );
+        assert!(
+            MapPage::decode(
+                &bytes,
+                PageOwner {
+                    generation: 2,
+                    ..uuid
+                },
+                1,
+                16
+            )
+            .is_err(),
+            "wrong generation"
         );
         assert!(
             MapPage::decode(&bytes, uuid, 1, 32).is_err(),
@@ -260,7 +293,26 @@ mod tests {
     #[test]
     fn a_terabyte_map_is_two_mebibytes() {
         // 1 TiB of 4 MiB blocks: 64 pages of 4096 entries.
-        let page = MapPage::zero(4096).encode(Uuid::new_v4(), 0);
+        let page = MapPage::zero(4096).encode(PageOwner::new(Uuid::new_v4()), 0);
         assert!(64 * page.len() < 2 * 1024 * 1024 + 64 * 64);
+    }
+
+    #[test]
+    fn version_1_pages_are_still_read_as_generation_0() {
+        let owner = PageOwner::new(Uuid::new_v4());
+        let mut p = MapPage::zero(16);
+        p.set_content(2, [5; 32]);
+        let v2 = p.encode(owner, 4);
+        // Version 1: the same layout without the generation.
+        let mut v1 = v2[..32].to_vec();
+        v1[8..10].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        v1.extend_from_slice(&v2[40..v2.len() - 4]);
+        append_checksum(&mut v1);
+        assert_eq!(MapPage::decode(&v1, owner, 4, 16).unwrap(), p);
+        let later = PageOwner {
+            generation: 1,
+            ..owner
+        };
+        assert!(MapPage::decode(&v1, later, 4, 16).is_err());
     }
 }

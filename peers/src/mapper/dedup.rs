@@ -167,11 +167,11 @@ impl Mapper {
         self.reload_locked(&vol).await?;
         vol.check_usable()?;
         let fence = vol.writable()?.clone();
-        let (uuid, bs, pe, size) = {
+        let (own, bs, pe, size) = {
             let map = vol.map();
             let h = &map.header;
             (
-                h.uuid,
+                h.own_pages(),
                 u64::from(h.block_size),
                 u64::from(h.page_entries),
                 h.size,
@@ -228,7 +228,7 @@ impl Mapper {
             doomed.extend(old_owned);
         }
         self.data.flush().await.ctx(&name)?;
-        let r = self.persist_pages(&vol, uuid, pages, &fence).await;
+        let r = self.persist_pages(&vol, own, pages, &fence).await;
         vol.observe(r)?;
         // Truncated, not deleted: a later write to the block makes it OWNED again under the
         // same name (this epoch), as after a discard (see `io.rs`).

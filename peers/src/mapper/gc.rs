@@ -9,8 +9,14 @@
 //! - in this mapper, every operation that makes a new reference to an existing object (create,
 //!   snapshot, clone, delete, import, dedup) holds the gate that GC holds exclusively, so none
 //!   is half-done while GC marks and sweeps;
-//! - a page object is live while its map is, or while a live map inherits it (a clone of a
-//!   snapshot reads the snapshot's pages, even after the snapshot itself was deleted);
+//! - a page object is live while its map is at its page generation, or while a live map
+//!   inherits it (a clone of a snapshot reads the snapshot's pages, even after the snapshot
+//!   itself was deleted; a snapshot of a live volume and the volume itself read the volume's
+//!   pages of the generation before the snapshot). A page object of an older generation that no
+//!   map inherits is garbage: its map writes only its current one, and a snapshot moves the map
+//!   to a new generation under the gate. An inherited page a map has since written its own
+//!   page for is not inherited any more, though its header may still list it until the next
+//!   header write: own pages take precedence when a map is read;
 //! - MAPW runs freely: the objects it creates are named by the volume's current epoch, and GC
 //!   spares every object at (or past) the current epoch of a live writable map;
 //! - operations of other processes on the same backend are covered by a grace period: objects
@@ -68,6 +74,8 @@ pub struct GcReport {
 
 struct LiveMap {
     page_count: u32,
+    /// The generation the map's own page objects are at (older ones live only if inherited).
+    page_generation: u64,
     /// The current epoch of a writable map: its objects at this epoch or later are spared.
     epoch: Option<u64>,
 }
@@ -105,8 +113,14 @@ impl Mapper {
                 Err(e) => return Err(e),
             };
             report.maps += 1;
-            for &(p, owner) in &map.header.inherited {
-                inherited_pages.insert(page_object(owner, p));
+            // What the map reads, not what its header lists: an inherited page the map has
+            // since written a page of its own for is never read again (own pages at the
+            // current generation take precedence and are never deleted while the map lives),
+            // and its header forgets it at the next write.
+            for (p, slot) in map.pages.iter().enumerate() {
+                if let Some(owner) = slot.inherited {
+                    inherited_pages.insert(page_object(owner, p as u32));
+                }
             }
             for b in 0..map.block_count() {
                 if let Some(obj) = map.object(b) {
@@ -117,6 +131,7 @@ impl Mapper {
                 map.header.uuid,
                 LiveMap {
                     page_count: map.header.page_count(),
+                    page_generation: map.header.page_generation,
                     epoch: (!map.header.read_only()).then_some(map.header.epoch),
                 },
             );
@@ -125,10 +140,12 @@ impl Mapper {
         for (info, is_page) in candidates {
             report.examined += 1;
             let live = match parse_object(&info.name) {
-                ObjectKind::Page { uuid, page } => {
+                ObjectKind::Page { owner, page } => {
                     inherited_pages.contains(&info.name)
-                        || live_maps.get(&uuid).is_some_and(|m| {
-                            page < m.page_count && page_object(uuid, page) == info.name
+                        || live_maps.get(&owner.uuid).is_some_and(|m| {
+                            page < m.page_count
+                                && owner.generation == m.page_generation
+                                && page_object(owner, page) == info.name
                         })
                 }
                 ObjectKind::Owned { uuid, epoch, .. } => {

@@ -200,7 +200,7 @@ impl Mapper {
         let name = &vol.name;
         // Work out everything under the read lock, then do I/O without it: the map cannot
         // change meanwhile because we hold `mutate`.
-        let (todo, mut pages, uuid, owned_entry) = {
+        let (todo, mut pages, own, owned_entry) = {
             let map = vol.map();
             let mut todo = Vec::new();
             let mut pages: BTreeMap<u32, (MapPage, Option<u64>)> = BTreeMap::new();
@@ -222,7 +222,7 @@ impl Mapper {
                     map.owned_object(p.block),
                 ));
             }
-            (todo, pages, map.header.uuid, map.owned_entry())
+            (todo, pages, map.header.own_pages(), map.owned_entry())
         };
         for (piece, whole, state, old, new) in &todo {
             tracing::debug!(volume = %name, block = piece.block, ?state, whole, old = ?old.as_ref().map(|o| o.as_str()), new = new.as_str(), "making a block owned");
@@ -248,15 +248,16 @@ impl Mapper {
             let i = (piece.block % page_entries) as usize;
             pages.get_mut(&p).expect("planned").0.set(i, owned_entry);
         }
-        self.persist_pages(vol, uuid, pages, &fence).await
+        self.persist_pages(vol, own, pages, &fence).await
     }
 
-    /// Persist changed pages one by one, installing each in the cache as soon as it is durable
-    /// so that the cache never runs ahead of, or behind, storage.
+    /// Persist changed pages one by one (as page objects of `own`, the volume's current page
+    /// generation), installing each in the cache as soon as it is durable so that the cache
+    /// never runs ahead of, or behind, storage.
     pub(super) async fn persist_pages(
         &self,
         vol: &OpenVolume,
-        uuid: uuid::Uuid,
+        own: crate::map_format::PageOwner,
         pages: BTreeMap<u32, (MapPage, Option<u64>)>,
         fence: &crate::blocker::Fence,
     ) -> Result<(), MapperError> {
@@ -264,7 +265,7 @@ impl Mapper {
             let version = write_page(
                 self.maps.as_ref(),
                 &vol.name,
-                uuid,
+                own,
                 p,
                 &mut page,
                 version,
@@ -300,7 +301,7 @@ impl Mapper {
             self.reload_locked(&vol).await?;
             vol.check_usable()?;
             let fence = vol.writable()?.clone();
-            let (pages, uuid, doomed) = {
+            let (pages, own, doomed) = {
                 let map = vol.map();
                 check_range(&map, offset, length)?;
                 let mut pages: BTreeMap<u32, (MapPage, Option<u64>)> = BTreeMap::new();
@@ -326,10 +327,10 @@ impl Mapper {
                         .set(i, MapEntry::Zero);
                     outcome.zeroed_blocks += 1;
                 }
-                (pages, map.header.uuid, doomed)
+                (pages, map.header.own_pages(), doomed)
             };
             tracing::debug!(volume = %vname, offset, length, zeroed = outcome.zeroed_blocks, partial = partial.len(), "discarding");
-            let r = self.persist_pages(&vol, uuid, pages, &fence).await;
+            let r = self.persist_pages(&vol, own, pages, &fence).await;
             vol.observe(r)?;
             // Only now that no entry names them: an owned object is referenced by this map
             // alone, so its data is garbage the moment its entry is ZERO. Truncated, not

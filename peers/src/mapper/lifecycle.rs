@@ -1,23 +1,33 @@
 //! Create, resize, delete, snapshot and clone: the operations that change the catalogue.
 //!
 //! Crash safety comes from ordering, with the header object as the commit point:
-//! - a new map (create, snapshot, clone) writes its pages, then its header with "must not
-//!   exist"; until then nothing refers to the pages and GC may reclaim them;
-//! - a snapshot or clone of a writable volume first moves the source to a new epoch (one
-//!   fenced header write), then writes the new map. A crash in between only costs the source
-//!   some extra copy-on-write later; the reverse order could let the source overwrite objects
-//!   a snapshot already refers to;
+//! - a new map (create) writes its pages, then its header with "must not exist"; until then
+//!   nothing refers to the pages and GC may reclaim them;
+//! - a snapshot or clone writes no page at all: the new map inherits every page of its source.
+//!   A writable source is first moved to a new epoch and a new page generation, inheriting its
+//!   own pages of the generation before (one fenced header write), then the new map's header is
+//!   written. A crash in between leaves the source consistent: it only reads those pages
+//!   through its inherited table (which keeps them from GC) and copies its blocks on their next
+//!   write, and a retried snapshot freezes it once more. The reverse order could let the source
+//!   overwrite objects and page objects a snapshot already refers to;
 //! - delete removes the header only; pages and objects are GC's.
 
 use std::sync::Arc;
 
-use super::volume::VolumeMap;
+use super::volume::{VolumeMap, create_header, replace_header};
 use super::{Mapper, MapperError, OpenVolume, ResultExt, VolumeInfo};
 use crate::blocker::Expect;
 use crate::map_format::{
     DEFAULT_BLOCK_SIZE, DEFAULT_PAGE_ENTRIES, MAX_BLOCK_SIZE, MAX_BLOCKS, MAX_PAGE_ENTRIES,
-    MIN_BLOCK_SIZE, MIN_PAGE_ENTRIES, MapEntry, MapHeader, VolumeName, header_object,
+    MIN_BLOCK_SIZE, MIN_PAGE_ENTRIES, MapHeader, PageOwner, VolumeName, header_object,
 };
+
+/// A map that can be snapshotted or cloned: its header, and its non-ZERO pages with the page
+/// objects that hold them, none of which will ever change.
+struct Frozen {
+    header: MapHeader,
+    table: Vec<(u32, PageOwner)>,
+}
 
 /// Layout choices for a new volume.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -230,40 +240,63 @@ impl Mapper {
         Ok(())
     }
 
-    /// The map to snapshot or clone from. For a writable volume this moves it to a new epoch
-    /// first, so that from now on it writes new objects and leaves the shared ones alone.
-    /// Caller holds `namespace` and `gate`.
-    async fn freeze_source(&self, source: &VolumeName) -> Result<VolumeMap, MapperError> {
-        let read_only = match self.cached(source).await? {
-            Some(v) => v.fence.is_none(),
-            None => self.read_header(source).await?.read_only(),
-        };
-        if read_only {
-            return match self.cached(source).await? {
-                Some(v) => Ok(v.snapshot_map()),
-                None => VolumeMap::load(self.maps.as_ref(), source).await,
-            };
+    /// The map to snapshot or clone from. A writable volume is frozen first: moved to a new
+    /// epoch and page generation (see [`VolumeMap::frozen_header`]), so that from now on it
+    /// writes new objects and new page objects and leaves the shared ones alone. A snapshot
+    /// with no pages of its own is answered from its header alone. Caller holds `namespace` and
+    /// `gate`.
+    async fn freeze_source(&self, source: &VolumeName) -> Result<Frozen, MapperError> {
+        match self.cached(source).await? {
+            Some(v) if v.fence.is_none() => {
+                let map = v.map();
+                let table = if map.header.no_own_pages() {
+                    map.header.inherited.clone()
+                } else {
+                    map.page_table()
+                };
+                return Ok(Frozen {
+                    header: map.header.clone(),
+                    table,
+                });
+            }
+            Some(_) => {}
+            None => {
+                let header = self.read_header(source).await?;
+                if header.read_only() {
+                    if header.no_own_pages() {
+                        let table = header.inherited.clone();
+                        return Ok(Frozen { header, table });
+                    }
+                    let map = VolumeMap::load(self.maps.as_ref(), source).await?;
+                    let table = map.page_table();
+                    return Ok(Frozen {
+                        header: map.header,
+                        table,
+                    });
+                }
+            }
         }
         let (vol, temporary) = self.hold_writable(source).await?;
         let r = async {
             let _m = vol.mutate.lock().await;
             self.reload_locked(&vol).await?;
             vol.check_usable()?;
-            let mut map = vol.snapshot_map();
-            let mut header = map.header.clone();
-            header.epoch += 1;
-            if header.epoch > MapEntry::MAX_EPOCH {
-                return Err(MapperError::EpochExhausted {
-                    volume: source.to_string(),
-                });
-            }
+            let (mut header, version) = {
+                let map = vol.map();
+                (map.frozen_header()?, map.header_version)
+            };
             let fence = vol.writable()?.clone();
-            let r = map
-                .persist_header(self.maps.as_ref(), header, Some(&fence))
-                .await;
-            vol.observe(r)?;
-            vol.install(map.clone());
-            Ok(map)
+            let r = replace_header(self.maps.as_ref(), &mut header, version, Some(&fence)).await;
+            let version = vol.observe(r)?;
+            // In place, under the write lock: the cache must say what storage says now (every
+            // block SHARED, every page inherited), without copying a terabyte's map for it.
+            vol.map
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .freeze(header.clone(), version);
+            let table = header.inherited.clone();
+            tracing::debug!(volume = %source, epoch = header.epoch, page_generation = header.page_generation, pages = table.len(), "frozen for a snapshot");
+            Ok(Frozen { header, table })
         }
         .await;
         self.release_temporary(source, temporary).await;
@@ -285,8 +318,9 @@ impl Mapper {
         Ok(())
     }
 
-    /// A read-only snapshot of a volume (or a copy of a snapshot). Instant: no data is copied,
-    /// and the metadata cost is one header plus the source's non-empty pages.
+    /// A read-only snapshot of a volume (or a copy of a snapshot). Instant: no data and no page
+    /// is copied; the metadata cost is one header (plus one for a live volume, which moves to a
+    /// new epoch and page generation), whatever the size of the volume.
     pub async fn snapshot(&self, volume: &str, snapshot: &str) -> Result<VolumeInfo, MapperError> {
         let source = VolumeName::new(volume)?;
         let name = VolumeName::new(snapshot)?;
@@ -294,10 +328,10 @@ impl Mapper {
         let _g = self.gate.read().await;
         self.refuse_existing(&name).await?;
         let frozen = self.freeze_source(&source).await?;
-        let mut snap = frozen.derive(name, None)?;
-        snap.persist_new(self.maps.as_ref()).await?;
-        tracing::info!(volume = %source, snapshot = %snap.header.name, "snapshot taken");
-        Ok(VolumeInfo::from(&snap.header))
+        let snap = VolumeMap::derived_header(&frozen.header, &frozen.table, name, None)?;
+        create_header(self.maps.as_ref(), &snap).await?;
+        tracing::info!(volume = %source, snapshot = %snap.name, uuid = %snap.uuid, pages = snap.inherited.len(), "snapshot taken");
+        Ok(VolumeInfo::from(&snap))
     }
 
     /// A writable volume whose blocks are the source's, all SHARED until written. The source
@@ -334,10 +368,9 @@ impl Mapper {
             });
         }
         let frozen = self.freeze_source(&source).await?;
-        let size = size.max(frozen.header.size);
-        let mut clone = frozen.derive(name, Some(size))?;
-        clone.persist_new(self.maps.as_ref()).await?;
-        tracing::info!(source = %source, clone = %clone.header.name, "cloned");
-        Ok(VolumeInfo::from(&clone.header))
+        let clone = VolumeMap::derived_header(&frozen.header, &frozen.table, name, Some(size))?;
+        create_header(self.maps.as_ref(), &clone).await?;
+        tracing::info!(source = %source, clone = %clone.name, uuid = %clone.uuid, pages = clone.inherited.len(), "cloned");
+        Ok(VolumeInfo::from(&clone))
     }
 }

@@ -309,9 +309,9 @@ fn cache_divergence(cached: &VolumeMap, stored: &VolumeMap) -> Option<(ObjectNam
     if cached.pages.len() != stored.pages.len() {
         return Some((header(), "page count".into()));
     }
-    let uuid = stored.header.uuid;
+    let own = stored.header.own_pages();
     for (p, (c, s)) in cached.pages.iter().zip(&stored.pages).enumerate() {
-        let object = || page_object(uuid, p as u32);
+        let object = || page_object(s.inherited.unwrap_or(own), p as u32);
         if c.page != s.page {
             return Some((object(), format!("page {p} entries")));
         }
@@ -321,6 +321,15 @@ fn cache_divergence(cached: &VolumeMap, stored: &VolumeMap) -> Option<(ObjectNam
                 format!(
                     "page {p} version {:?} cached, {:?} stored",
                     c.version, s.version
+                ),
+            ));
+        }
+        if c.inherited != s.inherited {
+            return Some((
+                object(),
+                format!(
+                    "page {p} inherited from {:?} cached, {:?} stored",
+                    c.inherited, s.inherited
                 ),
             ));
         }

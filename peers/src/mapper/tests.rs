@@ -9,6 +9,7 @@ use crate::blocker::{
     Blocker, BlockerFuture, Expect, Fence, LockOwner, MemoryBlocker, ObjectInfo, ObjectName,
     Versioned,
 };
+use crate::map_format::PageOwner;
 
 const BS: u32 = 64 << 10;
 const BSU: u64 = BS as u64;
@@ -507,7 +508,7 @@ async fn corruption_is_detected_not_used() {
     let info = m.create("v", 2 * BSU, opts()).await.unwrap();
     write(&m, "v", 0, b"x").await;
     m.close("v").await.unwrap();
-    let page = crate::map_format::page_object(info.uuid, 0);
+    let page = crate::map_format::page_object(crate::map_format::PageOwner::new(info.uuid), 0);
     assert!(mem.corrupt(&page, 60));
     for r in [
         m.open("v").await.map(|_| ()),
@@ -883,7 +884,9 @@ async fn a_missing_inherited_page_is_corruption_not_zeros() {
             .data,
     )
     .unwrap();
-    mem.delete(&crate::map_format::page_object(s.uuid, 0))
+    // The snapshot shares the volume's page, which the clone inherits in turn.
+    assert_eq!(s.inherited.len(), 1, "{:?}", s.inherited);
+    mem.delete(&crate::map_format::page_object(s.inherited[0].1, 0))
         .await
         .unwrap();
     let fresh = Mapper::new(mem.clone(), LockOwner::new("n2").unwrap());
@@ -1011,7 +1014,7 @@ async fn verify_answers_corrupt_when_the_cache_differs_from_storage() {
         Err(MapperError::Corrupt(c)) => {
             assert_eq!(
                 c.object,
-                page_object(m.lookup(&name).unwrap().map().header.uuid, 0).to_string()
+                page_object(m.lookup(&name).unwrap().map().header.own_pages(), 0).to_string()
             );
             assert!(c.to_string().contains("differs from storage"), "{c}");
         }
@@ -1020,4 +1023,493 @@ async fn verify_answers_corrupt_when_the_cache_differs_from_storage() {
     // Storage is the truth: the cache is read back and the volume answers from it again.
     m.verify("v").await.unwrap();
     assert_eq!(&read(&m, "v", 0, 4).await, b"data");
+}
+
+// Snapshots of live volumes share the volume's page objects (page generations).
+
+fn no_grace() -> GcOptions {
+    GcOptions {
+        grace: std::time::Duration::ZERO,
+        dry_run: false,
+    }
+}
+
+async fn stored_header(b: &dyn Blocker, name: &str) -> MapHeader {
+    let raw = b
+        .read_map(&header_object(&VolumeName::new(name).unwrap()))
+        .await
+        .unwrap()
+        .expect("header exists");
+    MapHeader::decode(&raw.data).unwrap()
+}
+
+async fn names(b: &dyn Blocker, prefix: &str) -> std::collections::BTreeSet<String> {
+    b.list(prefix)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.name.to_string())
+        .collect()
+}
+
+/// The page objects some map reads: its own pages at its current generation that exist, and
+/// for every other page the one its inherited table names.
+async fn referenced_pages(b: &dyn Blocker) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    for h in names(b, crate::map_format::HEADER_PREFIX).await {
+        let h = stored_header(b, h.strip_prefix("vol.").unwrap()).await;
+        for p in 0..h.page_count() {
+            let own = page_object(h.own_pages(), p);
+            if b.read_map(&own).await.unwrap().is_some() {
+                out.insert(own.to_string());
+            } else if let Ok(i) = h.inherited.binary_search_by_key(&p, |&(q, _)| q) {
+                out.insert(page_object(h.inherited[i].1, p).to_string());
+            }
+        }
+    }
+    out
+}
+
+/// 64 blocks over 4 pages of 16 entries, one block written per page (block 16p, byte p+1).
+async fn four_pages(m: &Mapper, vol: &str) {
+    m.create(vol, 64 * BSU, opts()).await.unwrap();
+    for p in 0..4u64 {
+        write(m, vol, p * 16 * BSU, &[p as u8 + 1; 4096]).await;
+    }
+}
+
+async fn check_four_pages(m: &Mapper, vol: &str, expect: [u8; 4]) {
+    for (p, &byte) in expect.iter().enumerate() {
+        assert_eq!(
+            read(m, vol, p as u64 * 16 * BSU, 4096).await,
+            vec![byte; 4096],
+            "{vol} page {p}"
+        );
+    }
+    m.verify(vol).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_snapshot_of_a_live_volume_writes_headers_only_and_shares_the_pages() {
+    for pages in [4u64, 64] {
+        let (b, m) = setup();
+        m.create("v", pages * 16 * BSU, opts()).await.unwrap();
+        for p in 0..pages {
+            write(&m, "v", p * 16 * BSU, &[p as u8 + 1; 4096]).await;
+        }
+        let pages_before = names(b.as_ref(), "pg.").await;
+        assert_eq!(pages_before.len() as u64, pages);
+        let writes = b.map_writes.load(Ordering::SeqCst);
+        let data = b.writes.load(Ordering::SeqCst) + b.copies.load(Ordering::SeqCst);
+        m.snapshot("v", "s").await.unwrap();
+        // The volume's header (new epoch and page generation), then the snapshot's.
+        assert_eq!(
+            b.map_writes.load(Ordering::SeqCst) - writes,
+            2,
+            "{pages} pages"
+        );
+        assert_eq!(
+            b.writes.load(Ordering::SeqCst) + b.copies.load(Ordering::SeqCst),
+            data
+        );
+        assert_eq!(
+            names(b.as_ref(), "pg.").await,
+            pages_before,
+            "a page was written"
+        );
+        let v = stored_header(b.as_ref(), "v").await;
+        let snap = stored_header(b.as_ref(), "s").await;
+        assert_eq!(v.page_generation, 1);
+        assert!(snap.read_only() && snap.no_own_pages());
+        assert_eq!(snap.inherited.len() as u64, pages);
+        assert_eq!(
+            snap.inherited, v.inherited,
+            "both read the same page objects"
+        );
+        assert!(
+            v.inherited
+                .iter()
+                .all(|&(_, o)| o == PageOwner::new(v.uuid)),
+            "the volume inherits its own pages of generation 0: {:?}",
+            v.inherited
+        );
+        // Every block the snapshot shares is copied on the volume's next write of it.
+        for p in 0..pages {
+            assert_eq!(
+                m.block_state("v", p * 16).await.unwrap(),
+                BlockState::Shared
+            );
+        }
+        write(&m, "v", 0, &[0xee; 100]).await;
+        write(&m, "v", 16 * BSU + 8192, &[0xdd; 4096]).await;
+        assert_eq!(m.block_state("v", 0).await.unwrap(), BlockState::Owned);
+        let mut expect_v = vec![1u8; 4096];
+        expect_v[..100].fill(0xee);
+        assert_eq!(read(&m, "v", 0, 4096).await, expect_v);
+        assert_eq!(read(&m, "v", 16 * BSU, 4096).await, vec![2u8; 4096]);
+        assert_eq!(read(&m, "v", 16 * BSU + 8192, 4096).await, vec![0xdd; 4096]);
+        assert_eq!(read(&m, "s", 0, 4096).await, vec![1u8; 4096]);
+        assert_eq!(read(&m, "s", 16 * BSU + 8192, 4096).await, vec![0u8; 4096]);
+        // The volume wrote pages 0 and 1 anew, at its new generation; the frozen ones stay.
+        let after = names(b.as_ref(), "pg.").await;
+        assert!(after.is_superset(&pages_before));
+        assert_eq!(after.len() as u64, pages + 2);
+        m.verify("v").await.unwrap();
+        m.verify("s").await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_clone_of_a_live_volumes_snapshot_reads_no_page_and_is_independent() {
+    let (b, m) = setup();
+    four_pages(&m, "v").await;
+    m.snapshot("v", "s").await.unwrap();
+    let (reads, writes) = (
+        b.map_reads.load(Ordering::SeqCst),
+        b.map_writes.load(Ordering::SeqCst),
+    );
+    m.clone_volume("s", "c", None).await.unwrap();
+    assert_eq!(
+        b.map_writes.load(Ordering::SeqCst) - writes,
+        1,
+        "one header"
+    );
+    // Headers only (the snapshot's, and the clone's name checked free): no page is read.
+    let header_reads = b.map_reads.load(Ordering::SeqCst) - reads;
+    assert!(header_reads <= 4, "{header_reads} map reads");
+    check_four_pages(&m, "c", [1, 2, 3, 4]).await;
+    write(&m, "c", 0, &[9; 4096]).await;
+    write(&m, "v", 16 * BSU, &[8; 4096]).await;
+    check_four_pages(&m, "c", [9, 2, 3, 4]).await;
+    check_four_pages(&m, "v", [1, 8, 3, 4]).await;
+    check_four_pages(&m, "s", [1, 2, 3, 4]).await;
+    // A clone of the live volume itself, and a snapshot of that clone: headers only too.
+    let before = names(b.as_ref(), "pg.").await;
+    m.clone_volume("v", "c2", None).await.unwrap();
+    m.snapshot("c2", "c2-s").await.unwrap();
+    assert_eq!(names(b.as_ref(), "pg.").await, before);
+    check_four_pages(&m, "c2", [1, 8, 3, 4]).await;
+    check_four_pages(&m, "c2-s", [1, 8, 3, 4]).await;
+    write(&m, "c2", 16 * BSU, &[7; 4096]).await;
+    check_four_pages(&m, "c2-s", [1, 8, 3, 4]).await;
+    check_four_pages(&m, "v", [1, 8, 3, 4]).await;
+    check_four_pages(&m, "c2", [1, 7, 3, 4]).await;
+}
+
+#[tokio::test]
+async fn reopened_maps_read_the_same_after_snapshots_of_a_live_volume() {
+    let mem = Arc::new(MemoryBlocker::new());
+    let m = Mapper::new(mem.clone(), LockOwner::new("n").unwrap());
+    four_pages(&m, "v").await;
+    m.snapshot("v", "s1").await.unwrap();
+    write(&m, "v", 0, &[5; 4096]).await;
+    m.close("v").await.unwrap();
+
+    // A new mapper over the same storage: the volume at generation 1, own page 0 and pages
+    // 1-3 inherited from its generation 0, which the snapshot reads too.
+    let m2 = Mapper::new(mem.clone(), LockOwner::new("n2").unwrap());
+    check_four_pages(&m2, "v", [5, 2, 3, 4]).await;
+    check_four_pages(&m2, "s1", [1, 2, 3, 4]).await;
+    write(&m2, "v", 32 * BSU, &[6; 4096]).await;
+    m2.snapshot("v", "s2").await.unwrap();
+    let v = stored_header(mem.as_ref(), "v").await;
+    let s2 = stored_header(mem.as_ref(), "s2").await;
+    assert_eq!(v.page_generation, 2);
+    let gens: Vec<(u32, u64)> = s2
+        .inherited
+        .iter()
+        .map(|&(p, o)| {
+            assert_eq!(o.uuid, v.uuid);
+            (p, o.generation)
+        })
+        .collect();
+    assert_eq!(gens, [(0, 1), (1, 0), (2, 1), (3, 0)]);
+    write(&m2, "v", 48 * BSU, &[7; 4096]).await;
+    m2.close("v").await.unwrap();
+
+    let m3 = Mapper::new(mem.clone(), LockOwner::new("n3").unwrap());
+    check_four_pages(&m3, "v", [5, 2, 6, 7]).await;
+    check_four_pages(&m3, "s2", [5, 2, 6, 4]).await;
+    check_four_pages(&m3, "s1", [1, 2, 3, 4]).await;
+    m3.gc(no_grace()).await.unwrap();
+    assert_eq!(
+        names(mem.as_ref(), "pg.").await,
+        referenced_pages(mem.as_ref()).await
+    );
+    check_four_pages(&m3, "v", [5, 2, 6, 7]).await;
+    check_four_pages(&m3, "s2", [5, 2, 6, 4]).await;
+    check_four_pages(&m3, "s1", [1, 2, 3, 4]).await;
+}
+
+/// Every order of deleting a live volume, its snapshot, a clone of the snapshot and a snapshot
+/// of the clone: after each delete, GC keeps exactly the page objects some header refers to
+/// (and every survivor reads what it did), and after the last nothing is left.
+#[tokio::test]
+async fn gc_after_live_snapshots_keeps_exactly_what_a_header_refers_to_in_any_delete_order() {
+    let maps = ["v", "s", "c", "cs"];
+    let expect = |name: &str| match name {
+        "v" => [1, 9, 3, 4],
+        "s" => [1, 2, 3, 4],
+        "c" => [1, 2, 8, 4],
+        "cs" => [1, 2, 8, 4],
+        _ => unreachable!(),
+    };
+    let mut orders: Vec<Vec<&str>> = vec![vec![]];
+    for _ in 0..maps.len() {
+        let mut longer = Vec::new();
+        for o in &orders {
+            for n in maps.iter().filter(|n| !o.contains(n)) {
+                let mut o = o.clone();
+                o.push(n);
+                longer.push(o);
+            }
+        }
+        orders = longer;
+    }
+    assert_eq!(orders.len(), 24);
+    for order in orders {
+        let mem = Arc::new(MemoryBlocker::new());
+        let m = Mapper::new(mem.clone(), LockOwner::new("n").unwrap());
+        four_pages(&m, "v").await;
+        m.snapshot("v", "s").await.unwrap();
+        m.clone_volume("s", "c", None).await.unwrap();
+        write(&m, "v", 16 * BSU, &[9; 4096]).await;
+        write(&m, "c", 32 * BSU, &[8; 4096]).await;
+        m.snapshot("c", "cs").await.unwrap();
+        let mut left: Vec<&str> = maps.to_vec();
+        for gone in &order {
+            m.delete(gone).await.unwrap();
+            left.retain(|n| n != gone);
+            m.gc(no_grace()).await.unwrap();
+            assert_eq!(
+                names(mem.as_ref(), "pg.").await,
+                referenced_pages(mem.as_ref()).await,
+                "order {order:?}, after deleting {gone}"
+            );
+            let fresh = Mapper::new(mem.clone(), LockOwner::new("n2").unwrap());
+            for name in &left {
+                check_four_pages(&fresh, name, expect(name)).await;
+            }
+            fresh.close_all().await.unwrap();
+        }
+        assert!(names(mem.as_ref(), "pg.").await.is_empty(), "{order:?}");
+        assert!(names(mem.as_ref(), "ob.").await.is_empty(), "{order:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_page_the_volume_rewrote_is_freed_once_no_snapshot_shares_it() {
+    let mem = Arc::new(MemoryBlocker::new());
+    let m = Mapper::new(mem.clone(), LockOwner::new("n").unwrap());
+    four_pages(&m, "v").await;
+    m.snapshot("v", "s").await.unwrap();
+    write(&m, "v", 0, &[9; 4096]).await;
+    let frozen0 = page_object(PageOwner::new(m.info("v").await.unwrap().uuid), 0).to_string();
+    m.gc(no_grace()).await.unwrap();
+    assert!(
+        names(mem.as_ref(), "pg.").await.contains(&frozen0),
+        "the snapshot reads it"
+    );
+    m.delete("s").await.unwrap();
+    m.gc(no_grace()).await.unwrap();
+    let left = names(mem.as_ref(), "pg.").await;
+    assert_eq!(left, referenced_pages(mem.as_ref()).await);
+    assert_eq!(left.len(), 4, "{left:?}");
+    assert!(!left.contains(&frozen0), "{left:?}");
+    check_four_pages(&m, "v", [9, 2, 3, 4]).await;
+    let fresh = Mapper::new(mem.clone(), LockOwner::new("n2").unwrap());
+    m.close_all().await.unwrap();
+    check_four_pages(&fresh, "v", [9, 2, 3, 4]).await;
+    // The next header the volume writes drops the page it has its own copy of.
+    fresh.resize("v", 128 * BSU).await.unwrap();
+    let v = stored_header(mem.as_ref(), "v").await;
+    assert_eq!(
+        v.inherited.iter().map(|&(p, _)| p).collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
+    check_four_pages(&fresh, "v", [9, 2, 3, 4]).await;
+}
+
+/// A crash at every storage mutation of a snapshot of a live volume: afterwards the volume
+/// reads as before and stays writable, the snapshot either exists and reads the old data or
+/// does not exist and can be taken again, and GC frees nothing anyone needs.
+#[tokio::test]
+async fn a_crash_anywhere_in_a_live_snapshot_leaves_the_old_state_or_the_new() {
+    use crate::blocker::faulty::{FaultPlan, FaultyBlocker};
+    for crash_after in 0..6u64 {
+        let mem = Arc::new(MemoryBlocker::new());
+        let m0 = Mapper::new(mem.clone(), LockOwner::new("n0").unwrap());
+        four_pages(&m0, "v").await;
+        m0.close("v").await.unwrap();
+
+        let faulty = Arc::new(FaultyBlocker::new(
+            mem.clone(),
+            FaultPlan {
+                crash_after: Some(crash_after),
+                ..FaultPlan::none(crash_after)
+            },
+        ));
+        let m1 = Mapper::new(faulty.clone(), LockOwner::new("n1").unwrap());
+        let r = m1.snapshot("v", "s").await;
+        // (A crash at the lock release after the snapshot is not the snapshot's failure.)
+        assert!(r.is_ok() || faulty.crashed(), "{crash_after}: {r:?}");
+        drop(m1);
+
+        let m = Mapper::new(mem.clone(), LockOwner::new("n2").unwrap());
+        m.break_lock("v").await.unwrap();
+        check_four_pages(&m, "v", [1, 2, 3, 4]).await;
+        let taken = mem
+            .read_map(&header_object(&VolumeName::new("s").unwrap()))
+            .await
+            .unwrap()
+            .is_some();
+        if taken {
+            check_four_pages(&m, "s", [1, 2, 3, 4]).await;
+        } else {
+            m.snapshot("v", "s").await.unwrap();
+        }
+        m.gc(no_grace()).await.unwrap();
+        write(&m, "v", 0, &[9; 4096]).await;
+        check_four_pages(&m, "v", [9, 2, 3, 4]).await;
+        check_four_pages(&m, "s", [1, 2, 3, 4]).await;
+        m.gc(no_grace()).await.unwrap();
+        assert_eq!(
+            names(mem.as_ref(), "pg.").await,
+            referenced_pages(mem.as_ref()).await
+        );
+        let fresh = Mapper::new(mem.clone(), LockOwner::new("n3").unwrap());
+        m.close_all().await.unwrap();
+        check_four_pages(&fresh, "v", [9, 2, 3, 4]).await;
+        check_four_pages(&fresh, "s", [1, 2, 3, 4]).await;
+    }
+}
+
+#[tokio::test]
+async fn format_2_maps_on_storage_keep_reading_and_snapshot_without_copies() {
+    // A volume and a snapshot as format 2 wrote them: version 2 headers and version 1 pages at
+    // `pg.<uuid>.<page>`, the snapshot with copies of the volume's pages.
+    let mem = Arc::new(MemoryBlocker::new());
+    let m = Mapper::new(mem.clone(), LockOwner::new("n").unwrap());
+    four_pages(&m, "v").await;
+    m.close("v").await.unwrap();
+    for name in names(mem.as_ref(), "pg.").await {
+        let object = ObjectName::new(name).unwrap();
+        let raw = mem.read_map(&object).await.unwrap().unwrap();
+        let mut v1 = raw.data[..32].to_vec();
+        v1[8..10].copy_from_slice(&1u16.to_le_bytes());
+        v1.extend_from_slice(&raw.data[40..raw.data.len() - 4]);
+        let crc = crc32c::crc32c(&v1);
+        v1.extend_from_slice(&crc.to_le_bytes());
+        mem.write_map(&object, &v1, Expect::Version(raw.version), None)
+            .await
+            .unwrap();
+    }
+    let object = header_object(&VolumeName::new("v").unwrap());
+    let raw = mem.read_map(&object).await.unwrap().unwrap();
+    let h = MapHeader::decode(&raw.data).unwrap();
+    assert!(h.inherited.is_empty() && h.page_generation == 0);
+    // Version 2: no page generation (8 bytes before the empty inherited count).
+    let end = raw.data.len() - 4 - 4;
+    let mut v2 = raw.data[..end - 8].to_vec();
+    v2[8..10].copy_from_slice(&2u16.to_le_bytes());
+    v2.extend_from_slice(&0u32.to_le_bytes());
+    let crc = crc32c::crc32c(&v2);
+    v2.extend_from_slice(&crc.to_le_bytes());
+    assert_eq!(MapHeader::decode(&v2).unwrap(), h);
+    mem.write_map(&object, &v2, Expect::Version(raw.version), None)
+        .await
+        .unwrap();
+
+    let m = Mapper::new(mem.clone(), LockOwner::new("n2").unwrap());
+    check_four_pages(&m, "v", [1, 2, 3, 4]).await;
+    let before = names(mem.as_ref(), "pg.").await;
+    m.snapshot("v", "s").await.unwrap();
+    assert_eq!(names(mem.as_ref(), "pg.").await, before);
+    write(&m, "v", 0, &[9; 4096]).await;
+    check_four_pages(&m, "v", [9, 2, 3, 4]).await;
+    check_four_pages(&m, "s", [1, 2, 3, 4]).await;
+    m.gc(no_grace()).await.unwrap();
+    let fresh = Mapper::new(mem.clone(), LockOwner::new("n3").unwrap());
+    m.close_all().await.unwrap();
+    check_four_pages(&fresh, "v", [9, 2, 3, 4]).await;
+    check_four_pages(&fresh, "s", [1, 2, 3, 4]).await;
+}
+
+#[tokio::test]
+async fn a_live_snapshot_whose_volume_header_landed_despite_an_error_can_be_retried() {
+    let (b, m) = setup();
+    four_pages(&m, "v").await;
+    m.open("v").await.unwrap();
+    // The volume's new header lands, its reply is lost: no snapshot, and the cache is unsure.
+    b.lose_map_replies.store(1, Ordering::SeqCst);
+    assert!(m.snapshot("v", "s").await.is_err());
+    assert!(matches!(
+        m.info("s").await,
+        Err(MapperError::NotFound { .. })
+    ));
+    assert_eq!(stored_header(b.as_ref(), "v").await.page_generation, 1);
+    // Read back from storage, the volume shares nothing yet but copies on write all the same.
+    check_four_pages(&m, "v", [1, 2, 3, 4]).await;
+    write(&m, "v", 0, &[9; 4096]).await;
+    m.snapshot("v", "s").await.unwrap();
+    assert_eq!(stored_header(b.as_ref(), "v").await.page_generation, 2);
+    write(&m, "v", 16 * BSU, &[8; 4096]).await;
+    check_four_pages(&m, "v", [9, 8, 3, 4]).await;
+    check_four_pages(&m, "s", [9, 2, 3, 4]).await;
+    m.gc(no_grace()).await.unwrap();
+    assert_eq!(
+        names(b.as_ref(), "pg.").await,
+        referenced_pages(b.as_ref()).await
+    );
+    let fresh = Mapper::new(b.clone(), LockOwner::new("node-b").unwrap());
+    m.close_all().await.unwrap();
+    check_four_pages(&fresh, "v", [9, 8, 3, 4]).await;
+    check_four_pages(&fresh, "s", [9, 2, 3, 4]).await;
+}
+
+#[tokio::test]
+async fn dedup_of_a_live_volumes_snapshot_never_changes_the_pages_the_volume_reads() {
+    let mem = Arc::new(MemoryBlocker::new());
+    let m = Mapper::new(mem.clone(), LockOwner::new("n").unwrap());
+    m.create("v", 64 * BSU, opts()).await.unwrap();
+    for p in 0..4u64 {
+        write(&m, "v", p * 16 * BSU, &vec![p as u8 + 1; BSU as usize]).await;
+    }
+    m.snapshot("v", "s").await.unwrap();
+    let pages = || async {
+        let mut out = Vec::new();
+        for name in names(mem.as_ref(), "pg.").await {
+            let o = ObjectName::new(name.clone()).unwrap();
+            out.push((name, mem.read_map(&o).await.unwrap().unwrap()));
+        }
+        out
+    };
+    let before = pages().await;
+    let r = m.dedup("s").await.unwrap();
+    assert_eq!(r.converted, 4, "{r:?}");
+    let after = pages().await;
+    // The snapshot's converted pages are new objects of a new map; the volume's are untouched.
+    for (name, page) in &before {
+        let now = after.iter().find(|(n, _)| n == name).expect("still there");
+        assert_eq!(&now.1, page, "{name} changed");
+    }
+    assert_eq!(after.len(), before.len() + 4);
+    check_four_pages(&m, "v", [1, 2, 3, 4]).await;
+    check_four_pages(&m, "s", [1, 2, 3, 4]).await;
+    for p in 0..4u64 {
+        assert_eq!(
+            m.block_state("v", p * 16).await.unwrap(),
+            BlockState::Shared
+        );
+        assert_eq!(
+            m.block_state("s", p * 16).await.unwrap(),
+            BlockState::Content
+        );
+    }
+    m.gc(no_grace()).await.unwrap();
+    write(&m, "v", 0, &[9; 4096]).await;
+    let fresh = Mapper::new(mem.clone(), LockOwner::new("n2").unwrap());
+    m.close_all().await.unwrap();
+    check_four_pages(&fresh, "v", [9, 2, 3, 4]).await;
+    check_four_pages(&fresh, "s", [1, 2, 3, 4]).await;
 }

@@ -9,8 +9,8 @@ use uuid::Uuid;
 use super::{MapperError, ResultExt};
 use crate::blocker::{Blocker, Expect, Fence, ObjectName};
 use crate::map_format::{
-    CorruptMap, MapEntry, MapFlags, MapFormatError, MapHeader, MapPage, VolumeName, content_object,
-    header_object, owned_object, page_object,
+    CorruptMap, MapEntry, MapFlags, MapFormatError, MapHeader, MapPage, PageOwner, VolumeName,
+    content_object, header_object, owned_object, page_object,
 };
 
 /// What a block is, from the point of view of the map holding it.
@@ -18,9 +18,11 @@ use crate::map_format::{
 pub enum BlockState {
     /// No object; reads return zeros.
     Zero,
-    /// Named by this map's uuid at its current epoch: only this map writes it.
+    /// Named by this map's uuid at its current epoch, in a page of its own (not inherited):
+    /// only this map writes it.
     Owned,
-    /// Named by another uuid or an older epoch: read-only here.
+    /// Named by another uuid or an older epoch, or read through an inherited page: read-only
+    /// here.
     Shared,
     /// Content-addressed: read-only everywhere.
     Content,
@@ -29,12 +31,13 @@ pub enum BlockState {
 #[derive(Clone, Debug)]
 pub(crate) struct PageSlot {
     pub page: MapPage,
-    /// Blocker version of this map's own page object; `None` while it does not exist (the
-    /// page is all ZERO, or inherited).
+    /// Blocker version of this map's own page object (at its current page generation);
+    /// `None` while it does not exist (the page is all ZERO, or inherited).
     pub version: Option<u64>,
-    /// With no own page object: the immutable map whose page object holds these entries (see
-    /// the header's inherited pages). The first write of the page creates an own object.
-    pub inherited: Option<Uuid>,
+    /// With no own page object: the immutable page object that holds these entries (another
+    /// map's, or this map's of an older generation; see the header's inherited pages). Its
+    /// entries are never OWNED here. The first write of the page creates an own object.
+    pub inherited: Option<PageOwner>,
 }
 
 impl PageSlot {
@@ -85,6 +88,7 @@ impl VolumeMap {
             self_origin: Some(0),
             origins: vec![uuid],
             source: None,
+            page_generation: 0,
             inherited: Vec::new(),
         };
         Self::with_zero_pages(header)
@@ -101,21 +105,79 @@ impl VolumeMap {
         }
     }
 
-    /// A new map with this map's entries: a read-only snapshot, or a writable clone of `size`
-    /// bytes (at least the source's). Entries are copied verbatim; the origin table comes along,
-    /// so every OBJECT entry keeps naming the same object and, not being this map's own, is
-    /// SHARED. A page that cannot change any more (a snapshot's own page, or one the source
-    /// inherits itself) is inherited rather than copied: the new map costs no page write for
-    /// it. Only a writable source's own pages are copied (they will change).
-    pub fn derive(&self, name: VolumeName, writable: Option<u64>) -> Result<Self, MapperError> {
+    /// Every non-ZERO page of this map and the page object holding it: what a snapshot or
+    /// clone of it inherits. Only meaningful for a map whose own pages never change again (a
+    /// snapshot, or a volume just moved to a new page generation by [`VolumeMap::freeze`]).
+    pub fn page_table(&self) -> Vec<(u32, PageOwner)> {
+        let own = self.header.own_pages();
+        self.pages
+            .iter()
+            .enumerate()
+            .filter_map(|(p, slot)| match (slot.inherited, slot.version) {
+                (Some(owner), _) => Some((p as u32, owner)),
+                (None, Some(_)) if !slot.page.is_zero() => Some((p as u32, own)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The header a writable map moves to before it is snapshotted or cloned: the next epoch,
+    /// so every entry it has now is SHARED from then on (the next write of a block copies it),
+    /// and the next page generation, inheriting every non-ZERO page from the page objects it
+    /// has now, which are thereby frozen: the snapshot can share them instead of copying them,
+    /// because this map never writes them again. One header write, whatever the size.
+    pub fn frozen_header(&self) -> Result<MapHeader, MapperError> {
+        assert!(!self.header.read_only(), "only writable maps are frozen");
+        let mut header = self.header.clone();
+        header.epoch += 1;
+        if header.epoch > MapEntry::MAX_EPOCH {
+            return Err(MapperError::EpochExhausted {
+                volume: header.name.to_string(),
+            });
+        }
+        header.page_generation += 1;
+        header.inherited = self.page_table();
+        Ok(header)
+    }
+
+    /// Install a frozen header (see [`VolumeMap::frozen_header`]) once it is durable at
+    /// `version`: every own page becomes inherited from the generation before, and an own page
+    /// of ZERO entries simply goes (its object is left to GC).
+    pub fn freeze(&mut self, header: MapHeader, version: u64) {
+        assert_eq!(header.uuid, self.header.uuid);
+        assert_eq!(header.page_generation, self.header.page_generation + 1);
+        let old = self.header.own_pages();
+        for slot in &mut self.pages {
+            if slot.version.take().is_some() && !slot.page.is_zero() {
+                slot.inherited = Some(old);
+            }
+        }
+        self.header = header;
+        self.header_version = version;
+        self.check_invariants();
+        debug_assert_eq!(self.page_table(), self.header.inherited);
+    }
+
+    /// The header of a new map with the entries of `source`, whose non-ZERO pages are `table`
+    /// (see [`VolumeMap::page_table`]): a read-only snapshot, or a writable clone of `size`
+    /// bytes (at least the source's). Every page is inherited, none copied, so the new map is
+    /// one header: the source's page objects in `table` never change again. The origin table
+    /// comes along, so every OBJECT entry keeps naming the same object and, not being the new
+    /// map's own, is SHARED.
+    pub fn derived_header(
+        source: &MapHeader,
+        table: &[(u32, PageOwner)],
+        name: VolumeName,
+        writable: Option<u64>,
+    ) -> Result<MapHeader, MapperError> {
         let uuid = Uuid::new_v4();
-        let mut origins = self.header.origins.clone();
+        let mut origins = source.origins.clone();
         let (flags, self_origin, epoch, size) = match writable {
             None => (
-                MapFlags::READ_ONLY,
+                MapFlags::READ_ONLY.with(MapFlags::NO_OWN_PAGES),
                 None,
-                self.header.epoch.max(1),
-                self.header.size,
+                source.epoch.max(1),
+                source.size,
             ),
             Some(size) => {
                 let index = u16::try_from(origins.len())
@@ -125,39 +187,29 @@ impl VolumeMap {
                         volume: name.to_string(),
                     })?;
                 origins.push(uuid);
-                (MapFlags::default(), Some(index), 1, size)
+                (MapFlags::default(), Some(index), 1, size.max(source.size))
             }
         };
-        let mut map = Self::with_zero_pages(MapHeader {
+        let header = MapHeader {
             name,
             uuid,
             size,
-            block_size: self.header.block_size,
-            page_entries: self.header.page_entries,
+            block_size: source.block_size,
+            page_entries: source.page_entries,
             epoch,
             flags,
             created: now_secs(),
             fence_generation: 0,
             self_origin,
             origins,
-            source: Some(self.header.name.to_string()),
-            inherited: Vec::new(),
-        });
-        let source_frozen = self.header.read_only();
-        for (p, (slot, src)) in map.pages.iter_mut().zip(&self.pages).enumerate() {
-            slot.page = src.page.clone();
-            slot.inherited = match (src.version, src.inherited) {
-                _ if src.page.is_zero() => None,
-                (None, Some(owner)) => Some(owner),
-                (Some(_), _) if source_frozen => Some(self.header.uuid),
-                _ => None,
-            };
-            if let Some(owner) = slot.inherited {
-                map.header.inherited.push((p as u32, owner));
-            }
-        }
-        map.check_invariants();
-        Ok(map)
+            source: Some(source.name.to_string()),
+            page_generation: 0,
+            inherited: table.to_vec(),
+        };
+        header
+            .validate()
+            .map_err(|e| corrupt(&header_object(&header.name), e))?;
+        Ok(header)
     }
 
     /// Read and verify a whole map from storage.
@@ -237,16 +289,20 @@ impl VolumeMap {
         header: &MapHeader,
         p: u32,
     ) -> Result<PageSlot, MapperError> {
-        let object = page_object(header.uuid, p);
-        if let Some(v) = maps.read_map(&object).await.ctx(name)? {
-            let page = MapPage::decode(&v.data, header.uuid, p, header.page_entries)
-                .map_err(|e| corrupt(&object, e))?;
-            check_page(header, p, &page).map_err(|e| corrupt(&object, e))?;
-            return Ok(PageSlot {
-                page,
-                version: Some(v.version),
-                inherited: None,
-            });
+        // A map with no pages of its own (a snapshot of a live volume) costs no read for them.
+        if !header.no_own_pages() {
+            let own = header.own_pages();
+            let object = page_object(own, p);
+            if let Some(v) = maps.read_map(&object).await.ctx(name)? {
+                let page = MapPage::decode(&v.data, own, p, header.page_entries)
+                    .map_err(|e| corrupt(&object, e))?;
+                check_page(header, p, &page).map_err(|e| corrupt(&object, e))?;
+                return Ok(PageSlot {
+                    page,
+                    version: Some(v.version),
+                    inherited: None,
+                });
+            }
         }
         let Ok(i) = header.inherited.binary_search_by_key(&p, |&(q, _)| q) else {
             return Ok(PageSlot::zero(header.page_entries));
@@ -302,18 +358,19 @@ impl VolumeMap {
         ((block / pe) as usize, (block % pe) as usize)
     }
 
-    pub fn entry(&self, block: u64) -> MapEntry {
+    pub fn state(&self, block: u64) -> BlockState {
         assert!(block < self.block_count(), "block {block} out of range");
         let (p, i) = self.locate(block);
-        self.pages[p].page.get(i)
-    }
-
-    pub fn state(&self, block: u64) -> BlockState {
-        match self.entry(block) {
+        let slot = &self.pages[p];
+        match slot.page.get(i) {
             MapEntry::Zero => BlockState::Zero,
             MapEntry::Content { .. } => BlockState::Content,
             MapEntry::Object { origin, epoch } => {
+                // An inherited page is shared with the map it came from (a snapshot shares the
+                // volume's frozen pages): nothing in it is this map's to overwrite, whatever it
+                // names. The epoch already says so; this says it twice.
                 if !self.header.read_only()
+                    && slot.inherited.is_none()
                     && Some(origin) == self.header.self_origin
                     && epoch == self.header.epoch
                 {
@@ -369,7 +426,11 @@ impl VolumeMap {
         assert!(self.header.read_only(), "only snapshots are rebased");
         let mut header = self.header.clone();
         header.uuid = Uuid::new_v4();
+        header.page_generation = 0;
+        // The changed pages are the new map's own.
+        header.flags = header.flags.without(MapFlags::NO_OWN_PAGES);
         header.inherited.clear();
+        let own = self.header.own_pages();
         let mut pages = Vec::with_capacity(self.pages.len());
         for (p, slot) in self.pages.iter().enumerate() {
             let p = p as u32;
@@ -383,7 +444,7 @@ impl VolumeMap {
                 None => {
                     let owner = match (slot.version, slot.inherited) {
                         (None, Some(owner)) => owner,
-                        _ => self.header.uuid,
+                        _ => own,
                     };
                     header.inherited.push((p, owner));
                     PageSlot {
@@ -426,38 +487,23 @@ impl VolumeMap {
     /// create: until the header lands, nothing refers to the pages and GC may reclaim them).
     pub async fn persist_new(&mut self, maps: &dyn Blocker) -> Result<(), MapperError> {
         self.write_new_pages(maps).await?;
-        let name = self.header.name.clone();
-        let object = header_object(&name);
-        let bytes = self.header.encode();
-        self.header_version = maps
-            .write_map(&object, &bytes, Expect::Absent, None)
-            .await
-            .map_err(|e| match e {
-                crate::blocker::BlockerError::VersionMismatch { .. } => {
-                    MapperError::AlreadyExists {
-                        volume: name.to_string(),
-                    }
-                }
-                e => MapperError::from_blocker(&name, e),
-            })?;
+        self.header_version = create_header(maps, &self.header).await?;
         Ok(())
     }
 
     /// The own, non-empty pages of a map nothing refers to yet, as one batch.
     async fn write_new_pages(&mut self, maps: &dyn Blocker) -> Result<(), MapperError> {
         let name = self.header.name.clone();
-        let uuid = self.header.uuid;
+        let own = self.header.own_pages();
         let mut written = Vec::new();
         let mut objects = Vec::new();
         for (p, slot) in self.pages.iter_mut().enumerate() {
             if slot.page.is_zero() || slot.inherited.is_some() {
                 continue;
             }
+            assert!(!self.header.no_own_pages(), "a map without pages wrote one");
             slot.page.compact();
-            objects.push((
-                page_object(uuid, p as u32),
-                slot.page.encode(uuid, p as u32),
-            ));
+            objects.push((page_object(own, p as u32), slot.page.encode(own, p as u32)));
             written.push(p);
         }
         // One batch: the pages are unreachable until the header below lands.
@@ -468,7 +514,9 @@ impl VolumeMap {
         Ok(())
     }
 
-    /// Replace the header (compare-and-swap, fenced) and install it.
+    /// Replace the header (compare-and-swap, fenced) and install it. Inherited pages this map
+    /// has since written a page of its own for are dropped from the table on the way, so that
+    /// GC can reclaim what nothing else inherits.
     pub async fn persist_header(
         &mut self,
         maps: &dyn Blocker,
@@ -486,22 +534,13 @@ impl VolumeMap {
             header.name
         );
         assert_eq!(header.uuid, self.header.uuid);
-        if let Some(f) = fence {
-            header.fence_generation = f.generation;
-        }
-        header
-            .validate()
-            .map_err(|e| corrupt(&header_object(&header.name), e))?;
-        let bytes = header.encode();
-        let version = maps
-            .write_map(
-                &header_object(&header.name),
-                &bytes,
-                Expect::Version(self.header_version),
-                fence,
-            )
-            .await
-            .ctx(&header.name)?;
+        assert_eq!(header.page_generation, self.header.page_generation);
+        header.inherited.retain(|(p, _)| {
+            self.pages
+                .get(*p as usize)
+                .is_some_and(|s| s.inherited.is_some())
+        });
+        let version = replace_header(maps, &mut header, self.header_version, fence).await?;
         let pages = header.page_count() as usize;
         while self.pages.len() < pages {
             self.pages.push(PageSlot::zero(header.page_entries));
@@ -513,12 +552,53 @@ impl VolumeMap {
     }
 }
 
-/// Compact and write page `p` of map `uuid`, expecting it at `version` (None: absent).
-/// Returns the new version.
+/// Write the header of a map that does not exist yet ("must not exist": a name taken meanwhile
+/// is `AlreadyExists`). Returns its version.
+pub(crate) async fn create_header(
+    maps: &dyn Blocker,
+    header: &MapHeader,
+) -> Result<u64, MapperError> {
+    let name = &header.name;
+    maps.write_map(&header_object(name), &header.encode(), Expect::Absent, None)
+        .await
+        .map_err(|e| match e {
+            crate::blocker::BlockerError::VersionMismatch { .. } => MapperError::AlreadyExists {
+                volume: name.to_string(),
+            },
+            e => MapperError::from_blocker(name, e),
+        })
+}
+
+/// Replace a map's header, expecting it at `version` (compare-and-swap), fenced, after
+/// stamping it with the fence's generation and validating it. Returns the new version.
+pub(crate) async fn replace_header(
+    maps: &dyn Blocker,
+    header: &mut MapHeader,
+    version: u64,
+    fence: Option<&Fence>,
+) -> Result<u64, MapperError> {
+    if let Some(f) = fence {
+        header.fence_generation = f.generation;
+    }
+    header
+        .validate()
+        .map_err(|e| corrupt(&header_object(&header.name), e))?;
+    maps.write_map(
+        &header_object(&header.name),
+        &header.encode(),
+        Expect::Version(version),
+        fence,
+    )
+    .await
+    .ctx(&header.name)
+}
+
+/// Compact and write page `p` of `owner` (a writable map at its current page generation),
+/// expecting it at `version` (None: absent). Returns the new version.
 pub(crate) async fn write_page(
     maps: &dyn Blocker,
     name: &VolumeName,
-    uuid: Uuid,
+    owner: PageOwner,
     p: u32,
     page: &mut MapPage,
     version: Option<u64>,
@@ -529,8 +609,8 @@ pub(crate) async fn write_page(
         Some(v) => Expect::Version(v),
         None => Expect::Absent,
     };
-    let bytes = page.encode(uuid, p);
-    maps.write_map(&page_object(uuid, p), &bytes, expect, fence)
+    let bytes = page.encode(owner, p);
+    maps.write_map(&page_object(owner, p), &bytes, expect, fence)
         .await
         .ctx(name)
 }
