@@ -31,7 +31,9 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
 fi
 
 features=()
-if ! ldconfig -p 2>/dev/null | grep -q 'librados\.so\b'; then
+# The link-time name (librados.so, from librados-dev), not just the runtime librados.so.2 that
+# qemu-utils pulls in through librbd1.
+if ! ldconfig -p 2>/dev/null | grep -q 'librados\.so ('; then
   echo "fuzz: librados not found; the RADOS lock decoder is not fuzzed"
   features=(--no-default-features --features node,csi)
 fi
