@@ -18,13 +18,12 @@ $A peers --data /tmp/data >/tmp/peers.fifo 2>/tmp/peers.log &
 read -r line </tmp/peers.fifo || fail "peers"
 $A create bench "${SIZE_MIB}M" >/dev/null || fail "create"
 $A create bench-rx "${SIZE_MIB}M" >/dev/null || fail "create"
-UB=$(RUST_LOG=info $A map bench --queues "$(nproc)" --depth 64) || fail "map"
-RX=$(RUST_LOG=info ARCHIP_UBLK_REPLY_THREAD=1 $A map bench-rx --queues "$(nproc)" --depth 64) || fail "map"
-# Which way each device's queues take their replies, as their servers logged it.
-for f in /run/archip/*.log; do
-  grep 'queue started' "$f" | sed 's/\x1b\[[0-9;]*m//g' | grep -o 'replies=[a-z"]*' | sort | uniq -c |
-    sed "s|^|ublk-bench: $(basename "$f"): |"
-done
+UB=$($A map bench --queues "$(nproc)" --depth 64) || fail "map"
+RX=$(ARCHIP_UBLK_REPLY_THREAD=1 $A map bench-rx --queues "$(nproc)" --depth 64) || fail "map"
+# Which way the queues take their replies: a receiver thread is named ublk-rx-<dev>-<queue>,
+# so only the second device's queues should have one.
+rx=$(cat /proc/[0-9]*/task/*/comm 2>/dev/null | grep -c '^ublk-rx-')
+echo "ublk-bench: receiver threads running: $rx (the receiver-thread device has $(nproc) queues, the other none)"
 dd if=/dev/zero of=/tmp/loop.img bs=1M count=0 seek="$SIZE_MIB" 2>/dev/null
 LO=$(losetup -f) && losetup "$LO" /tmp/loop.img || fail "losetup"
 # Same data on both, so reads hit real objects / real pages rather than holes.
