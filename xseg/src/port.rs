@@ -552,13 +552,10 @@ impl Port {
                 }
             }
         }
-        self.reap_if_due();
-        let port = self.tx.seg.port(self.tx.no);
-        port.sleeping.store(1, SeqCst);
-        if self.has_work() {
-            port.sleeping.store(0, Relaxed);
+        if !self.begin_sleep() {
             return true;
         }
+        let port = self.tx.seg.port(self.tx.no);
         let spent = start.map_or(Duration::ZERO, |s| s.elapsed());
         let left = timeout.saturating_sub(spent).min(REAP_INTERVAL);
         if !left.is_zero() {

@@ -26,7 +26,6 @@ use xseg::{Op, Request, Status};
 
 use super::cache::{Mapping, Vol, WriteTicket, lock};
 use super::{Inner, count};
-use crate::failure::Failure;
 
 /// A fast-path I/O in flight at the blocker: what its reply needs to become the client's
 /// answer, and the guards that keep barriers and flushes waiting until then.
@@ -103,12 +102,7 @@ impl Inner {
         let object = match mapping {
             Mapping::Zero => {
                 // Only reads get here: a write needs a writable object.
-                let filled = req
-                    .buffer_mut()
-                    .map_err(Failure::from)
-                    .map(|buf| buf[..len as usize].fill(0));
-                let done = filled.and_then(|()| req.set_data_len(len).map_err(Failure::from));
-                let status = match done {
+                let status = match super::plan::read_zeros(&mut req, len) {
                     Ok(()) => {
                         req.complete(len);
                         Status::Ok

@@ -156,11 +156,7 @@ impl Inner {
             // fill zeros here without any I/O.
             let object = match &maps[0] {
                 Mapping::Zero => {
-                    let r = req
-                        .buffer_mut()
-                        .map_err(Failure::from)
-                        .map(|buf| buf[..len as usize].fill(0));
-                    let r = r.and_then(|()| req.set_data_len(len).map_err(Failure::from));
+                    let r = read_zeros(&mut req, len);
                     req.complete(len);
                     return r.outcome(req);
                 }
@@ -378,6 +374,13 @@ impl Inner {
         req.complete(len);
         Ok(())
     }
+}
+
+/// Answers a read of `len` bytes of a ZERO block: zeros in the reply buffer, no I/O.
+pub(super) fn read_zeros(req: &mut Request, len: u64) -> Result<(), Failure> {
+    req.buffer_mut()?[..len as usize].fill(0);
+    req.set_data_len(len)?;
+    Ok(())
 }
 
 /// A write needs a writable object for every piece: the mapper's MAPW promises one. A ZERO or
